@@ -1,0 +1,72 @@
+"""Stacked autoencoders on MNIST.
+
+This file is intentionally kept short: it parses flags and calls
+``sae_jax.experiment.run_mnist``.
+
+  python experiments/mnist.py --platform=cpu --config=seed --data_dir=../shared/data/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2, no usage dump
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default cpu)")
+    p.add_argument("--config", default="seed", help="preset name: seed or tiny (default seed)")
+    p.add_argument(
+        "--data_dir",
+        default="../shared/data/mnist",
+        help="folder with the four MNIST IDX files, .gz or raw",
+    )
+    p.add_argument("--workdir", default="checkpoints/mnist", help="where summary.json goes")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override every stage's epochs (a stage the preset skips stays skipped)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags = parse_flags(argv)
+    from sae_jax.config import ConfigError, get_preset
+    from sae_jax.data import DataError
+    from sae_jax.engine import NonFiniteLossError
+    from sae_jax.experiment import UserError, run_mnist, select_platform
+
+    try:
+        select_platform(flags.platform)
+        config = get_preset(flags.config)
+        if flags.seed is not None:
+            config = config.replace(seed=flags.seed)
+        if flags.epochs is not None:
+            if flags.epochs < 0:
+                raise UserError(f"--epochs={flags.epochs}: must be >= 0")
+            config = config.with_epochs(flags.epochs)
+        run_mnist(config, flags.data_dir, flags.workdir, log=lambda s: print(s, flush=True))
+    except (ConfigError, DataError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

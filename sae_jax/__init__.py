@@ -1,0 +1,60 @@
+"""sae_jax: autoencoders and stacked autoencoders in JAX/Flax.
+
+The public names below load lazily, so ``import sae_jax.losses`` (or
+``sae_jax.corruption``) pulls in only ``jax``: never Flax, Orbax or data code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # config
+    "Config": "sae_jax.config",
+    "LayerConfig": "sae_jax.config",
+    "OptimizerConfig": "sae_jax.config",
+    "ConfigError": "sae_jax.config",
+    "get_preset": "sae_jax.config",
+    "PRESETS": "sae_jax.config",
+    # models
+    "Autoencoder": "sae_jax.models",
+    "Classifier": "sae_jax.models",
+    "Encoder": "sae_jax.models",
+    "FrozenLayer": "sae_jax.models",
+    "compose": "sae_jax.models",
+    # engine
+    "TrainState": "sae_jax.engine",
+    "FitResult": "sae_jax.engine",
+    "NonFiniteLossError": "sae_jax.engine",
+    "fit": "sae_jax.engine",
+    "make_optimizer": "sae_jax.engine",
+    # recipes
+    "layer_loss": "sae_jax.recipes",
+    "classifier_loss": "sae_jax.recipes",
+    "pretrain_layer": "sae_jax.recipes",
+    "train_classifier": "sae_jax.recipes",
+    "encode_dataset": "sae_jax.recipes",
+    "evaluate": "sae_jax.recipes",
+    "run_pipeline": "sae_jax.recipes",
+    # edges
+    "load_idx_dir": "sae_jax.data",
+    "DataError": "sae_jax.data",
+    "run_mnist": "sae_jax.experiment",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sae_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

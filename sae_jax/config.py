@@ -1,0 +1,287 @@
+"""Configuration: frozen dataclasses, named presets, and validation.
+
+A preset is a function returning a ``Config``; ``get_preset(name)`` looks one up.
+``Config.validate`` refuses bad values with a ``ConfigError`` whose message names
+the field, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("sigmoid", "relu", "linear")
+DECODER_ACTIVATIONS = ("sigmoid", "linear")
+RECONSTRUCTIONS = ("squared_error", "cross_entropy")
+REDUCTIONS = ("sum", "mean")
+NOISES = ("none", "masking", "gaussian", "salt_and_pepper")
+OPTIMIZERS = ("adam", "rmsprop", "sgd")
+BIAS_INITS = ("uniform", "zeros")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """An optax optimizer.
+
+    ``rmsprop`` follows TensorFlow 1's ``RMSPropOptimizer``: the mean square starts at
+    1, ``eps`` is added inside the square root, and ``momentum`` is 0 by default.
+    """
+
+    name: str = "adam"
+    learning_rate: float = 1e-3
+    decay: float = 0.9  # rmsprop only
+    momentum: float = 0.0  # rmsprop and sgd
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """One autoencoder layer of the stack and how it is pretrained.
+
+    The layer maps ``[batch, in]`` to ``[batch, features]`` and back. Its loss is
+    ``reduce(reconstruction) + beta * KL + l1 * reduce(|h|)
+    + contractive * reduce(||J||^2) + weight_decay * sum(W^2) / 2``,
+    where ``reduce`` is the sum or mean over the batch.
+    """
+
+    features: int
+    activation: str = "sigmoid"
+    decoder_activation: str = "sigmoid"
+    tied: bool = False
+    top_k: int | None = None
+    reconstruction: str = "squared_error"
+    batch_reduction: str = "sum"
+    rho: float = 0.05
+    beta: float = 0.0
+    l1: float = 0.0
+    contractive: float = 0.0
+    weight_decay: float = 0.0
+    noise: str = "none"
+    noise_level: float = 0.0
+    epochs: int = 10
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole stacked-autoencoder experiment.
+
+    Stages: one pretraining stage per entry of ``layers``, a softmax-only stage on
+    the top code (``softmax_epochs``, may be 0), and end-to-end fine-tuning.
+    ``train_examples`` / ``test_examples`` keep only the first N examples (None: all).
+    """
+
+    name: str
+    layers: tuple[LayerConfig, ...]
+    input_features: int = 784
+    num_classes: int = 10
+    batch_size: int = 160
+    bias_init: str = "uniform"
+    softmax_epochs: int = 0
+    softmax_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    softmax_weight_decay: float = 0.0
+    finetune_epochs: int = 10
+    finetune_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    finetune_weight_decay: float = 0.0
+    eval_batch_size: int = 1000
+    train_examples: int | None = None
+    test_examples: int | None = None
+    seed: int = 0
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_epochs(self, epochs: int) -> Config:
+        """Override every stage's epochs; a stage the preset skips (0 epochs) stays skipped."""
+        if epochs < 0:
+            raise ConfigError(f"epochs must be >= 0, got {epochs}")
+        layers = tuple(dataclasses.replace(layer, epochs=epochs) for layer in self.layers)
+        return self.replace(
+            layers=layers,
+            softmax_epochs=epochs if self.softmax_epochs > 0 else 0,
+            finetune_epochs=epochs,
+        )
+
+    def validate(self, num_train: int | None = None) -> Config:
+        """Check every value; raise ``ConfigError`` naming the first bad one.
+
+        Args:
+          num_train: the number of training examples, to check ``batch_size``.
+
+        Returns:
+          ``self``, so calls can be chained.
+        """
+        _positive_int("input_features", self.input_features)
+        _positive_int("num_classes", self.num_classes)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("eval_batch_size", self.eval_batch_size)
+        _non_negative_int("softmax_epochs", self.softmax_epochs)
+        _non_negative_int("finetune_epochs", self.finetune_epochs)
+        _non_negative("softmax_weight_decay", self.softmax_weight_decay)
+        _non_negative("finetune_weight_decay", self.finetune_weight_decay)
+        _choice("bias_init", self.bias_init, BIAS_INITS)
+        for name in ("train_examples", "test_examples"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not self.layers:
+            raise ConfigError("layers must hold at least one layer")
+        _optimizer("softmax_optimizer", self.softmax_optimizer)
+        _optimizer("finetune_optimizer", self.finetune_optimizer)
+        for i, layer in enumerate(self.layers):
+            _layer(f"layers[{i}]", layer)
+        n = num_train
+        if n is not None and self.train_examples is not None:
+            n = min(n, self.train_examples)
+        if n is not None and self.batch_size > n:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is larger than the {n} training examples"
+            )
+        return self
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _optimizer(name: str, opt: OptimizerConfig) -> None:
+    _choice(f"{name}.name", opt.name, OPTIMIZERS)
+    _positive(f"{name}.learning_rate", opt.learning_rate)
+    _positive(f"{name}.eps", opt.eps)
+    if not 0.0 <= opt.decay < 1.0:
+        raise ConfigError(f"{name}.decay must be in [0, 1), got {opt.decay!r}")
+    if not 0.0 <= opt.momentum < 1.0:
+        raise ConfigError(f"{name}.momentum must be in [0, 1), got {opt.momentum!r}")
+
+
+def _layer(name: str, layer: LayerConfig) -> None:
+    _positive_int(f"{name}.features", layer.features)
+    _non_negative_int(f"{name}.epochs", layer.epochs)
+    _choice(f"{name}.activation", layer.activation, ACTIVATIONS)
+    _choice(f"{name}.decoder_activation", layer.decoder_activation, DECODER_ACTIVATIONS)
+    _choice(f"{name}.reconstruction", layer.reconstruction, RECONSTRUCTIONS)
+    _choice(f"{name}.batch_reduction", layer.batch_reduction, REDUCTIONS)
+    _choice(f"{name}.noise", layer.noise, NOISES)
+    for term in ("beta", "l1", "contractive", "weight_decay"):
+        _non_negative(f"{name}.{term}", getattr(layer, term))
+    if not (isinstance(layer.rho, (int, float)) and 0.0 < layer.rho < 1.0):
+        raise ConfigError(f"{name}.rho must be in (0, 1), got {layer.rho!r}")
+    if layer.top_k is not None:
+        _positive_int(f"{name}.top_k", layer.top_k)
+        if layer.top_k > layer.features:
+            raise ConfigError(
+                f"{name}.top_k={layer.top_k} is larger than features={layer.features}"
+            )
+    if (layer.beta > 0 or layer.contractive > 0) and layer.activation != "sigmoid":
+        raise ConfigError(
+            f"{name}: the KL sparsity and contractive penalties need sigmoid units, "
+            f"got activation={layer.activation!r}"
+        )
+    if layer.reconstruction == "cross_entropy" and layer.decoder_activation != "sigmoid":
+        raise ConfigError(f"{name}: reconstruction='cross_entropy' needs a sigmoid decoder")
+    if layer.noise != "none":
+        _positive(f"{name}.noise_level", layer.noise_level)
+        if layer.noise in ("masking", "salt_and_pepper") and layer.noise_level >= 1.0:
+            raise ConfigError(
+                f"{name}.noise_level is a rate and must be in (0, 1), got {layer.noise_level!r}"
+            )
+    _optimizer(f"{name}.optimizer", layer.optimizer)
+
+
+# --------------------------------------------------------------------------- presets
+
+ADAM = OptimizerConfig(name="adam", learning_rate=1e-3)
+TF1_RMSPROP = OptimizerConfig(name="rmsprop", learning_rate=1e-3, decay=0.9, eps=1e-10)
+
+
+def seed() -> Config:
+    """The original tutorial's MNIST experiment, with its KL fault fixed.
+
+    784-1000-1500-10, sigmoid units and decoder outputs, uniform init in
+    ``+-sqrt(6 / (fan_in + fan_out))`` (biases too), summed squared error,
+    rho 0.1, beta 3, weight decay 1e-4 on both weight matrices, batch 160, Adam 1e-3
+    for 10 epochs per layer, no softmax-only stage (as in the original), then 10
+    epochs of fine-tuning with RMSProp 1e-3, decay 0.9 (TF1 defaults).
+
+    Run: ``python experiments/mnist.py --platform=cpu --config=seed
+    --data_dir=../shared/data/mnist``
+    """
+    layer = LayerConfig(
+        features=1000,
+        activation="sigmoid",
+        decoder_activation="sigmoid",
+        reconstruction="squared_error",
+        batch_reduction="sum",
+        rho=0.1,
+        beta=3.0,
+        weight_decay=1e-4,
+        epochs=10,
+        optimizer=ADAM,
+    )
+    return Config(
+        name="seed",
+        layers=(layer, dataclasses.replace(layer, features=1500)),
+        batch_size=160,
+        bias_init="uniform",
+        softmax_epochs=0,
+        finetune_epochs=10,
+        finetune_optimizer=TF1_RMSPROP,
+    )
+
+
+def tiny() -> Config:
+    """The seed's pipeline shrunk to run in seconds: 784-64-32-10 on 1,000 images.
+
+    Run: ``python experiments/mnist.py --platform=cpu --config=tiny
+    --data_dir=../shared/data/mnist``
+    """
+    base = seed()
+    layer = dataclasses.replace(base.layers[0], features=64, epochs=2)
+    return base.replace(
+        name="tiny",
+        layers=(layer, dataclasses.replace(layer, features=32)),
+        batch_size=50,
+        softmax_epochs=1,
+        softmax_optimizer=ADAM,
+        finetune_epochs=2,
+        eval_batch_size=250,
+        train_examples=1000,
+        test_examples=500,
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"seed": seed, "tiny": tiny}
+
+
+def get_preset(name: str) -> Config:
+    """Return the preset called ``name``; raise ``ConfigError`` listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

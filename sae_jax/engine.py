@@ -1,0 +1,200 @@
+"""The training engine: one ``fit`` used by every stage.
+
+An epoch is ONE jit-compiled program: a ``lax.scan`` of the train step over a
+shuffled permutation of the device-resident data, cut into minibatches, plus one
+smaller step for the remainder when the batch size does not divide the data (no
+example is dropped). The program is compiled once per stage, the train state is
+donated, and metrics reach the host once per epoch.
+
+The train step is ``(state, batch, key) -> (state, metrics)`` with a loss function
+``loss_fn(params, batch, key) -> (loss, {name: term})``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sae_jax.config import OptimizerConfig
+
+Params = Any
+Batch = tuple[jax.Array, ...]
+LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
+EpochCallback = Callable[[int, "TrainState", dict[str, float], float], None]
+
+
+class TrainState(NamedTuple):
+    """What one stage trains: ``step`` (int32 scalar), ``params`` and ``opt_state``."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+class FitResult(NamedTuple):
+    """The final state and one dict of mean metrics per epoch."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the stage and the epoch."""
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """The optax optimizer for ``config`` (adam, rmsprop in TF1's form, or sgd)."""
+    momentum = config.momentum or None
+    if config.name == "adam":
+        return optax.adam(config.learning_rate, eps=config.eps)
+    if config.name == "rmsprop":
+        return optax.rmsprop(
+            config.learning_rate,
+            decay=config.decay,
+            eps=config.eps,
+            initial_scale=1.0,
+            eps_in_sqrt=True,
+            momentum=momentum,
+        )
+    if config.name == "sgd":
+        return optax.sgd(config.learning_rate, momentum=momentum)
+    raise ValueError(f"unknown optimizer {config.name!r}")
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh ``TrainState`` holding a copy of ``params`` (the caller's stay valid)."""
+    params = jax.tree.map(jnp.array, params)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> StepFn:
+    """The pure train step ``(state, batch, key) -> (state, metrics)``.
+
+    ``metrics`` holds ``"loss"`` and every term that ``loss_fn`` reports.
+    """
+
+    def step(state: TrainState, batch: Batch, key: jax.Array):
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), {"loss": loss, **terms}
+
+    return step
+
+
+def make_epoch(
+    step: StepFn, num_examples: int, batch_size: int
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """One jitted epoch ``(state, data, key) -> (state, mean metrics)``.
+
+    ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
+    step ``t`` gets ``fold_in(key, t)``. Metrics are means over the epoch's
+    examples. ``state`` is donated.
+    """
+    full, remainder = divmod(num_examples, batch_size)
+
+    def run_step(state: TrainState, data: Batch, idx: jax.Array, key: jax.Array):
+        batch = tuple(jnp.take(a, idx, axis=0) for a in data)
+        return step(state, batch, jax.random.fold_in(key, state.step))
+
+    def epoch(state: TrainState, data: Batch, key: jax.Array):
+        perm_key, step_key = jax.random.split(key)
+        perm = jax.random.permutation(perm_key, num_examples)
+        batches = perm[: full * batch_size].reshape(full, batch_size)
+        state, metrics = jax.lax.scan(
+            lambda s, idx: run_step(s, data, idx, step_key), state, batches
+        )
+        totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * batch_size, metrics)
+        if remainder:
+            state, last = run_step(state, data, perm[full * batch_size :], step_key)
+            totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
+        return state, jax.tree.map(lambda t: t / num_examples, totals)
+
+    return jax.jit(epoch, donate_argnums=0)
+
+
+def fit(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    data: Sequence[jax.Array],
+    *,
+    batch_size: int,
+    epochs: int,
+    key: jax.Array,
+    name: str = "fit",
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
+
+    Args:
+      loss_fn: ``(params, batch, key) -> (scalar loss, {name: scalar term})``; the
+        batch is the tuple of ``data``'s arrays gathered at ``batch_size`` indices.
+      params: the initial parameter pytree; it is copied, never donated.
+      optimizer: an optax transformation.
+      data: arrays ``[num_examples, ...]`` with one leading size, kept on the device.
+      batch_size: examples per step; a smaller last step takes the remainder.
+      epochs: number of passes over the data (0 returns the initial state).
+      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)``.
+      name: the stage's name, used in error messages.
+      on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
+        epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
+        next epoch reuses.
+
+    Returns:
+      ``FitResult(state, history)``.
+
+    Raises:
+      NonFiniteLossError: the epoch's mean loss is NaN or infinite.
+    """
+    data = tuple(jnp.asarray(a) for a in data)
+    num_examples = data[0].shape[0]
+    if any(a.shape[0] != num_examples for a in data):
+        raise ValueError(f"{name}: data arrays differ in length: {[a.shape[0] for a in data]}")
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
+    epoch_fn = make_epoch(make_train_step(loss_fn, optimizer), num_examples, batch_size)
+    state = init_state(params, optimizer)
+    history: list[dict[str, float]] = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        state, metrics = epoch_fn(state, data, jax.random.fold_in(key, epoch))
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - start
+        if not math.isfinite(host["loss"]):
+            raise NonFiniteLossError(
+                f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
+            )
+        history.append(host)
+        if on_epoch is not None:
+            on_epoch(epoch, state, host, seconds)
+    return FitResult(state, history)
+
+
+def map_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int) -> Any:
+    """Apply ``fn`` to ``xs`` in batches of ``batch_size`` inside one ``lax.map``.
+
+    ``xs`` is an array or a pytree of arrays ``[n, ...]`` with one leading size. It
+    is zero-padded to a whole number of batches and the padding is cut from every
+    output leaf, so ``fn`` must treat rows independently. Call it inside ``jax.jit``.
+
+    Returns:
+      ``fn``'s output pytree, each leaf ``[n, ...]``.
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+
+    def split(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(num_batches, batch_size, *a.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree.map(split, xs))
+    return jax.tree.map(lambda o: o.reshape(num_batches * batch_size, *o.shape[2:])[:n], out)

@@ -1,0 +1,242 @@
+"""Flax Linen models: an autoencoder layer and the classifier stack.
+
+Models are used through ``init``/``apply`` only; parameters are plain nested dicts
+of arrays, and everything that trains them sees pytrees.
+
+Parameter layout:
+  Autoencoder: ``{"params": {"encoder": {"kernel": [in, out], "bias": [out]},
+                "decoder_bias": [in], "decoder_kernel": [out, in] (untied only)}}``
+  Classifier:  ``{"params": {"encoders_0": {...}, ..., "head": {"kernel", "bias"}}}``
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sae_jax.config import Config, LayerConfig
+
+Params = dict[str, Any]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "linear": lambda z: z,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The elementwise activation called ``name`` (sigmoid, relu or linear)."""
+    return _ACTIVATIONS[name]
+
+
+def uniform_init(fan_in: int, fan_out: int) -> Callable[..., jax.Array]:
+    """Initializer drawing from ``U(-r, r)`` with ``r = sqrt(6 / (fan_in + fan_out))``.
+
+    The same range is used for a layer's biases when ``bias_init="uniform"``.
+    """
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def _bias_init(kind: str, fan_in: int, fan_out: int) -> Callable[..., jax.Array]:
+    return uniform_init(fan_in, fan_out) if kind == "uniform" else nn.initializers.zeros
+
+
+def keep_top_k(h: jax.Array, k: int) -> jax.Array:
+    """Keep the ``k`` largest entries of each row of ``h`` and zero the rest.
+
+    Args:
+      h: ``[..., units]``.
+      k: how many units stay active per example.
+
+    Returns:
+      ``[..., units]``; gradients flow through the kept entries only. Entries tied
+      with the k-th largest are all kept.
+    """
+    kth = jax.lax.top_k(h, k)[0][..., -1:]
+    return jnp.where(h >= jax.lax.stop_gradient(kth), h, jnp.zeros((), h.dtype))
+
+
+class Encoder(nn.Module):
+    """``h = act(x W + b)``, optionally keeping only the top ``k`` units.
+
+    Input ``[batch, in_features]``, output ``[batch, features]``.
+    """
+
+    in_features: int
+    features: int
+    activation: str = "sigmoid"
+    top_k: int | None = None
+    bias_init: str = "uniform"
+
+    def setup(self) -> None:
+        self.kernel = self.param(
+            "kernel",
+            uniform_init(self.in_features, self.features),
+            (self.in_features, self.features),
+        )
+        self.bias = self.param(
+            "bias", _bias_init(self.bias_init, self.in_features, self.features), (self.features,)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = activation_fn(self.activation)(x @ self.kernel + self.bias)
+        if self.top_k is not None:
+            h = keep_top_k(h, self.top_k)
+        return h
+
+
+class Autoencoder(nn.Module):
+    """One autoencoder layer: ``x -> h -> z``, tied or untied decoder weights.
+
+    ``__call__(x)`` returns ``(h, z)``: the code ``[batch, features]`` and the decoder's
+    pre-activation ``[batch, in_features]``; apply ``decoder_activation`` (or use a
+    loss on logits) to get the reconstruction.
+    """
+
+    in_features: int
+    features: int
+    activation: str = "sigmoid"
+    decoder_activation: str = "sigmoid"
+    tied: bool = False
+    top_k: int | None = None
+    bias_init: str = "uniform"
+
+    def setup(self) -> None:
+        self.encoder = Encoder(
+            self.in_features, self.features, self.activation, self.top_k, self.bias_init
+        )
+        if not self.tied:
+            self.decoder_kernel = self.param(
+                "decoder_kernel",
+                uniform_init(self.features, self.in_features),
+                (self.features, self.in_features),
+            )
+        self.decoder_bias = self.param(
+            "decoder_bias",
+            _bias_init(self.bias_init, self.features, self.in_features),
+            (self.in_features,),
+        )
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """``[batch, in_features] -> [batch, features]``."""
+        return self.encoder(x)
+
+    def decode_logits(self, h: jax.Array) -> jax.Array:
+        """Decoder pre-activation, ``[batch, features] -> [batch, in_features]``."""
+        kernel = self.encoder.kernel.T if self.tied else self.decoder_kernel
+        return h @ kernel + self.decoder_bias
+
+    def decode(self, h: jax.Array) -> jax.Array:
+        """Reconstruction, ``[batch, features] -> [batch, in_features]``."""
+        return activation_fn(self.decoder_activation)(self.decode_logits(h))
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = self.encode(x)
+        return h, self.decode_logits(h)
+
+
+class Classifier(nn.Module):
+    """Stacked encoders plus a softmax head: ``[batch, in] -> logits [batch, classes]``."""
+
+    in_features: int
+    layer_features: tuple[int, ...]
+    activations: tuple[str, ...]
+    top_ks: tuple[int | None, ...]
+    num_classes: int
+    bias_init: str = "uniform"
+
+    def setup(self) -> None:
+        sizes = (self.in_features, *self.layer_features)
+        self.encoders = [
+            Encoder(sizes[i], sizes[i + 1], self.activations[i], self.top_ks[i], self.bias_init)
+            for i in range(len(self.layer_features))
+        ]
+        self.head = Encoder(sizes[-1], self.num_classes, "linear", None, self.bias_init)
+
+    def encode(self, x: jax.Array, depth: int | None = None) -> jax.Array:
+        """The code of the first ``depth`` encoders (all of them by default)."""
+        for encoder in self.encoders[:depth]:
+            x = encoder(x)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.encode(x))
+
+
+def autoencoder(layer: LayerConfig, in_features: int, bias_init: str) -> Autoencoder:
+    """The ``Autoencoder`` module for one configured layer."""
+    return Autoencoder(
+        in_features=in_features,
+        features=layer.features,
+        activation=layer.activation,
+        decoder_activation=layer.decoder_activation,
+        tied=layer.tied,
+        top_k=layer.top_k,
+        bias_init=bias_init,
+    )
+
+
+def classifier(config: Config) -> Classifier:
+    """The ``Classifier`` module for a configured stack."""
+    return Classifier(
+        in_features=config.input_features,
+        layer_features=tuple(layer.features for layer in config.layers),
+        activations=tuple(layer.activation for layer in config.layers),
+        top_ks=tuple(layer.top_k for layer in config.layers),
+        num_classes=config.num_classes,
+        bias_init=config.bias_init,
+    )
+
+
+def softmax_head(config: Config) -> Encoder:
+    """The linear softmax head alone, ``[batch, top features] -> [batch, classes]``."""
+    return Encoder(config.layers[-1].features, config.num_classes, "linear", None, config.bias_init)
+
+
+def init_params(module: nn.Module, key: jax.Array, in_features: int) -> Params:
+    """Initialize ``module`` for inputs ``[batch, in_features]``."""
+    return module.init(key, jnp.zeros((1, in_features), jnp.float32))
+
+
+@dataclass(frozen=True)
+class FrozenLayer:
+    """A pretrained autoencoder layer: its module and its (no longer trained) params."""
+
+    module: Autoencoder
+    params: Params
+
+    @property
+    def encoder_params(self) -> Params:
+        """``{"kernel": [in, out], "bias": [out]}`` of the encoder half."""
+        return self.params["params"]["encoder"]
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """``[batch, in_features] -> [batch, features]``."""
+        return self.module.apply(self.params, x, method=Autoencoder.encode)
+
+
+def compose(layers: Sequence[FrozenLayer], head_params: Params) -> Params:
+    """Classifier params from frozen layers and softmax-head params.
+
+    Args:
+      layers: the pretrained layers, bottom first.
+      head_params: ``{"params": {"kernel": [top, classes], "bias": [classes]}}``.
+
+    Returns:
+      ``{"params": {"encoders_i": ..., "head": ...}}`` for ``Classifier``.
+    """
+    tree = {f"encoders_{i}": layer.encoder_params for i, layer in enumerate(layers)}
+    tree["head"] = head_params["params"]
+    return {"params": tree}

@@ -1,0 +1,71 @@
+"""experiments/mnist.py as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+SCRIPT = REPO / "experiments" / "mnist.py"
+
+
+def _run(*flags, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+def test_tiny_run_writes_summary(mnist_dir, tmp_path):
+    proc = _run(
+        "--platform=cpu",
+        "--config=tiny",
+        f"--data_dir={mnist_dir}",
+        f"--workdir={tmp_path / 'run'}",
+        "--epochs=1",
+        "--seed=3",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("pretrain_1 epoch   1/1 loss") for line in lines)
+    assert any("finetune" in line and "test_accuracy" in line for line in lines)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["config"]["seed"] == 3 and summary["config"]["name"] == "tiny"
+    assert [s["name"] for s in summary["stages"]] == [
+        "pretrain_1",
+        "pretrain_2",
+        "softmax",
+        "finetune",
+    ]
+    assert all(set(s) == {"name", "epochs", "wall_s", "final_loss"} for s in summary["stages"])
+    assert summary["total_wall_s"] > 0 and summary["platform"] == "cpu"
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name != "summary.json"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
+        (["--epochs=-1"], "--epochs=-1: must be >= 0"),
+        (["--config=sead"], "unknown preset 'sead'"),
+        (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
+        (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
+        (["--data_dir=/nonexistent/mnist"], "/nonexistent/mnist: data directory not found"),
+        (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
+    proc = _run("--config=tiny", f"--workdir={tmp_path / 'w'}", *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_file_is_named(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    proc = _run("--config=tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 2
+    assert "train-images-idx3-ubyte" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,85 @@
+"""Presets and validation."""
+
+import dataclasses
+
+import pytest
+
+from sae_jax.config import ConfigError, LayerConfig, get_preset, seed, tiny
+
+
+def test_seed_preset_is_the_tutorial_experiment():
+    c = seed().validate(num_train=60000)
+    assert [layer.features for layer in c.layers] == [1000, 1500]
+    assert c.input_features == 784 and c.num_classes == 10 and c.batch_size == 160
+    assert c.bias_init == "uniform" and c.softmax_epochs == 0 and c.finetune_epochs == 10
+    for layer in c.layers:
+        assert (layer.activation, layer.decoder_activation) == ("sigmoid", "sigmoid")
+        assert (layer.reconstruction, layer.batch_reduction) == ("squared_error", "sum")
+        assert (layer.rho, layer.beta, layer.weight_decay, layer.epochs) == (0.1, 3.0, 1e-4, 10)
+        assert (layer.optimizer.name, layer.optimizer.learning_rate) == ("adam", 1e-3)
+        assert not layer.tied and layer.noise == "none"
+    opt = c.finetune_optimizer
+    assert (opt.name, opt.learning_rate, opt.decay, opt.momentum, opt.eps) == (
+        "rmsprop",
+        1e-3,
+        0.9,
+        0.0,
+        1e-10,
+    )
+
+
+def test_with_epochs_overrides_every_run_stage():
+    c = seed().with_epochs(2)
+    assert [layer.epochs for layer in c.layers] == [2, 2]
+    assert c.finetune_epochs == 2 and c.softmax_epochs == 0  # the seed skips that stage
+    assert tiny().with_epochs(3).softmax_epochs == 3
+
+
+def _with_layer(**changes):
+    c = tiny()
+    return c.replace(layers=(dataclasses.replace(c.layers[0], **changes), *c.layers[1:]))
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (_with_layer(rho=0.0), r"layers\[0\].rho must be in \(0, 1\), got 0.0"),
+        (_with_layer(rho=1.0), r"layers\[0\].rho must be in \(0, 1\), got 1.0"),
+        (_with_layer(features=0), r"layers\[0\].features must be a positive integer, got 0"),
+        (_with_layer(noise="masking", noise_level=0.0), r"layers\[0\].noise_level must be > 0"),
+        (_with_layer(noise="masking", noise_level=1.5), r"layers\[0\].noise_level is a rate"),
+        (_with_layer(top_k=65), r"layers\[0\].top_k=65 is larger than features=64"),
+        (_with_layer(activation="tanh"), r"layers\[0\].activation must be one of"),
+        (_with_layer(activation="relu"), r"need sigmoid units"),
+        (_with_layer(beta=-1.0), r"layers\[0\].beta must be >= 0"),
+        (tiny().replace(batch_size=0), r"batch_size must be a positive integer, got 0"),
+        (tiny().replace(layers=()), r"layers must hold at least one layer"),
+        (
+            tiny().replace(
+                finetune_optimizer=dataclasses.replace(
+                    tiny().finetune_optimizer, learning_rate=-1.0
+                )
+            ),
+            r"finetune_optimizer.learning_rate must be > 0",
+        ),
+    ],
+)
+def test_invalid_values_are_refused_with_their_name(config, message):
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_batch_larger_than_data():
+    with pytest.raises(ConfigError, match=r"batch_size=160 is larger than the 100 training"):
+        seed().validate(num_train=100)
+    with pytest.raises(ConfigError, match=r"batch_size=50 is larger than the 40 training"):
+        tiny().replace(train_examples=40).validate(num_train=60000)
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match=r"unknown preset 'sead'; choose from seed, tiny"):
+        get_preset("sead")
+
+
+def test_layer_defaults_valid():
+    tiny().replace(layers=(LayerConfig(features=3),)).validate()

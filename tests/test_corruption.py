@@ -1,0 +1,66 @@
+"""Corruption processes, checked statistically on large arrays under jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import corruption
+
+N = 200_000
+X = jax.random.uniform(jax.random.PRNGKey(1), (N // 100, 100), minval=0.2, maxval=0.8)
+KEY = jax.random.PRNGKey(7)
+
+
+def _within_binomial(count, n, p, sigmas=5.0):
+    return abs(count - n * p) <= sigmas * np.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
+def test_masking_destroys_rate_and_does_not_rescale(rate):
+    out = np.asarray(jax.jit(corruption.masking_noise)(KEY, X, rate))
+    x = np.asarray(X)
+    destroyed = out == 0
+    assert _within_binomial(destroyed.sum(), N, rate)
+    np.testing.assert_array_equal(out[~destroyed], x[~destroyed])  # survivors untouched
+
+
+def test_gaussian_noise_moments():
+    out = np.asarray(jax.jit(corruption.gaussian_noise)(KEY, X, 0.3))
+    noise = out - np.asarray(X)
+    assert abs(noise.mean()) < 5 * 0.3 / np.sqrt(N)
+    assert abs(noise.std() - 0.3) < 0.01
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4])
+def test_salt_and_pepper_fraction_and_balance(rate):
+    out = np.asarray(jax.jit(corruption.salt_and_pepper)(KEY, X, rate))
+    salt, pepper = out == 1.0, out == 0.0  # X lies in [0.2, 0.8], so these are all corrupted
+    hit = salt | pepper
+    assert _within_binomial(hit.sum(), N, rate)
+    assert _within_binomial(salt.sum(), int(hit.sum()), 0.5)
+    np.testing.assert_array_equal(out[~hit], np.asarray(X)[~hit])
+
+
+def test_same_key_same_noise_and_vmap():
+    a = corruption.masking_noise(KEY, X, 0.3)
+    np.testing.assert_array_equal(a, corruption.masking_noise(KEY, X, 0.3))
+    keys = jax.random.split(KEY, 3)
+    batched = jax.vmap(corruption.masking_noise, in_axes=(0, None, None))(keys, X, 0.3)
+    for i in range(3):
+        np.testing.assert_array_equal(batched[i], corruption.masking_noise(keys[i], X, 0.3))
+
+
+def test_corrupt_dispatch():
+    np.testing.assert_array_equal(corruption.corrupt(KEY, X, "none", 0.0), X)
+    np.testing.assert_array_equal(
+        corruption.corrupt(KEY, X, "masking", 0.2), corruption.masking_noise(KEY, X, 0.2)
+    )
+    with pytest.raises(ValueError, match="unknown corruption 'bogus'"):
+        corruption.corrupt(KEY, X, "bogus", 0.1)
+
+
+def test_rate_zero_is_identity():
+    np.testing.assert_array_equal(corruption.masking_noise(KEY, X, 0.0), X)
+    np.testing.assert_array_equal(corruption.salt_and_pepper(KEY, X, 0.0), X)
+    assert jnp.all(corruption.masking_noise(KEY, X, 1.0) == 0)

@@ -1,0 +1,135 @@
+"""The one training engine: compile once, deterministic, no example dropped, exact metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sae_jax.config import TF1_RMSPROP
+from sae_jax.engine import NonFiniteLossError, fit, make_optimizer, map_batches
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _regression(n=103, d=5):
+    k1, k2 = jax.random.split(KEY)
+    x = jax.random.normal(k1, (n, d))
+    w_true = jax.random.normal(k2, (d, 1))
+    return x, x @ w_true, w_true
+
+
+def _mse(params, batch, key):
+    x, y = batch
+    err = jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+    return err, {"mse": err}
+
+
+def _params(d=5):
+    return {"w": jnp.zeros((d, 1)), "b": jnp.zeros((1,))}
+
+
+def test_fit_learns_a_linear_map():
+    x, y, w_true = _regression()
+    result = fit(_mse, _params(), optax.adam(0.05), (x, y), batch_size=10, epochs=60, key=KEY)
+    assert result.history[-1]["loss"] < 1e-3 * result.history[0]["loss"]
+    np.testing.assert_allclose(result.state.params["w"], w_true, atol=2e-2)
+
+
+def test_second_epoch_does_not_recompile():
+    traces = []
+
+    def counting_loss(params, batch, key):
+        traces.append(1)  # Python side effect: runs only while tracing
+        return _mse(params, batch, key)
+
+    x, y, _ = _regression()
+    fit(counting_loss, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=1, key=KEY)
+    one_epoch = len(traces)
+    traces.clear()
+    fit(counting_loss, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=4, key=KEY)
+    assert len(traces) == one_epoch == 2  # the scanned step and the remainder step, once
+
+
+def test_every_example_is_used_once_per_epoch():
+    x, y, _ = _regression(n=103)
+    result = fit(_mse, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=3, key=KEY)
+    assert int(result.state.step) == 3 * 11  # 10 full batches + 1 of 3 examples
+
+    # A "loss" that is the batch mean of an index column: its epoch metric must be the
+    # mean over all examples, exactly once each, whatever the shuffle.
+    idx = jnp.arange(103, dtype=jnp.float32)[:, None]
+
+    def mean_index(params, batch, key):
+        return jnp.mean(batch[0]) + 0.0 * params["b"][0], {}
+
+    history = fit(
+        mean_index, _params(), optax.sgd(0.0), (idx,), batch_size=10, epochs=2, key=KEY
+    ).history
+    for h in history:
+        np.testing.assert_allclose(h["loss"], 51.0, rtol=1e-6)
+
+
+def test_deterministic_for_a_seed():
+    x, y, _ = _regression()
+    run = lambda key: fit(
+        _mse, _params(), optax.adam(0.01), (x, y), batch_size=16, epochs=2, key=key
+    ).state.params["w"]
+    np.testing.assert_array_equal(run(KEY), run(KEY))
+    assert not np.array_equal(run(KEY), run(jax.random.PRNGKey(1)))
+
+
+def test_caller_params_survive_donation():
+    x, y, _ = _regression()
+    params = {"w": jnp.ones((5, 1)), "b": jnp.ones((1,))}
+    fit(_mse, params, optax.sgd(0.1), (x, y), batch_size=10, epochs=2, key=KEY)
+    np.testing.assert_array_equal(params["w"], 1.0)  # would raise if the buffer was donated
+
+
+def test_non_finite_loss_names_stage_and_epoch():
+    x, y, _ = _regression()
+
+    def exploding(params, batch, key):
+        b = params["b"][0]  # sgd on -b raises b by 0.3 per step; the loss is inf past 0.5
+        return jnp.where(b > 0.5, jnp.inf, -b), {}
+
+    with pytest.raises(NonFiniteLossError, match=r"stage layer_7, epoch 3: the loss became inf"):
+        fit(
+            exploding,
+            _params(),
+            optax.sgd(0.3),
+            (x, y),
+            batch_size=103,
+            epochs=5,
+            key=KEY,
+            name="layer_7",
+        )
+
+
+def test_rmsprop_matches_tensorflow1_formula():
+    # TF1 RMSPropOptimizer: ms starts at 1; ms = d ms + (1 - d) g^2; w -= lr g / sqrt(ms + eps)
+    opt = make_optimizer(TF1_RMSPROP)
+    w = jnp.array([1.0, -2.0, 3.0])
+    grad_fn = jax.grad(lambda w: jnp.sum(w**4))
+    state = opt.init(w)
+    w_ref, ms = np.array(w, np.float64), np.ones(3)
+    for _ in range(5):
+        updates, state = opt.update(grad_fn(w), state, w)
+        w = optax.apply_updates(w, updates)
+        g = 4 * w_ref**3
+        ms = 0.9 * ms + 0.1 * g**2
+        w_ref = w_ref - 1e-3 * g / np.sqrt(ms + 1e-10)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+
+
+def test_map_batches_pads_and_trims():
+    x = jnp.arange(23.0).reshape(23, 1)
+    out = jax.jit(lambda x: map_batches(lambda b: (b * 2, b.sum(-1)), x, 5))(x)
+    np.testing.assert_array_equal(out[0], x * 2)
+    np.testing.assert_array_equal(out[1], x[:, 0])
+
+
+def test_batch_size_larger_than_data_is_refused():
+    x, y, _ = _regression(n=8)
+    with pytest.raises(ValueError, match="batch_size=9"):
+        fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=9, epochs=1, key=KEY)

@@ -1,0 +1,181 @@
+"""sae_jax.losses against numpy formulas written here and against finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import losses
+
+RNG = np.random.default_rng(0)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _np_squared_error(r, t):
+    return ((r - t) ** 2).sum(-1)
+
+
+def _np_bernoulli_ce(z, t):
+    p = _sigmoid(z)
+    return -(t * np.log(p) + (1 - t) * np.log(1 - p)).sum(-1)
+
+
+def _np_kl_sparsity(a, rho):
+    rh = a.mean(0)
+    return (rho * np.log(rho / rh) + (1 - rho) * np.log((1 - rho) / (1 - rh))).sum()
+
+
+def _np_l1(a):
+    return np.abs(a).sum(-1)
+
+
+def _np_contractive(x, w, b):
+    """||J||_F^2 from the Jacobian built explicitly, one example at a time."""
+    out = []
+    for xi in x:
+        h = _sigmoid(xi @ w + b)
+        jac = (h * (1 - h))[:, None] * w.T  # [units, in]
+        out.append((jac**2).sum())
+    return np.array(out)
+
+
+def _np_softmax_ce(z, y):
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -logp[np.arange(len(y)), y]
+
+
+def _unit(shape):
+    return RNG.uniform(0.05, 0.95, size=shape)
+
+
+# (name, jax function of float arrays, numpy reference, example inputs)
+CASES = {
+    "squared_error": (
+        losses.squared_error,
+        _np_squared_error,
+        (RNG.normal(size=(6, 5)), _unit((6, 5))),
+    ),
+    "bernoulli_cross_entropy": (
+        losses.bernoulli_cross_entropy,
+        _np_bernoulli_ce,
+        (RNG.normal(size=(6, 5)) * 3, _unit((6, 5))),
+    ),
+    "kl_sparsity": (
+        lambda a: losses.kl_sparsity(a, 0.1),
+        lambda a: _np_kl_sparsity(a, 0.1),
+        (_unit((6, 5)),),
+    ),
+    "l1_activity": (losses.l1_activity, _np_l1, (RNG.normal(size=(6, 5)) + 0.1,)),
+    "contractive_penalty": (
+        lambda x, w, b: losses.contractive_penalty(jax.nn.sigmoid(x @ w + b), w),
+        _np_contractive,
+        (RNG.normal(size=(4, 3)), RNG.normal(size=(3, 5)), RNG.normal(size=(5,))),
+    ),
+    "softmax_cross_entropy": (
+        lambda z: losses.softmax_cross_entropy(z, jnp.array([0, 3, 1, 2, 3, 0])),
+        lambda z: _np_softmax_ce(z, np.array([0, 3, 1, 2, 3, 0])),
+        (RNG.normal(size=(6, 4)) * 2,),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_numpy_under_jit(name):
+    fn, ref, args = CASES[name]
+    got = jax.jit(fn)(*[jnp.asarray(a, jnp.float32) for a in args])
+    np.testing.assert_allclose(got, ref(*args), rtol=2e-5, atol=1e-5)
+
+
+def _finite_difference(f, args, argnum, eps=1e-6):
+    """Central differences of the scalar sum(f(*args)) with respect to args[argnum]."""
+    x = np.array(args[argnum], dtype=np.float64)
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        hi, lo = x.copy(), x.copy()
+        hi[i] += eps
+        lo[i] -= eps
+        f_hi = float(jnp.sum(f(*args[:argnum], hi, *args[argnum + 1 :])))
+        f_lo = float(jnp.sum(f(*args[:argnum], lo, *args[argnum + 1 :])))
+        grad[i] = (f_hi - f_lo) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradient_matches_finite_differences(name):
+    fn, _, args = CASES[name]
+    with jax.enable_x64(True):
+        args64 = [np.asarray(a, np.float64) for a in args]
+        for argnum in range(len(args)):
+            auto = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=argnum))(*args64)
+            numeric = _finite_difference(fn, args64, argnum)
+            np.testing.assert_allclose(auto, numeric, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_vmap_matches_loop(name):
+    fn, _, args = CASES[name]
+    stacked = [jnp.stack([jnp.asarray(a, jnp.float32) * s for s in (1.0, 0.5, 0.9)]) for a in args]
+    batched = jax.jit(jax.vmap(fn))(*stacked)
+    looped = jnp.stack([fn(*[s[i] for s in stacked]) for i in range(3)])
+    np.testing.assert_allclose(batched, looped, rtol=1e-6, atol=1e-6)
+
+
+def test_contractive_matches_autodiff_jacobian():
+    x, w, b = (jnp.asarray(a, jnp.float32) for a in CASES["contractive_penalty"][2])
+    encode = lambda xi: jax.nn.sigmoid(xi @ w + b)
+    jac = jax.vmap(jax.jacfwd(encode))(x)  # [batch, units, in]
+    expected = jnp.sum(jac**2, axis=(1, 2))
+    got = losses.contractive_penalty(encode(x), w)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_bernoulli_cross_entropy_is_stable_for_large_logits():
+    z = jnp.array([[100.0, -100.0, 0.0]])
+    t = jnp.array([[0.0, 1.0, 0.5]])
+    got = jax.jit(losses.bernoulli_cross_entropy)(z, t)
+    # -log(1 - sigmoid(100)) = 100 + log1p(e^-100); -log(sigmoid(-100)) likewise; ln 2 at 0.
+    np.testing.assert_allclose(got, [200.0 + np.log(2.0)], rtol=1e-6)
+    g = jax.grad(lambda z: losses.bernoulli_cross_entropy(z, t).sum())(z)
+    assert np.all(np.isfinite(g))
+
+
+def test_kl_sparsity_finite_when_units_saturate():
+    a = jnp.array([[0.0, 1.0, 0.2], [0.0, 1.0, 0.4]])
+    value = jax.jit(losses.kl_sparsity)(a, 0.1)
+    grad = jax.jit(jax.grad(losses.kl_sparsity))(a, 0.1)
+    assert np.isfinite(value) and value > 0
+    assert np.all(np.isfinite(grad))
+    # The saturated units contribute KL(rho || eps) and KL(rho || 1 - eps), eps = 1e-6 as
+    # float32 rounds it.
+    lo, hi, rho = float(np.float32(1e-6)), float(np.float32(1 - 1e-6)), 0.1
+    kl = lambda r: rho * np.log(rho / r) + (1 - rho) * np.log((1 - rho) / (1 - r))
+    np.testing.assert_allclose(value, kl(lo) + kl(hi) + kl(0.3), rtol=1e-4)
+
+
+def test_kl_sparsity_is_per_unit_not_pooled():
+    # Two units with means 0.0+ and 0.2: the pooled mean would be 0.1 = rho, penalty 0.
+    a = jnp.array([[0.0, 0.2], [0.0, 0.2]]) + 1e-3
+    assert losses.kl_sparsity(a, 0.1) > 0.05
+
+
+def test_l2_weight_decay_counts_matrices_not_biases():
+    w1, w2 = RNG.normal(size=(3, 4)), RNG.normal(size=(4, 2))
+    params = {
+        "enc": {"kernel": w1, "bias": RNG.normal(size=4)},
+        "dec": {"kernel": w2},
+        "bias": RNG.normal(size=2),
+    }
+    got = jax.jit(losses.l2_weight_decay)(params)
+    np.testing.assert_allclose(got, 0.5 * ((w1**2).sum() + (w2**2).sum()), rtol=1e-6)
+    grads = jax.grad(losses.l2_weight_decay)(jax.tree.map(jnp.asarray, params))
+    assert np.all(grads["enc"]["bias"] == 0) and np.all(grads["bias"] == 0)
+    np.testing.assert_allclose(grads["dec"]["kernel"], w2, rtol=1e-6)
+
+
+def test_softmax_cross_entropy_extreme_logits():
+    z = jnp.array([[1000.0, 0.0], [0.0, 1000.0]])
+    np.testing.assert_allclose(losses.softmax_cross_entropy(z, jnp.array([0, 0])), [0.0, 1000.0])

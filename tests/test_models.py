@@ -1,0 +1,145 @@
+"""Autoencoder layers, top-k codes, the classifier stack and the seed's layer loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax.config import LayerConfig, seed
+from sae_jax.models import (
+    Autoencoder,
+    FrozenLayer,
+    autoencoder,
+    classifier,
+    compose,
+    init_params,
+    keep_top_k,
+    softmax_head,
+)
+from sae_jax.recipes import layer_loss
+
+KEY = jax.random.PRNGKey(3)
+
+
+def _np_sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_autoencoder_forward_matches_numpy(tied):
+    module = Autoencoder(in_features=6, features=4, tied=tied)
+    params = init_params(module, KEY, 6)
+    p = jax.tree.map(np.asarray, params["params"])
+    assert ("decoder_kernel" in p) != tied
+    x = np.asarray(jax.random.uniform(KEY, (3, 6)))
+    h, z = jax.jit(module.apply)(params, x)
+    h_ref = _np_sigmoid(x @ p["encoder"]["kernel"] + p["encoder"]["bias"])
+    w_dec = p["encoder"]["kernel"].T if tied else p["decoder_kernel"]
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5)
+    np.testing.assert_allclose(z, h_ref @ w_dec + p["decoder_bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_seed_init_is_uniform_including_biases():
+    module = Autoencoder(in_features=784, features=1000, bias_init="uniform")
+    p = init_params(module, KEY, 784)["params"]
+    limit = np.sqrt(6 / 1784)
+    for leaf in (
+        p["encoder"]["kernel"],
+        p["encoder"]["bias"],
+        p["decoder_kernel"],
+        p["decoder_bias"],
+    ):
+        leaf = np.asarray(leaf)
+        assert np.abs(leaf).max() <= limit
+        assert np.abs(leaf).max() > 0.95 * limit  # spans the range: not zeros, not narrower
+    zeros = init_params(Autoencoder(4, 3, bias_init="zeros"), KEY, 4)["params"]
+    assert np.all(np.asarray(zeros["encoder"]["bias"]) == 0)
+
+
+@pytest.mark.parametrize(
+    "activation,fn", [("relu", lambda z: np.maximum(z, 0)), ("linear", lambda z: z)]
+)
+def test_other_activations(activation, fn):
+    module = Autoencoder(in_features=5, features=7, activation=activation)
+    params = init_params(module, KEY, 5)
+    x = np.asarray(jax.random.normal(KEY, (4, 5)))
+    p = params["params"]["encoder"]
+    h = module.apply(params, x, method=Autoencoder.encode)
+    np.testing.assert_allclose(
+        h, fn(x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_top_k_keeps_k_largest_per_row():
+    h = jax.random.uniform(KEY, (8, 20))
+    out = np.asarray(jax.jit(keep_top_k, static_argnums=1)(h, 3))
+    assert np.all((out != 0).sum(-1) == 3)
+    expected_kept = np.argsort(-np.asarray(h), axis=-1)[:, :3]
+    for row, kept in zip(out, expected_kept, strict=True):
+        assert set(np.flatnonzero(row)) == set(kept)
+    module = Autoencoder(in_features=6, features=10, top_k=2)
+    codes = module.apply(init_params(module, KEY, 6), jnp.ones((5, 6)), method=Autoencoder.encode)
+    assert np.all((np.asarray(codes) != 0).sum(-1) == 2)
+
+
+def test_classifier_composed_from_frozen_layers():
+    config = seed().replace(
+        layers=(LayerConfig(features=8), LayerConfig(features=6)), input_features=12, num_classes=3
+    )
+    k1, k2, k3 = jax.random.split(KEY, 3)
+    layers = [
+        FrozenLayer(autoencoder(config.layers[0], 12, "uniform"), None),
+        FrozenLayer(autoencoder(config.layers[1], 8, "uniform"), None),
+    ]
+    layers = [
+        FrozenLayer(lay.module, init_params(lay.module, k, lay.module.in_features))
+        for lay, k in zip(layers, (k1, k2), strict=True)
+    ]
+    head = softmax_head(config)
+    head_params = init_params(head, k3, 6)
+    params = compose(layers, head_params)
+    x = jax.random.uniform(KEY, (4, 12))
+    model = classifier(config)
+    code = layers[1].encode(layers[0].encode(x))
+    np.testing.assert_allclose(
+        model.apply(params, x, 2, method=type(model).encode), code, rtol=1e-6
+    )
+    np.testing.assert_allclose(model.apply(params, x), head.apply(head_params, code), rtol=1e-5)
+    # The composed tree is exactly the classifier's own layout.
+    own = init_params(model, KEY, 12)
+    assert jax.tree.structure(own) == jax.tree.structure(params)
+
+
+def test_seed_layer_loss_matches_numpy_formula():
+    layer = seed().layers[0]
+    module = autoencoder(layer, 20, "uniform")
+    module = module.clone(features=8)
+    params = init_params(module, KEY, 20)
+    x = np.asarray(jax.random.uniform(KEY, (16, 20)))
+    loss, terms = jax.jit(layer_loss(module, layer))(params, (x,), KEY)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    h = _np_sigmoid(x @ p["encoder"]["kernel"] + p["encoder"]["bias"])
+    r = _np_sigmoid(h @ p["decoder_kernel"] + p["decoder_bias"])
+    rh = h.mean(0)
+    kl = (0.1 * np.log(0.1 / rh) + 0.9 * np.log(0.9 / (1 - rh))).sum()
+    l2 = ((p["encoder"]["kernel"] ** 2).sum() + (p["decoder_kernel"] ** 2).sum()) / 2
+    expected = ((r - x) ** 2).sum() + 3.0 * kl + 1e-4 * l2
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_allclose(terms["sparsity"], 3.0 * kl, rtol=1e-5)
+
+
+def test_denoising_loss_compares_with_the_clean_input():
+    layer = LayerConfig(
+        features=5, noise="masking", noise_level=0.5, reconstruction="cross_entropy"
+    )
+    module = autoencoder(layer, 10, "zeros")
+    params = init_params(module, KEY, 10)
+    x = np.asarray(jax.random.uniform(KEY, (4, 10)))
+    _, terms = layer_loss(module, layer)(params, (x,), KEY)
+    from sae_jax.corruption import masking_noise
+    from sae_jax.losses import bernoulli_cross_entropy
+
+    _, z = module.apply(params, masking_noise(KEY, x, 0.5))
+    np.testing.assert_allclose(
+        terms["reconstruction"], bernoulli_cross_entropy(z, x).sum(), rtol=1e-6
+    )

@@ -1,0 +1,95 @@
+"""The whole pipeline end to end on a few hundred synthetic examples."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from sae_jax.config import ADAM, LayerConfig, tiny
+from sae_jax.models import classifier
+from sae_jax.recipes import encode_dataset, evaluate, run_pipeline
+
+
+def _digits_like(n, seed, features=64, classes=4):
+    """uint8 images: one random binary prototype per class, 10% of pixels flipped."""
+    protos = np.random.default_rng(0).random((classes, features)) < 0.3
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    flip = rng.random((n, features)) < 0.1
+    return ((protos[y] ^ flip) * 255).astype(np.uint8), y.astype(np.uint8)
+
+
+def test_pipeline_end_to_end_learns():
+    layer = LayerConfig(
+        features=24,
+        rho=0.1,
+        beta=0.5,
+        weight_decay=1e-4,
+        epochs=3,
+        noise="masking",
+        noise_level=0.2,
+    )
+    config = (
+        tiny()
+        .replace(
+            input_features=64,
+            num_classes=4,
+            batch_size=32,
+            train_examples=None,
+            test_examples=None,
+            layers=(layer, dataclasses.replace(layer, features=12, noise="none")),
+            softmax_epochs=3,
+            softmax_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
+            finetune_epochs=5,
+            finetune_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
+            eval_batch_size=64,
+        )
+        .validate(num_train=300)
+    )
+    train, test = _digits_like(300, 1), _digits_like(200, 2)
+    seen = []
+    result = run_pipeline(
+        config, train, test, on_epoch=lambda stage, epoch, m, s: seen.append((stage, epoch, m))
+    )
+
+    assert [(s, e) for s, e, _ in seen] == [
+        *[("pretrain_1", e) for e in (1, 2, 3)],
+        *[("pretrain_2", e) for e in (1, 2, 3)],
+        *[("softmax", e) for e in (1, 2, 3)],
+        *[("finetune", e) for e in range(1, 6)],
+    ]
+    assert all("test_accuracy" in m for s, _, m in seen if s in ("softmax", "finetune"))
+    assert [s.name for s in result.stages] == ["pretrain_1", "pretrain_2", "softmax", "finetune"]
+    for stage in result.stages[:2]:
+        assert stage.history[-1]["reconstruction"] < stage.history[0]["reconstruction"]
+    assert result.test["accuracy"] > 0.9
+    assert seen[-1][2]["test_accuracy"] == result.test["accuracy"]
+    # The frozen layers were not changed by fine-tuning, and the codes still chain.
+    codes = encode_dataset(result.layers, train[0], 64)
+    assert codes.shape == (300, 12)
+    tuned = result.params["params"]["encoders_0"]["kernel"]
+    assert not np.allclose(tuned, result.layers[0].encoder_params["kernel"])
+    again = evaluate(classifier(config), result.params, *test, batch_size=7)
+    np.testing.assert_allclose(again["accuracy"], result.test["accuracy"])
+
+
+def test_pipeline_is_deterministic_and_zero_epoch_stages_work():
+    config = (
+        tiny()
+        .replace(
+            input_features=64,
+            num_classes=4,
+            batch_size=25,
+            train_examples=None,
+            test_examples=None,
+            eval_batch_size=50,
+            softmax_epochs=0,
+        )
+        .with_epochs(1)
+    )
+    train, test = _digits_like(100, 3), _digits_like(60, 4)
+    a = run_pipeline(config, train, test)
+    b = run_pipeline(config, train, test)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a.stages[2].name == "softmax" and a.stages[2].final_loss is None
