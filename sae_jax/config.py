@@ -259,18 +259,23 @@ def seed() -> Config:
 def tiny() -> Config:
     """The seed's pipeline shrunk to run in seconds: 784-64-32-10 on 1,000 images.
 
+    Pretraining as in the seed (3 epochs per layer), one softmax epoch, then 4 epochs
+    of fine-tuning with Adam 3e-3 (RMSProp at 1e-3 barely moves in so few steps).
+    Reaches about 0.84 test accuracy on the first 500 test images.
+
     Run: ``python experiments/mnist.py --platform=cpu --config=tiny
     --data_dir=../shared/data/mnist``
     """
     base = seed()
-    layer = dataclasses.replace(base.layers[0], features=64, epochs=2)
+    layer = dataclasses.replace(base.layers[0], features=64, epochs=3)
     return base.replace(
         name="tiny",
         layers=(layer, dataclasses.replace(layer, features=32)),
-        batch_size=50,
+        batch_size=25,
         softmax_epochs=1,
         softmax_optimizer=ADAM,
-        finetune_epochs=2,
+        finetune_epochs=4,
+        finetune_optimizer=dataclasses.replace(ADAM, learning_rate=3e-3),
         eval_batch_size=250,
         train_examples=1000,
         test_examples=500,

@@ -72,8 +72,8 @@ def test_invalid_values_are_refused_with_their_name(config, message):
 def test_batch_larger_than_data():
     with pytest.raises(ConfigError, match=r"batch_size=160 is larger than the 100 training"):
         seed().validate(num_train=100)
-    with pytest.raises(ConfigError, match=r"batch_size=50 is larger than the 40 training"):
-        tiny().replace(train_examples=40).validate(num_train=60000)
+    with pytest.raises(ConfigError, match=r"batch_size=25 is larger than the 20 training"):
+        tiny().replace(train_examples=20).validate(num_train=60000)
 
 
 def test_unknown_preset():
