@@ -24,9 +24,32 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default cpu)")
     p.add_argument("--config", default="seed", help="preset name: seed or tiny (default seed)")
     p.add_argument(
+        "--data_source",
+        default="auto",
+        help="auto, idx, download, tfds or sample (default auto: --data_dir if it holds the "
+        "files, the bundled sample if the preset fits in it, the cache, a prepared "
+        "tensorflow-datasets copy, then a download)",
+    )
+    p.add_argument(
         "--data_dir",
-        default="../shared/data/mnist",
-        help="folder with the four MNIST IDX files, .gz or raw",
+        default=None,
+        help="folder with the four MNIST IDX files, .gz or raw (for tfds: its data folder)",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="download cache root (default $SAE_JAX_CACHE_DIR, else ~/.cache/sae_jax)",
+    )
+    p.add_argument(
+        "--mirror",
+        default=None,
+        help="base URL to download from (default $SAE_JAX_MNIST_MIRROR, else the "
+        "tensorflow-datasets mirror)",
+    )
+    p.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="skip the canonical sha256 check, for your own data in IDX format",
     )
     p.add_argument("--workdir", default="checkpoints/mnist", help="where summary.json goes")
     p.add_argument(
@@ -55,7 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if flags.epochs < 0:
                 raise UserError(f"--epochs={flags.epochs}: must be >= 0")
             config = config.with_epochs(flags.epochs)
-        run_mnist(config, flags.data_dir, flags.workdir, log=lambda s: print(s, flush=True))
+        run_mnist(
+            config,
+            flags.workdir,
+            data_source=flags.data_source,
+            data_dir=flags.data_dir,
+            cache_dir=flags.cache_dir,
+            mirror=flags.mirror,
+            verify=not flags.no_verify,
+            log=lambda s: print(s, flush=True),
+        )
     except (ConfigError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from sae_jax.config import Config, ConfigError
-from sae_jax.data import load_idx_dir
+from sae_jax.data import load_mnist
 from sae_jax.recipes import run_pipeline
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -87,12 +87,18 @@ def _stage_epochs(config: Config) -> dict[str, int]:
 
 def run_mnist(
     config: Config,
-    data_dir: str | os.PathLike[str],
     workdir: str | os.PathLike[str],
     *,
+    data_source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mirror: str | None = None,
+    verify: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run ``config`` on MNIST from ``data_dir`` and write ``workdir/summary.json``.
+    """Run ``config`` on MNIST and write ``workdir/summary.json``.
+
+    The data come from ``sae_jax.data.load_mnist(data_source, data_dir, ...)``.
 
     Returns:
       The summary: ``test_accuracy`` (0..1), ``test_loss``, ``total_wall_s``,
@@ -108,7 +114,15 @@ def run_mnist(
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")
-    mnist = load_idx_dir(data_dir)
+    mnist = load_mnist(
+        data_source,
+        data_dir,
+        cache_dir=cache_dir,
+        mirror=mirror,
+        verify=verify,
+        need=(config.train_examples, config.test_examples),
+        log=log,
+    )
     features = int(np.prod(mnist.train_images.shape[1:]))
     if features != config.input_features:
         raise ConfigError(
@@ -119,7 +133,7 @@ def run_mnist(
     x_test = mnist.test_images.reshape(len(mnist.test_images), -1)[:n_test]
     config.validate(num_train=len(x_train))
     log(
-        f"{config.name}: {len(x_train)} training / {len(x_test)} test images from {data_dir}, "
+        f"{config.name}: {len(x_train)} training / {len(x_test)} test images, "
         f"layers {[config.input_features, *(layer.features for layer in config.layers)]}, "
         f"{jax.default_backend()} x{jax.device_count()}"
     )

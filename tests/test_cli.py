@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -51,7 +52,12 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         (["--config=sead"], "unknown preset 'sead'"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
         (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
-        (["--data_dir=/nonexistent/mnist"], "/nonexistent/mnist: data directory not found"),
+        (
+            ["--data_source=idx", "--data_dir=/nonexistent/mnist"],
+            "/nonexistent/mnist: data directory not found",
+        ),
+        (["--data_source=idx"], "the idx source needs a data directory (--data_dir)"),
+        (["--data_source=ftp"], "unknown data source 'ftp'"),
         (["--bogus=1"], "unrecognized arguments: --bogus=1"),
     ],
 )
@@ -66,6 +72,40 @@ def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
 
 def test_missing_file_is_named(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
-    proc = _run("--config=tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}")
+    proc = _run(
+        "--config=tiny",
+        "--data_source=idx",
+        f"--data_dir={tmp_path}",
+        f"--workdir={tmp_path / 'w'}",
+    )
     assert proc.returncode == 2
     assert "train-images-idx3-ubyte" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tiny_runs_offline_with_no_data_dir(tmp_path):
+    proc = _run(
+        "--config=tiny",
+        "--epochs=1",
+        f"--workdir={tmp_path / 'w'}",
+        "--mirror=http://127.0.0.1:9/",
+        f"--cache_dir={tmp_path / 'cache'}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MNIST: bundled sample mnist_sample.npz" in proc.stdout
+    assert json.loads((tmp_path / "w" / "summary.json").read_text())["test_accuracy"] > 0
+
+
+@pytest.mark.parametrize("source", ["download", "auto"])
+def test_no_network_is_one_line_and_fast(tmp_path, source):
+    start = time.perf_counter()
+    proc = _run(
+        "--config=seed",
+        f"--data_source={source}",
+        "--mirror=http://127.0.0.1:9/",
+        f"--cache_dir={tmp_path / 'cache'}",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    assert time.perf_counter() - start < 30  # includes starting Python and importing jax
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cannot download http://127.0.0.1:9/train-images-idx3-ubyte.gz" in proc.stderr
+    assert "point --data_dir at a folder" in proc.stderr

@@ -1,0 +1,335 @@
+"""MNIST loading: IDX parsing and its damage cases, downloads from a local server,
+tensorflow-datasets, the bundled sample, and the real files."""
+
+import gzip
+import shutil
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from sae_jax import data
+from sae_jax.data import DataError, load_idx_dir, load_mnist, read_idx, write_idx
+
+RNG = np.random.default_rng(0)
+
+
+def _fake_mnist_dir(folder: Path, n_train=6, n_test=4, gz=True, labels=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": RNG.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": RNG.integers(0, 10, n_train).astype(np.uint8),
+        "test_images": RNG.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": RNG.integers(0, 10, n_test).astype(np.uint8)
+        if labels is None
+        else np.asarray(labels, np.uint8),
+    }
+    for key, stem in data.MNIST_FILES.items():
+        write_idx(folder / (stem + (".gz" if gz else "")), arrays[key])
+    return folder
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize(
+    "array",
+    [
+        RNG.integers(0, 256, (5, 4, 3), dtype=np.uint8),
+        RNG.integers(0, 10, 17).astype(np.uint8),
+        RNG.integers(-1000, 1000, (3, 2)).astype(np.int32),
+        RNG.normal(size=(2, 3, 4, 5)).astype(np.float32),
+    ],
+)
+def test_idx_round_trip(tmp_path, array, gz):
+    path = tmp_path / ("x.idx" + (".gz" if gz else ""))
+    write_idx(path, array)
+    got = read_idx(path)
+    assert got.dtype == array.dtype.newbyteorder("=")
+    np.testing.assert_array_equal(got, array)
+
+
+def test_idx_dir_round_trip_raw_and_gz(tmp_path):
+    for gz in (True, False):
+        folder = _fake_mnist_dir(tmp_path / str(gz), gz=gz)
+        m = load_idx_dir(folder, verify=False)
+        assert m.train_images.shape == (6, 28, 28) and m.test_labels.shape == (4,)
+        assert m.train_images.dtype == np.uint8 == m.train_labels.dtype
+
+
+def _damaged(tmp_path, name, raw):
+    path = tmp_path / name
+    path.write_bytes(raw)
+    return path
+
+
+def test_bad_magic(tmp_path):
+    raw = data.encode_idx(np.zeros((2, 3), np.uint8))
+    path = _damaged(tmp_path, "f.idx", b"\x01\x02" + raw[2:])
+    with pytest.raises(DataError, match=r"f.idx: not an IDX file \(bad magic number 0x01020802\)"):
+        read_idx(path)
+
+
+def test_truncated_file(tmp_path):
+    raw = data.encode_idx(np.zeros((10, 28, 28), np.uint8))
+    path = _damaged(tmp_path, "f.idx", raw[:-100])
+    with pytest.raises(
+        DataError,
+        match=r"f.idx: truncated: the header promises shape "
+        r"\(10, 28, 28\) \(7856 bytes\) but the file has 7756",
+    ):
+        read_idx(path)
+
+
+def test_header_that_lies_about_its_size(tmp_path):
+    raw = bytearray(data.encode_idx(np.zeros((10, 28, 28), np.uint8)))
+    raw[4:8] = (8).to_bytes(4, "big")  # claims 8 images, 10 follow
+    path = _damaged(tmp_path, "f.idx", bytes(raw))
+    with pytest.raises(
+        DataError,
+        match=r"f.idx: the header says shape \(8, 28, 28\) "
+        r"\(6288 bytes\) but the file has 1568 more bytes",
+    ):
+        read_idx(path)
+
+
+def test_truncated_gzip_stream(tmp_path):
+    raw = gzip.compress(data.encode_idx(RNG.integers(0, 256, (50, 28, 28), dtype=np.uint8)))
+    path = _damaged(tmp_path, "f.idx.gz", raw[: len(raw) // 2])
+    with pytest.raises(DataError, match=r"f.idx.gz: truncated gzip stream"):
+        read_idx(path)
+
+
+def test_mismatched_counts(tmp_path):
+    folder = _fake_mnist_dir(tmp_path, n_test=4)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(3, np.uint8))
+    with pytest.raises(
+        DataError,
+        match=r"t10k-images-idx3-ubyte.gz has 4 images but "
+        r".*t10k-labels-idx1-ubyte.gz has 3 labels",
+    ):
+        load_idx_dir(folder)  # structure is checked before hashes
+
+
+def test_label_of_10(tmp_path):
+    folder = _fake_mnist_dir(tmp_path, labels=[1, 2, 10, 3])
+    with pytest.raises(
+        DataError,
+        match=r"t10k-labels-idx1-ubyte.gz: label 10 at index 2 "
+        r"is outside 0..9",
+    ):
+        load_idx_dir(folder)  # structure is checked before hashes
+
+
+def test_wrong_hash_names_file_and_both_hashes(tmp_path):
+    folder = _fake_mnist_dir(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_idx_dir(folder)
+    message = str(err.value)
+    assert "train-images-idx3-ubyte.gz: sha256 of the uncompressed content is " in message
+    assert data.CANONICAL_SHA256["train-images-idx3-ubyte"] in message
+    assert "--no_verify" in message and "\n" not in message
+
+
+def test_missing_file_and_folder(tmp_path):
+    folder = _fake_mnist_dir(tmp_path)
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"missing train-labels-idx1-ubyte.gz"):
+        load_idx_dir(folder, verify=False)
+    with pytest.raises(DataError, match=r"nowhere: data directory not found"):
+        load_idx_dir(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- real files
+
+
+def test_real_mnist_files(mnist_dir):
+    m = load_idx_dir(mnist_dir)  # verifies the canonical hashes
+    assert m.train_images.shape == (60000, 28, 28) and m.test_images.shape == (10000, 28, 28)
+    assert m.train_labels.shape == (60000,) and m.test_labels.shape == (10000,)
+    x = m.train_images.astype(np.float64) / 255
+    assert round(x.mean(), 4) == 0.1307 and round(x.std(), 4) == 0.3081
+    assert list(m.train_labels[:5]) == [5, 0, 4, 1, 9]
+    assert list(m.test_labels[:5]) == [7, 2, 1, 0, 4]
+
+
+def test_bundled_sample_is_the_head_of_real_mnist(mnist_dir):
+    sample = data.load_sample()
+    assert data.SAMPLE_PATH.stat().st_size < 1_000_000
+    assert (data.SAMPLE_PATH.parent / "README.md").read_text().count("CC BY-SA 3.0") >= 1
+    real = load_idx_dir(mnist_dir).head(*data.SAMPLE_SIZES)
+    for got, want in zip(sample, real, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class _Handler(BaseHTTPRequestHandler):
+    files: ClassVar[dict[str, bytes]] = {}
+    truncate = False
+
+    def do_GET(self):
+        body = self.files.get(self.path.rsplit("/", 1)[-1])
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if self.truncate else body)
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(mnist_dir):
+    """A local HTTP server serving copies of the real files; yields (handler class, url)."""
+    handler = type(
+        "Handler",
+        (_Handler,),
+        {"files": {p.name: p.read_bytes() for p in mnist_dir.glob("*.gz")}, "truncate": False},
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/mnist/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _cache_files(cache: Path):
+    folder = cache / "mnist"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_happy_path_through_env_vars(server, tmp_path, monkeypatch, capsys):
+    _, url = server
+    monkeypatch.setenv("SAE_JAX_MNIST_MIRROR", url)
+    monkeypatch.setenv("SAE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    logs = []
+    m = load_mnist("download", log=logs.append)
+    progress = capsys.readouterr().err.splitlines()  # not a terminal: one line per file
+    assert progress == [
+        "  downloaded train-images-idx3-ubyte.gz (9.6 MB)",
+        "  downloaded train-labels-idx1-ubyte.gz (28.9 kB)",
+        "  downloaded t10k-images-idx3-ubyte.gz (1.6 MB)",
+        "  downloaded t10k-labels-idx1-ubyte.gz (4.5 kB)",
+    ]
+    assert m.train_images.shape == (60000, 28, 28) and list(m.test_labels[:3]) == [7, 2, 1]
+    assert _cache_files(tmp_path / "cache") == sorted(f"{s}.gz" for s in data.MNIST_FILES.values())
+    assert "cache" in logs[-1]
+    # auto now finds the cache before trying the network
+    logs.clear()
+    load_mnist("auto", mirror="http://127.0.0.1:9/", log=logs.append)
+    assert logs == [f"MNIST: IDX files in {tmp_path / 'cache' / 'mnist'}"]
+
+
+def test_download_of_corrupted_file_leaves_nothing(server, tmp_path):
+    handler, url = server
+    raw = bytearray(gzip.decompress(handler.files["train-labels-idx1-ubyte.gz"]))
+    raw[100] = (raw[100] + 1) % 10
+    handler.files = {**handler.files, "train-labels-idx1-ubyte.gz": gzip.compress(bytes(raw))}
+    with pytest.raises(
+        DataError,
+        match=r"train-labels-idx1-ubyte.gz: sha256 of the downloaded "
+        r"content is [0-9a-f]{64}, expected 65a50cbb",
+    ):
+        data.download_mnist(tmp_path, url, progress=False, retries=1)
+    assert "train-labels-idx1-ubyte.gz" not in _cache_files(tmp_path)
+    assert not [n for n in _cache_files(tmp_path) if n.endswith(".part")]
+
+
+def test_connection_closed_mid_file_leaves_no_partial_file(server, tmp_path):
+    handler, url = server
+    handler.truncate = True
+    with pytest.raises(DataError, match=r"cannot download .*train-images-idx3-ubyte.gz"):
+        data.download_mnist(tmp_path, url, progress=False, retries=2)
+    assert _cache_files(tmp_path) == []
+
+
+def test_refused_port_fails_fast(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_mnist(
+            "download",
+            cache_dir=tmp_path,
+            mirror=f"http://127.0.0.1:{port}/",
+            progress=False,
+            log=lambda s: None,
+        )
+    assert time.perf_counter() - start < 5
+    assert "Connection refused" in str(err.value) and "--data_dir" in str(err.value)
+    assert _cache_files(tmp_path) == []
+
+
+def test_404_is_not_retried(server, tmp_path):
+    handler, url = server
+    handler.files = {}
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"HTTP 404"):
+        data.download_mnist(tmp_path, url, progress=False)
+    assert time.perf_counter() - start < 0.4  # no back-off sleeps
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_auto_prefers_data_dir_then_sample(tmp_path, mnist_dir):
+    logs = []
+    m = load_mnist("auto", mnist_dir, log=logs.append)
+    assert logs == [f"MNIST: IDX files in {mnist_dir}"] and len(m.train_images) == 60000
+    logs.clear()
+    m = load_mnist("auto", tmp_path / "empty", need=(1000, 500), log=logs.append)
+    assert logs[-1] == "MNIST: bundled sample mnist_sample.npz"
+    assert len(m.train_images) == 1000
+
+
+def test_unknown_source():
+    with pytest.raises(DataError, match=r"unknown data source 'ftp'; choose from auto, idx"):
+        load_mnist("ftp")
+
+
+def test_tfds_source_offline():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=12):
+        m = load_mnist("tfds", log=lambda s: None)
+    assert m.train_images.shape == (12, 28, 28) and m.train_images.dtype == np.uint8
+    assert m.test_labels.shape == (12,) and m.test_labels.dtype == np.uint8
+    assert m.train_labels.max() <= 9
+
+
+def test_tfds_missing_is_a_data_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tfds(name, *args, **kwargs):
+        if name.startswith("tensorflow_datasets"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tfds)
+    with pytest.raises(DataError, match=r"tensorflow-datasets is not installed"):
+        data.load_tfds()
+    assert not data.tfds_prepared()
+
+
+def test_copy_of_real_files_in_raw_form(mnist_dir, tmp_path):
+    for p in mnist_dir.glob("t10k-*.gz"):
+        (tmp_path / p.name[:-3]).write_bytes(gzip.decompress(p.read_bytes()))
+    for p in mnist_dir.glob("train-*.gz"):
+        shutil.copy(p, tmp_path / p.name)
+    m = load_idx_dir(tmp_path)
+    assert len(m.test_images) == 10000
