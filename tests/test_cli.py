@@ -70,7 +70,15 @@ def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_missing_file_is_named(tmp_path):
+def test_damaged_file_is_named(tmp_path):
+    import numpy as np
+
+    from sae_jax.data import MNIST_FILES, write_idx
+
+    for stem in MNIST_FILES.values():
+        write_idx(
+            tmp_path / f"{stem}.gz", np.zeros((3,) if "labels" in stem else (3, 28, 28), np.uint8)
+        )
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
     proc = _run(
         "--config=tiny",
@@ -78,8 +86,10 @@ def test_missing_file_is_named(tmp_path):
         f"--data_dir={tmp_path}",
         f"--workdir={tmp_path / 'w'}",
     )
-    assert proc.returncode == 2
-    assert "train-images-idx3-ubyte" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == (
+        f"error: {tmp_path}/train-images-idx3-ubyte.gz: too short to be an IDX file (0 bytes)\n"
+    )
 
 
 def test_tiny_runs_offline_with_no_data_dir(tmp_path):
