@@ -59,18 +59,41 @@ def parse_flags(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="override every stage's epochs (a stage the preset skips stays skipped)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run saved in --workdir and start over (default: resume it)",
+    )
+    p.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="only print the test accuracy of the model saved in --workdir",
+    )
+    p.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     flags = parse_flags(argv)
+    from sae_jax.checkpoint import CheckpointError
     from sae_jax.config import ConfigError, get_preset
     from sae_jax.data import DataError
     from sae_jax.engine import NonFiniteLossError
-    from sae_jax.experiment import UserError, run_mnist, select_platform
+    from sae_jax.experiment import UserError, evaluate_saved, run_mnist, select_platform
 
+    log = lambda s: print(s, flush=True)
+    data = {
+        "data_source": flags.data_source,
+        "data_dir": flags.data_dir,
+        "cache_dir": flags.cache_dir,
+        "mirror": flags.mirror,
+        "verify": not flags.no_verify,
+    }
     try:
         select_platform(flags.platform)
+        if flags.eval_only:
+            evaluate_saved(flags.workdir, **data, log=log)
+            return 0
         config = get_preset(flags.config)
         if flags.seed is not None:
             config = config.replace(seed=flags.seed)
@@ -81,21 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_mnist(
             config,
             flags.workdir,
-            data_source=flags.data_source,
-            data_dir=flags.data_dir,
-            cache_dir=flags.cache_dir,
-            mirror=flags.mirror,
-            verify=not flags.no_verify,
-            log=lambda s: print(s, flush=True),
+            **data,
+            restart=flags.restart,
+            figures=not flags.no_figures,
+            log=log,
+            progress_stream=sys.stdout if sys.stdout.isatty() else None,
         )
-    except (ConfigError, DataError, UserError) as e:
+    except (ConfigError, DataError, UserError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 0
 

@@ -131,6 +131,8 @@ def fit(
     key: jax.Array,
     name: str = "fit",
     on_epoch: EpochCallback | None = None,
+    state: TrainState | None = None,
+    start_epoch: int = 0,
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -147,6 +149,10 @@ def fit(
       on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
         epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
         next epoch reuses.
+      state: resume from this state (e.g. restored from a checkpoint) instead of a
+        fresh one built from ``params``; it is copied, never donated.
+      start_epoch: the first epoch to run; with the ``state`` saved after epoch
+        ``start_epoch - 1``, the result is the same as one uninterrupted run.
 
     Returns:
       ``FitResult(state, history)``.
@@ -161,9 +167,9 @@ def fit(
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
     epoch_fn = make_epoch(make_train_step(loss_fn, optimizer), num_examples, batch_size)
-    state = init_state(params, optimizer)
+    state = init_state(params, optimizer) if state is None else jax.tree.map(jnp.array, state)
     history: list[dict[str, float]] = []
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
         state, metrics = epoch_fn(state, data, jax.random.fold_in(key, epoch))
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}

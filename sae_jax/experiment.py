@@ -6,21 +6,24 @@ notebooks call it directly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
+from sae_jax.corruption import corrupt
 from sae_jax.data import load_mnist
-from sae_jax.recipes import run_pipeline
+from sae_jax.models import to_float
+from sae_jax.recipes import PipelineResult, evaluate, run_pipeline
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -68,9 +71,8 @@ def format_epoch(
     stage: str, epoch: int, epochs: int, metrics: dict[str, float], seconds: float
 ) -> str:
     """One progress line, e.g. ``pretrain_1 epoch 3/10 loss 1234.5 (...) 2.31s``."""
-    terms = " ".join(
-        f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("loss", "test_accuracy")
-    )
+    skip = ("loss", "test_accuracy", "seconds")
+    terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in skip)
     line = f"{stage:<10} epoch {epoch:>3}/{epochs} loss {metrics['loss']:.6g}"
     if terms:
         line += f" ({terms})"
@@ -79,41 +81,38 @@ def format_epoch(
     return f"{line} {seconds:.2f}s"
 
 
-def _stage_epochs(config: Config) -> dict[str, int]:
-    epochs = {f"pretrain_{i + 1}": layer.epochs for i, layer in enumerate(config.layers)}
-    epochs.update(softmax=config.softmax_epochs, finetune=config.finetune_epochs)
-    return epochs
+class Progress:
+    """Per-epoch progress: a bar with loss and ETA on a terminal, plain lines otherwise."""
+
+    def __init__(self, config: Config, log: Callable[[str], None], stream: TextIO | None = None):
+        self.epochs = {f"pretrain_{i + 1}": layer.epochs for i, layer in enumerate(config.layers)}
+        self.epochs.update(softmax=config.softmax_epochs, finetune=config.finetune_epochs)
+        self.log = log
+        self.stream = stream
+        self._seconds: dict[str, list[float]] = {}
+
+    def __call__(self, stage: str, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        total = self.epochs[stage]
+        if self.stream is None:
+            self.log(format_epoch(stage, epoch, total, metrics, seconds))
+            return
+        times = self._seconds.setdefault(stage, [])
+        times.append(seconds)
+        steady = times[1:] or times  # the first epoch includes compilation
+        eta = (total - epoch) * sum(steady) / len(steady)
+        filled = 20 * epoch // max(total, 1)
+        line = (
+            f"\r{stage:<10} [{'#' * filled}{'.' * (20 - filled)}] {epoch}/{total} "
+            f"loss {metrics['loss']:.5g}"
+        )
+        if "test_accuracy" in metrics:
+            line += f" acc {metrics['test_accuracy']:.4f}"
+        line += f" ETA {eta:.0f}s   "
+        self.stream.write(line + ("\n" if epoch == total else ""))
+        self.stream.flush()
 
 
-def run_mnist(
-    config: Config,
-    workdir: str | os.PathLike[str],
-    *,
-    data_source: str = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    verify: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Run ``config`` on MNIST and write ``workdir/summary.json``.
-
-    The data come from ``sae_jax.data.load_mnist(data_source, data_dir, ...)``.
-
-    Returns:
-      The summary: ``test_accuracy`` (0..1), ``test_loss``, ``total_wall_s``,
-      ``config``, ``stages`` (``{name, epochs, wall_s, final_loss}``),
-      ``finetune_test_accuracy`` (one per epoch), ``platform``, ``devices``.
-
-    Raises:
-      ConfigError, DataError, UserError: for the user's mistakes.
-      NonFiniteLossError: when a loss turns NaN or infinite.
-    """
-    start = time.perf_counter()
-    config.validate()
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir={workdir}: exists and is not a directory")
+def _load(config: Config, data_source, data_dir, cache_dir, mirror, verify, log):
     mnist = load_mnist(
         data_source,
         data_dir,
@@ -128,39 +127,129 @@ def run_mnist(
         raise ConfigError(
             f"input_features={config.input_features} but the images have {features} pixels"
         )
-    n_train, n_test = config.train_examples, config.test_examples
-    x_train = mnist.train_images.reshape(len(mnist.train_images), -1)[:n_train]
-    x_test = mnist.test_images.reshape(len(mnist.test_images), -1)[:n_test]
+    return mnist.head(config.train_examples, config.test_examples)
+
+
+def run_mnist(
+    config: Config,
+    workdir: str | os.PathLike[str],
+    *,
+    data_source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mirror: str | None = None,
+    verify: bool = True,
+    restart: bool = False,
+    figures: bool = True,
+    log: Callable[[str], None] = print,
+    progress_stream: TextIO | None = None,
+) -> dict[str, Any]:
+    """Run ``config`` on MNIST with checkpoints in ``workdir``, resuming what is there.
+
+    Writes to ``workdir``: orbax checkpoints after every epoch (see
+    ``sae_jax.checkpoint``), ``metrics.jsonl``, ``summary.json`` and, with
+    ``figures``, ``filters.png``, ``reconstructions.png`` and ``curves.png``.
+
+    Args:
+      progress_stream: a terminal to draw progress bars on; None prints one line
+        per epoch through ``log``.
+
+    Returns:
+      The summary: ``test_accuracy`` (0..1), ``test_loss``, ``total_wall_s`` (this
+      process), ``config``, ``stages`` (``{name, epochs, wall_s, final_loss}``, the
+      wall time summed over every run that worked on the stage),
+      ``finetune_test_accuracy`` (one per epoch), ``platform``, ``devices``.
+
+    Raises:
+      ConfigError, DataError, UserError, CheckpointError: for the user's mistakes.
+      NonFiniteLossError: when a loss turns NaN or infinite.
+    """
+    start = time.perf_counter()
+    config.validate()
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir={workdir}: exists and is not a directory")
+    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
+    x_train = mnist.train_images.reshape(len(mnist.train_images), -1)
+    x_test = mnist.test_images.reshape(len(mnist.test_images), -1)
     config.validate(num_train=len(x_train))
+    store = RunStore(workdir, config, restart=restart, log=log)
     log(
         f"{config.name}: {len(x_train)} training / {len(x_test)} test images, "
         f"layers {[config.input_features, *(layer.features for layer in config.layers)]}, "
-        f"{jax.default_backend()} x{jax.device_count()}"
+        f"{jax.default_backend()} x{jax.device_count()}, workdir {workdir}"
     )
-    train = (jax.device_put(x_train), jax.device_put(mnist.train_labels[:n_train]))
-    test = (jax.device_put(x_test), jax.device_put(mnist.test_labels[:n_test]))
-    epochs = _stage_epochs(config)
-
-    def on_epoch(stage: str, epoch: int, metrics: dict[str, float], seconds: float) -> None:
-        log(format_epoch(stage, epoch, epochs[stage], metrics, seconds))
-
-    result = run_pipeline(config, train, test, on_epoch=on_epoch)
+    train = (jax.device_put(x_train), jax.device_put(mnist.train_labels))
+    test = (jax.device_put(x_test), jax.device_put(mnist.test_labels))
+    result = run_pipeline(
+        config, train, test, on_epoch=Progress(config, log, progress_stream), store=store
+    )
     finetune = next(s for s in result.stages if s.name == "finetune")
     summary = {
         "test_accuracy": result.test["accuracy"],
         "test_loss": result.test["loss"],
         "total_wall_s": time.perf_counter() - start,
-        "config": dataclasses.asdict(config),
+        "config": config_to_json(config),
         "stages": [s.summary() for s in result.stages],
         "finetune_test_accuracy": [h["test_accuracy"] for h in finetune.history],
         "platform": jax.default_backend(),
         "devices": jax.device_count(),
         "versions": {"jax": jax.__version__},
     }
-    workdir.mkdir(parents=True, exist_ok=True)
+    if figures:
+        paths = write_figures(workdir, config, result, x_test)
+        summary["figures"] = [str(p) for p in paths]
     write_json_atomic(workdir / "summary.json", summary)
     log(
         f"test_accuracy {summary['test_accuracy']:.4f} total {summary['total_wall_s']:.1f}s "
         f"-> {workdir / 'summary.json'}"
     )
     return summary
+
+
+def write_figures(workdir: Path, config: Config, result: PipelineResult, x_test) -> list[Path]:
+    """``filters.png``, ``reconstructions.png`` and ``curves.png`` in ``workdir``."""
+    from sae_jax import figures  # matplotlib is imported only when figures are drawn
+
+    first = result.layers[0]
+    layer = config.layers[0]
+    paths = [workdir / "filters.png", workdir / "reconstructions.png", workdir / "curves.png"]
+    figures.save_filters(np.asarray(first.encoder_params["kernel"]), paths[0])
+    x = to_float(jnp.asarray(x_test[:10]))
+    corrupted = corrupt(jax.random.PRNGKey(config.seed), x, layer.noise, layer.noise_level)
+    reconstructed = first.module.apply(
+        first.params, corrupted, method=lambda m, v: m.decode(m.encode(v))
+    )
+    figures.save_reconstructions(
+        np.asarray(x),
+        np.asarray(reconstructed),
+        paths[1],
+        corrupted=np.asarray(corrupted) if layer.noise != "none" else None,
+    )
+    figures.save_curves(result.stages, paths[2])
+    return paths
+
+
+def evaluate_saved(
+    workdir: str | os.PathLike[str],
+    *,
+    data_source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mirror: str | None = None,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """The test accuracy and loss of the model saved in ``workdir``."""
+    model = load_model(workdir)
+    config = model.config
+    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
+    x = jnp.asarray(mnist.test_images.reshape(len(mnist.test_images), -1))
+    metrics = evaluate(
+        model.module, model.params, x, jnp.asarray(mnist.test_labels), config.eval_batch_size
+    )
+    log(
+        f"{workdir}: test_accuracy {metrics['accuracy']:.4f} test_loss {metrics['loss']:.4f} "
+        f"on {len(x)} test images"
+    )
+    return metrics

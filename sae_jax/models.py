@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -29,6 +30,13 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "linear": lambda z: z,
 }
+
+
+def to_float(x: jax.Array) -> jax.Array:
+    """uint8 pixels ``[..., f]`` to float32 in ``[0, 1]``; float input is returned as is."""
+    if x.dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 255.0
+    return x
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -240,3 +248,45 @@ def compose(layers: Sequence[FrozenLayer], head_params: Params) -> Params:
     tree = {f"encoders_{i}": layer.encoder_params for i, layer in enumerate(layers)}
     tree["head"] = head_params["params"]
     return {"params": tree}
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained stack ready for use: ``predict`` and ``encode`` on raw images.
+
+    Inputs are images uint8 ``[n, 28, 28]`` (or ``[n, 784]``) or floats ``[n, 784]``
+    already in ``[0, 1]``.
+    """
+
+    config: Config
+    params: Params
+
+    @property
+    def module(self) -> Classifier:
+        """The Flax module of the stack."""
+        return classifier(self.config)
+
+    def _inputs(self, x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        return to_float(x.reshape(x.shape[0], -1))
+
+    def predict(self, x: Any) -> jax.Array:
+        """Logits ``[n, num_classes]``."""
+        return _predict(self.module, self.params, self._inputs(x))
+
+    def encode(self, x: Any, depth: int | None = None) -> jax.Array:
+        """The code of layer ``depth`` (1-based; default the top), ``[n, features]``."""
+        depth = len(self.config.layers) if depth is None else depth
+        if not 1 <= depth <= len(self.config.layers):
+            raise ValueError(f"depth must be in 1..{len(self.config.layers)}, got {depth}")
+        return _encode_depth(self.module, self.params, self._inputs(x), depth)
+
+
+@partial(jax.jit, static_argnums=0)
+def _predict(module: Classifier, params: Params, x: jax.Array) -> jax.Array:
+    return module.apply(params, x)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _encode_depth(module: Classifier, params: Params, x: jax.Array, depth: int) -> jax.Array:
+    return module.apply(params, x, depth, method=Classifier.encode)

@@ -11,16 +11,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from sae_jax import losses
-from sae_jax.config import Config, LayerConfig
+from sae_jax.config import Config, LayerConfig, OptimizerConfig
 from sae_jax.corruption import corrupt
-from sae_jax.engine import EpochCallback, LossFn, Params, fit, make_optimizer, map_batches
+from sae_jax.engine import LossFn, Params, TrainState, fit, init_state, make_optimizer, map_batches
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
@@ -30,18 +30,12 @@ from sae_jax.models import (
     compose,
     init_params,
     softmax_head,
+    to_float,
 )
 
 History = list[dict[str, float]]
 # on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
 StageCallback = Callable[[str, int, dict[str, float], float], None]
-
-
-def to_float(x: jax.Array) -> jax.Array:
-    """uint8 pixels ``[..., f]`` to float32 in ``[0, 1]``; float input is returned as is."""
-    if x.dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 255.0
-    return x
 
 
 def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
@@ -134,6 +128,114 @@ def evaluate(
     return {"accuracy": float(accuracy), "loss": float(loss)}
 
 
+@dataclass
+class StageRecord:
+    """One stage of a run: its name, epochs, wall seconds and per-epoch metrics.
+
+    ``wall_s`` adds up the time of every run that worked on the stage (a resumed
+    stage counts its earlier runs too).
+    """
+
+    name: str
+    epochs: int
+    wall_s: float = 0.0
+    history: History = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float | None:
+        """The mean loss of the last epoch (None when the stage ran no epoch)."""
+        return self.history[-1]["loss"] if self.history else None
+
+    def summary(self) -> dict[str, Any]:
+        """``{name, epochs, wall_s, final_loss}`` as JSON-ready data."""
+        return {
+            "name": self.name,
+            "epochs": self.epochs,
+            "wall_s": self.wall_s,
+            "final_loss": self.final_loss,
+        }
+
+
+class StageStore(Protocol):
+    """Where stages keep their progress (``sae_jax.checkpoint.RunStore`` on disk).
+
+    ``finished`` returns the final params and record of a completed stage;
+    ``resume`` the state after the last saved epoch and the record so far. Both
+    return None when there is nothing to restore; ``template`` gives the structure.
+    """
+
+    def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None: ...
+
+    def resume(self, stage: str, template: TrainState) -> tuple[TrainState, StageRecord] | None: ...
+
+    def save_epoch(
+        self, stage: str, state: TrainState, key: jax.Array, record: StageRecord
+    ) -> None: ...
+
+    def save_finished(self, stage: str, params: Params, record: StageRecord) -> None: ...
+
+
+def run_stage(
+    name: str,
+    loss_fn: LossFn,
+    params: Params,
+    optimizer_config: OptimizerConfig,
+    data: tuple[jax.Array, ...],
+    *,
+    epochs: int,
+    key: jax.Array,
+    batch_size: int,
+    store: StageStore | None = None,
+    evaluate_fn: Callable[[Params], float] | None = None,
+    on_epoch: StageCallback | None = None,
+) -> tuple[Params, StageRecord]:
+    """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
+
+    After every epoch: the test accuracy (``evaluate_fn``, when given) joins the
+    metrics, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is called.
+
+    Returns:
+      The final params and the stage's ``StageRecord``.
+    """
+    if store is not None and (done := store.finished(name, params)) is not None:
+        return done
+    start = time.perf_counter()
+    optimizer = make_optimizer(optimizer_config)
+    record, state = StageRecord(name, epochs), None
+    if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
+        state, record = resumed
+    earlier_wall = record.wall_s
+
+    def after_epoch(epoch: int, state: TrainState, metrics: dict[str, float], seconds: float):
+        if evaluate_fn is not None:
+            metrics["test_accuracy"] = evaluate_fn(state.params)
+        metrics["seconds"] = seconds
+        record.history.append(metrics)
+        record.wall_s = earlier_wall + time.perf_counter() - start
+        if store is not None:
+            store.save_epoch(name, state, key, record)
+        if on_epoch is not None:
+            on_epoch(name, epoch + 1, metrics, seconds)
+
+    result = fit(
+        loss_fn,
+        params,
+        optimizer,
+        data,
+        batch_size=batch_size,
+        epochs=epochs,
+        key=key,
+        name=name,
+        on_epoch=after_epoch,
+        state=state,
+        start_epoch=len(record.history),
+    )
+    record.wall_s = earlier_wall + time.perf_counter() - start
+    if store is not None:
+        store.save_finished(name, result.state.params, record)
+    return result.state.params, record
+
+
 def pretrain_layer(
     layer: LayerConfig,
     in_features: int,
@@ -143,71 +245,25 @@ def pretrain_layer(
     batch_size: int,
     bias_init: str = "uniform",
     name: str = "pretrain",
-    on_epoch: EpochCallback | None = None,
-) -> tuple[FrozenLayer, History]:
+    store: StageStore | None = None,
+    on_epoch: StageCallback | None = None,
+) -> tuple[FrozenLayer, StageRecord]:
     """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it."""
     module = autoencoder(layer, in_features, bias_init)
     init_key, fit_key = jax.random.split(key)
-    result = fit(
+    params, record = run_stage(
+        name,
         layer_loss(module, layer),
         init_params(module, init_key, in_features),
-        make_optimizer(layer.optimizer),
+        layer.optimizer,
         (x,),
-        batch_size=batch_size,
         epochs=layer.epochs,
         key=fit_key,
-        name=name,
-        on_epoch=on_epoch,
-    )
-    return FrozenLayer(module, result.state.params), result.history
-
-
-def train_classifier(
-    module: nn.Module,
-    params: Params,
-    data: tuple[jax.Array, jax.Array],
-    optimizer_config: Any,
-    *,
-    epochs: int,
-    key: jax.Array,
-    batch_size: int,
-    weight_decay: float = 0.0,
-    name: str = "finetune",
-    on_epoch: EpochCallback | None = None,
-) -> tuple[Params, History]:
-    """Train ``module`` (softmax head or whole stack) on ``(x, labels)`` with cross-entropy."""
-    result = fit(
-        classifier_loss(module, weight_decay),
-        params,
-        make_optimizer(optimizer_config),
-        data,
         batch_size=batch_size,
-        epochs=epochs,
-        key=key,
-        name=name,
+        store=store,
         on_epoch=on_epoch,
     )
-    return result.state.params, result.history
-
-
-@dataclass
-class StageRecord:
-    """One stage of a run: its name, epochs, wall seconds and final mean loss."""
-
-    name: str
-    epochs: int
-    wall_s: float
-    final_loss: float | None
-    history: History = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """The record without its per-epoch history, as JSON-ready data."""
-        return {
-            "name": self.name,
-            "epochs": self.epochs,
-            "wall_s": self.wall_s,
-            "final_loss": self.final_loss,
-        }
+    return FrozenLayer(module, params), record
 
 
 @dataclass
@@ -226,6 +282,7 @@ def run_pipeline(
     test: tuple[jax.Array, jax.Array] | None = None,
     *,
     on_epoch: StageCallback | None = None,
+    store: StageStore | None = None,
 ) -> PipelineResult:
     """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
 
@@ -236,6 +293,8 @@ def run_pipeline(
         after every softmax and fine-tuning epoch and at the end.
       on_epoch: ``on_epoch(stage, epoch, metrics, seconds)`` after every epoch, with
         ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` where measured.
+      store: keeps each stage's progress so that a run can resume (see
+        ``StageStore``); the same config and seed give the same result either way.
 
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
@@ -244,49 +303,30 @@ def run_pipeline(
     x, y = train
     keys = jax.random.split(jax.random.PRNGKey(config.seed), len(config.layers) + 2)
     stages: list[StageRecord] = []
+    common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
 
-    def hook(stage: str, module: nn.Module | None = None, test_x: jax.Array | None = None):
-        def on_fit_epoch(epoch: int, state, metrics: dict[str, float], seconds: float) -> None:
-            if module is not None and test is not None:
-                metrics["test_accuracy"] = evaluate(
-                    module, state.params, test_x, test[1], config.eval_batch_size
-                )["accuracy"]
-            if on_epoch is not None:
-                on_epoch(stage, epoch + 1, metrics, seconds)
-
-        return on_fit_epoch
-
-    def timed(name: str, epochs: int, run: Callable[[], tuple[Any, History]]) -> Any:
-        start = time.perf_counter()
-        out, history = run()
-        final = history[-1]["loss"] if history else None
-        stages.append(StageRecord(name, epochs, time.perf_counter() - start, final, history))
-        return out
+    def accuracy(module: nn.Module, inputs: jax.Array | None):
+        if test is None:
+            return None
+        return lambda p: evaluate(module, p, inputs, test[1], config.eval_batch_size)["accuracy"]
 
     # Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
     layers: list[FrozenLayer] = []
     codes, in_features = x, config.input_features
     for i, layer in enumerate(config.layers):
-        name = f"pretrain_{i + 1}"
         if layers:
             codes = encode_dataset(layers[-1:], codes, config.eval_batch_size)
-        layers.append(
-            timed(
-                name,
-                layer.epochs,
-                partial(
-                    pretrain_layer,
-                    layer,
-                    in_features,
-                    codes,
-                    key=keys[i],
-                    batch_size=config.batch_size,
-                    bias_init=config.bias_init,
-                    name=name,
-                    on_epoch=hook(name),
-                ),
-            )
+        frozen, record = pretrain_layer(
+            layer,
+            in_features,
+            codes,
+            key=keys[i],
+            bias_init=config.bias_init,
+            name=f"pretrain_{i + 1}",
+            **common,
         )
+        layers.append(frozen)
+        stages.append(record)
         in_features = layer.features
     top_codes = encode_dataset(layers[-1:], codes, config.eval_batch_size)
     del codes
@@ -295,43 +335,33 @@ def run_pipeline(
     head = softmax_head(config)
     head_key, softmax_key = jax.random.split(keys[-2])
     test_codes = encode_dataset(layers, test[0], config.eval_batch_size) if test else None
-    head_params = timed(
+    head_params, record = run_stage(
         "softmax",
-        config.softmax_epochs,
-        partial(
-            train_classifier,
-            head,
-            init_params(head, head_key, head.in_features),
-            (top_codes, y),
-            config.softmax_optimizer,
-            epochs=config.softmax_epochs,
-            key=softmax_key,
-            batch_size=config.batch_size,
-            weight_decay=config.softmax_weight_decay,
-            name="softmax",
-            on_epoch=hook("softmax", head, test_codes),
-        ),
+        classifier_loss(head, config.softmax_weight_decay),
+        init_params(head, head_key, head.in_features),
+        config.softmax_optimizer,
+        (top_codes, y),
+        epochs=config.softmax_epochs,
+        key=softmax_key,
+        evaluate_fn=accuracy(head, test_codes),
+        **common,
     )
+    stages.append(record)
     del top_codes, test_codes
 
     # End-to-end fine-tuning of the whole stack.
     model = classifier(config)
-    params = timed(
+    params, record = run_stage(
         "finetune",
-        config.finetune_epochs,
-        partial(
-            train_classifier,
-            model,
-            compose(layers, head_params),
-            (x, y),
-            config.finetune_optimizer,
-            epochs=config.finetune_epochs,
-            key=keys[-1],
-            batch_size=config.batch_size,
-            weight_decay=config.finetune_weight_decay,
-            name="finetune",
-            on_epoch=hook("finetune", model, test[0] if test else None),
-        ),
+        classifier_loss(model, config.finetune_weight_decay),
+        compose(layers, head_params),
+        config.finetune_optimizer,
+        (x, y),
+        epochs=config.finetune_epochs,
+        key=keys[-1],
+        evaluate_fn=accuracy(model, test[0] if test else None),
+        **common,
     )
+    stages.append(record)
     test_metrics = evaluate(model, params, test[0], test[1], config.eval_batch_size) if test else {}
     return PipelineResult(layers, params, test_metrics, stages)

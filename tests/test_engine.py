@@ -133,3 +133,17 @@ def test_batch_size_larger_than_data_is_refused():
     x, y, _ = _regression(n=8)
     with pytest.raises(ValueError, match="batch_size=9"):
         fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=9, epochs=1, key=KEY)
+
+
+def test_resuming_from_a_saved_state_is_bit_identical():
+    x, y, _ = _regression()
+    opt = optax.adam(0.01)
+    whole = fit(_mse, _params(), opt, (x, y), batch_size=10, epochs=4, key=KEY).state
+    half = fit(_mse, _params(), opt, (x, y), batch_size=10, epochs=2, key=KEY).state
+    half = jax.tree.map(np.asarray, half)  # as if written to disk and read back
+    resumed = fit(
+        _mse, _params(), opt, (x, y), batch_size=10, epochs=4, key=KEY, state=half, start_epoch=2
+    )
+    assert len(resumed.history) == 2
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)

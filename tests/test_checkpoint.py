@@ -1,0 +1,237 @@
+"""Checkpoints: kill and resume bit for bit, config mismatch, damaged checkpoints, load_model,
+and the artifacts a run leaves in its workdir."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+
+from sae_jax.checkpoint import CheckpointError, RunStore, load_model
+from sae_jax.config import tiny
+from sae_jax.experiment import Progress
+from sae_jax.recipes import run_pipeline
+
+RUNNER = textwrap.dedent("""
+    import os, signal, sys
+    from sae_jax.config import tiny
+    from sae_jax.experiment import run_mnist
+
+    workdir, kill_at = sys.argv[1], sys.argv[2]
+
+    def log(line):
+        print(line, flush=True)
+        if kill_at and line.startswith(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    run_mnist(tiny(), workdir, data_source="sample", figures=False, log=log)
+""")
+
+
+def _run(workdir: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", RUNNER, str(workdir), kill_at],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+def _leaves(model):
+    return [np.asarray(a) for a in jax.tree.leaves(model.params)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("whole")
+    proc = _run(workdir)
+    assert proc.returncode == 0, proc.stderr
+    return workdir
+
+
+@pytest.mark.parametrize("kill_at", ["pretrain_2 epoch   2/3", "finetune   epoch   3/4"])
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
+    killed = _run(tmp_path, kill_at)
+    assert killed.returncode == -9, killed.stderr  # really killed, not finished
+    assert killed.stdout.splitlines()[-1].startswith(kill_at)
+    resumed = _run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    stage, epoch = kill_at.split()[0], int(kill_at.split()[2].split("/")[0])
+    assert f"{stage}: resuming after epoch {epoch} from" in resumed.stdout
+    if stage == "finetune":
+        assert "pretrain_1: finished in an earlier run" in resumed.stdout
+    for a, b in zip(_leaves(load_model(uninterrupted)), _leaves(load_model(tmp_path)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    strip = lambda path: [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in path.read_text().splitlines()
+    ]
+    assert strip(tmp_path / "metrics.jsonl") == strip(uninterrupted / "metrics.jsonl")
+    whole = json.loads((uninterrupted / "summary.json").read_text())
+    after = json.loads((tmp_path / "summary.json").read_text())
+    assert after["test_accuracy"] == whole["test_accuracy"]
+
+
+def _digits(n, seed):
+    rng = np.random.default_rng(seed)
+    protos = np.random.default_rng(0).random((4, 64)) < 0.3
+    y = rng.integers(0, 4, n)
+    return ((protos[y] ^ (rng.random((n, 64)) < 0.1)) * 255).astype(np.uint8), y.astype(np.uint8)
+
+
+def _small_config():
+    return tiny().replace(
+        input_features=64,
+        num_classes=4,
+        batch_size=20,
+        train_examples=None,
+        test_examples=None,
+        eval_batch_size=50,
+        finetune_epochs=4,
+    )
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_damaged_latest_checkpoint_falls_back(tmp_path):
+    config, train, test = _small_config(), _digits(100, 1), _digits(40, 2)
+    whole = run_pipeline(config, train, test, store=RunStore(tmp_path / "a", config, log=print))
+
+    def crash(stage, epoch, metrics, seconds):
+        if stage == "finetune" and epoch == 3:
+            raise _Crash  # after epoch 3 was checkpointed
+
+    with pytest.raises(_Crash):
+        run_pipeline(
+            config, train, test, on_epoch=crash, store=RunStore(tmp_path / "b", config, log=print)
+        )
+    latest = tmp_path / "b" / "checkpoints" / "finetune" / "3"
+    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+
+    logs = []
+    resumed = run_pipeline(
+        config, train, test, store=RunStore(tmp_path / "b", config, log=logs.append)
+    )
+    damaged = [line for line in logs if "is damaged" in line]
+    assert len(damaged) == 1 and str(latest) in damaged[0], logs
+    assert "finetune: resuming after epoch 2" in logs[-1]
+    moved = list((tmp_path / "b" / "damaged").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("checkpoints-finetune-3-")
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    kept = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints" / "finetune").iterdir())
+    assert kept == [2, 3, 4]  # the last three, the damaged 3 rewritten
+
+
+def test_other_config_is_refused_and_restart_discards(tmp_path):
+    config = _small_config()
+    RunStore(tmp_path, config, log=print)
+    other = config.replace(seed=5, batch_size=10)
+    with pytest.raises(
+        CheckpointError,
+        match=r"another config \(batch_size: 20 -> 10; "
+        r"seed: 0 -> 5\); use another --workdir",
+    ):
+        RunStore(tmp_path, other, log=print)
+    (tmp_path / "notes.txt").write_text("mine")
+    RunStore(tmp_path, other, restart=True, log=print)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 5
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_load_model_predicts_and_encodes(tmp_path):
+    config, train, test = _small_config(), _digits(100, 1), _digits(40, 2)
+    result = run_pipeline(config, train, test, store=RunStore(tmp_path, config, log=print))
+    model = load_model(tmp_path)
+    logits = model.predict(test[0])
+    assert logits.shape == (40, 4)
+    np.testing.assert_allclose(model.predict(test[0].astype(np.float32) / 255), logits, rtol=1e-6)
+    accuracy = float(np.mean(np.argmax(logits, -1) == test[1]))
+    assert accuracy == pytest.approx(result.test["accuracy"])
+    assert model.encode(test[0], depth=1).shape == (40, 64)
+    assert model.encode(test[0]).shape == (40, 32)
+    with pytest.raises(CheckpointError, match="no finished run here"):
+        load_model(tmp_path / "empty")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_cli_writes_metrics_summary_and_figures(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "mnist.py"),
+            "--config=tiny",
+            f"--workdir={tmp_path}",
+            "--data_source=sample",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["stage"], m["epoch"]) for m in lines] == [
+        *[("pretrain_1", e) for e in (1, 2, 3)],
+        *[("pretrain_2", e) for e in (1, 2, 3)],
+        ("softmax", 1),
+        *[("finetune", e) for e in (1, 2, 3, 4)],
+    ]
+    assert all({"loss", "seconds"} <= set(m) for m in lines)
+    assert "sparsity" in lines[0] and "test_accuracy" in lines[-1]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_accuracy"] == lines[-1]["test_accuracy"]
+    assert _png_size(tmp_path / "filters.png") == (800, 800)
+    assert _png_size(tmp_path / "reconstructions.png") == (1200, 240)
+    assert _png_size(tmp_path / "curves.png") == (2000, 350)  # 4 stage panels + accuracy
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "experiments" / "mnist.py"),
+            "--eval_only",
+            f"--workdir={tmp_path}",
+            "--data_source=sample",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"test_accuracy {summary['test_accuracy']:.4f}" in proc.stdout
+
+
+def test_denoising_reconstructions_show_the_corrupted_row(tmp_path):
+    from sae_jax import figures
+
+    x = np.random.default_rng(0).random((6, 784))
+    figures.save_reconstructions(x, x, tmp_path / "r.png", corrupted=x)
+    assert _png_size(tmp_path / "r.png") == (720, 360)
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    stream = io.StringIO()
+    progress = Progress(tiny(), print, stream)
+    for epoch in (1, 2, 3):
+        progress("pretrain_1", epoch, {"loss": 10.0 / epoch}, 1.0)
+    out = stream.getvalue()
+    assert out.count("\r") == 3 and out.endswith("\n")
+    assert "pretrain_1 [######" in out and "1/3 loss 10 ETA 2s" in out and "3/3" in out
+    assert os.linesep not in out[:-1]
