@@ -44,6 +44,10 @@ _EXPORTS = {
     "load_idx_dir": "sae_jax.data",
     "DataError": "sae_jax.data",
     "run_mnist": "sae_jax.experiment",
+    "load_model": "sae_jax.checkpoint",
+    "RunStore": "sae_jax.checkpoint",
+    "TrainedModel": "sae_jax.models",
+    "load_mnist": "sae_jax.data",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -6,10 +6,11 @@ Layout of a workdir::
   checkpoints/<stage>/<epoch>/ the train state after each epoch (the last few kept)
   frozen/<stage>/0/            the final params of each completed stage
   metrics.jsonl                one line per epoch per stage, as checkpointed
-  damaged/                     checkpoints that failed to restore, moved aside
+  manifests/                   size and sha256 of every file of every checkpoint
+  damaged/                     checkpoints that failed their check, moved aside
 
-Every checkpoint carries a sha256 of its arrays, checked on restore, so a damaged
-file is found even when orbax can still read it.
+Each checkpoint's files are checked against its manifest before orbax reads them,
+so a truncated or corrupted checkpoint is found (and skipped) before it is used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax.config import Config, LayerConfig, OptimizerConfig
@@ -50,14 +50,30 @@ class CheckpointError(ValueError):
     """A workdir cannot be used (another config, nothing saved); the message says why."""
 
 
-def tree_digest(tree: Any) -> str:
-    """sha256 over the bytes, dtypes and shapes of every leaf of ``tree``."""
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        a = np.asarray(leaf)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+def file_manifest(directory: Path) -> dict[str, list]:
+    """``{relative path: [size, sha256]}`` for every file under ``directory``."""
+    manifest = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            manifest[str(path.relative_to(directory))] = [path.stat().st_size, digest]
+    return manifest
+
+
+def manifest_problem(directory: Path, manifest_path: Path) -> str | None:
+    """What is wrong with ``directory`` against its manifest, or None when it matches."""
+    if not manifest_path.exists():
+        return "it has no manifest (the run stopped while saving it)"
+    expected = json.loads(manifest_path.read_text())
+    actual = file_manifest(directory)
+    for name, (size, digest) in expected.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name][0] != size:
+            return f"{name} has {actual[name][0]} bytes, expected {size}"
+        if actual[name][1] != digest:
+            return f"{name} does not match its sha256"
+    return None
 
 
 def config_to_json(config: Config) -> dict[str, Any]:
@@ -106,14 +122,6 @@ def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
-def _save(manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict[str, Any]) -> None:
-    meta = {**meta, "sha256": tree_digest(tree)}
-    manager.save(
-        step,
-        args=ocp.args.Composite(tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-    )
-
-
 def _restore(manager: ocp.CheckpointManager, step: int, template: Any) -> tuple[Any, dict]:
     restored = manager.restore(
         step,
@@ -121,10 +129,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, template: Any) -> tuple[
             tree=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
         ),
     )
-    tree, meta = restored.tree, restored.meta
-    if tree_digest(tree) != meta.get("sha256"):
-        raise CheckpointError("its arrays do not match the sha256 saved with them")
-    return tree, meta
+    return restored.tree, restored.meta
 
 
 def _record(stage: str, meta: dict[str, Any]) -> StageRecord:
@@ -222,8 +227,9 @@ class RunStore:
         """Checkpoint ``state`` after epoch ``len(record.history)``, then log its metrics."""
         epoch = len(record.history)
         manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
-        _save(manager, epoch, {"state": state, "key": key}, _meta(record, stage=stage, epoch=epoch))
-        manager.close()
+        self._save(
+            manager, epoch, {"state": state, "key": key}, _meta(record, stage=stage, epoch=epoch)
+        )
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
 
@@ -231,29 +237,59 @@ class RunStore:
         """Keep the final params of ``stage`` as its own frozen pytree."""
         manager = _manager(self.workdir / "frozen" / stage, None)
         if manager.latest_step() is None:
-            _save(manager, 0, params, _meta(record, stage=stage))
-        manager.close()
+            self._save(manager, 0, params, _meta(record, stage=stage))
+        else:
+            manager.close()
         self._done.append(record)
 
     # ------------------------------------------------------------------ helpers
 
+    def _manifest_path(self, step_dir: Path) -> Path:
+        return self.workdir / "manifests" / f"{step_dir.relative_to(self.workdir)}.json"
+
+    def _save(self, manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
+        """Save with orbax, then write the manifest; drop manifests of deleted steps."""
+        try:
+            manager.save(
+                step,
+                args=ocp.args.Composite(
+                    tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+            directory = Path(manager.directory)
+            manifest = self._manifest_path(directory / str(step))
+            manifest.parent.mkdir(parents=True, exist_ok=True)
+            _write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
+            kept = {f"{s}.json" for s in manager.all_steps()}
+            for old in manifest.parent.glob("*.json"):
+                if old.name not in kept:  # its checkpoint was superseded and deleted
+                    old.unlink()
+        finally:
+            manager.close()
+
     def _restore_latest(
         self, manager: ocp.CheckpointManager, directory: Path, template: Any
     ) -> tuple[Any, dict] | None:
-        """Restore the newest good step; move damaged ones aside to ``damaged/``."""
+        """Restore the newest step that passes its check; move the others aside."""
         try:
             for step in sorted(manager.all_steps(), reverse=True):
-                try:
-                    return _restore(manager, step, template)
-                except Exception as e:  # orbax and tensorstore raise many kinds
-                    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                    target = self._move_aside(directory / str(step))
-                    self.log(
-                        f"checkpoint {directory / str(step)} is damaged "
-                        f"({type(e).__name__}: {reason}); moved to {target}, "
-                        f"falling back to an earlier one"
-                    )
-                    manager.reload()
+                step_dir = directory / str(step)
+                problem = manifest_problem(step_dir, self._manifest_path(step_dir))
+                if problem is None:
+                    try:
+                        return _restore(manager, step, template)
+                    except Exception as e:  # orbax and tensorstore raise many kinds
+                        text = str(e).strip()
+                        problem = (
+                            f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+                        )
+                target = self._move_aside(step_dir)
+                self._manifest_path(step_dir).unlink(missing_ok=True)
+                self.log(
+                    f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
+                    f"falling back to an earlier one"
+                )
+                manager.reload()
             return None
         finally:
             manager.close()
@@ -296,11 +332,17 @@ def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{config_path}: not a sae_jax config ({e})") from None
     template = init_params(classifier(config), jax.random.PRNGKey(0), config.input_features)
+    step_dir = directory / "0"
+    problem = manifest_problem(step_dir, workdir / "manifests" / "frozen" / "finetune" / "0.json")
+    if problem is not None:
+        raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
     manager = _manager(directory, None)
     try:
-        params, _ = _restore(manager, manager.latest_step(), template)
+        params, _ = _restore(manager, 0, template)
     except Exception as e:
-        raise CheckpointError(f"{directory}: cannot restore the model ({e})") from None
+        raise CheckpointError(
+            f"{directory}: cannot restore the model ({type(e).__name__})"
+        ) from None
     finally:
         manager.close()
     return TrainedModel(config, params)

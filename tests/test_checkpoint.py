@@ -3,6 +3,7 @@ and the artifacts a run leaves in its workdir."""
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -103,7 +104,15 @@ class _Crash(Exception):
     pass
 
 
-def test_damaged_latest_checkpoint_falls_back(tmp_path):
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        ("truncate", r"has \d+ bytes, expected \d+"),
+        ("flip", r"does not match its sha256"),
+        ("no_manifest", r"it has no manifest"),
+    ],
+)
+def test_damaged_latest_checkpoint_falls_back(tmp_path, damage, reason):
     config, train, test = _small_config(), _digits(100, 1), _digits(40, 2)
     whole = run_pipeline(config, train, test, store=RunStore(tmp_path / "a", config, log=print))
 
@@ -117,8 +126,15 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path):
         )
     latest = tmp_path / "b" / "checkpoints" / "finetune" / "3"
     biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(biggest, "r+b") as f:
-        f.truncate(biggest.stat().st_size // 2)
+    if damage == "truncate":
+        with open(biggest, "r+b") as f:
+            f.truncate(biggest.stat().st_size // 2)
+    elif damage == "flip":
+        raw = bytearray(biggest.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        biggest.write_bytes(bytes(raw))
+    else:  # killed after orbax committed the checkpoint but before its manifest was written
+        (tmp_path / "b" / "manifests" / "checkpoints" / "finetune" / "3.json").unlink()
 
     logs = []
     resumed = run_pipeline(
@@ -126,6 +142,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path):
     )
     damaged = [line for line in logs if "is damaged" in line]
     assert len(damaged) == 1 and str(latest) in damaged[0], logs
+    assert re.search(reason, damaged[0]), damaged[0]
     assert "finetune: resuming after epoch 2" in logs[-1]
     moved = list((tmp_path / "b" / "damaged").iterdir())
     assert len(moved) == 1 and moved[0].name.startswith("checkpoints-finetune-3-")

@@ -41,7 +41,16 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
     ]
     assert all(set(s) == {"name", "epochs", "wall_s", "final_loss"} for s in summary["stages"])
     assert summary["total_wall_s"] > 0 and summary["platform"] == "cpu"
-    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name != "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "curves.png",
+        "filters.png",
+        "frozen",
+        "metrics.jsonl",
+        "reconstructions.png",
+        "summary.json",
+    ]
 
 
 @pytest.mark.parametrize(
