@@ -47,6 +47,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         "curves.png",
         "filters.png",
         "frozen",
+        "manifests",
         "metrics.jsonl",
         "reconstructions.png",
         "summary.json",
