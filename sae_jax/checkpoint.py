@@ -3,7 +3,8 @@
 Layout of a workdir::
 
   config.json                  the run's config; another config is refused
-  checkpoints/<stage>/<epoch>/ the train state after each epoch (the last few kept)
+  checkpoints/<stage>/<epoch>/ the train state and RNG key after each epoch, with the
+                               stage, epoch, metrics so far and config (last few kept)
   frozen/<stage>/0/            the final params of each completed stage
   metrics.jsonl                one line per epoch per stage, as checkpointed
   manifests/                   size and sha256 of every file of every checkpoint
@@ -185,6 +186,7 @@ class RunStore:
                 )
         else:
             _write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+        self._config = wanted
         self._done: list[StageRecord] = []  # stages finished so far, in order
 
     # ------------------------------------------------------------------ StageStore
@@ -228,7 +230,10 @@ class RunStore:
         epoch = len(record.history)
         manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
         self._save(
-            manager, epoch, {"state": state, "key": key}, _meta(record, stage=stage, epoch=epoch)
+            manager,
+            epoch,
+            {"state": state, "key": key},
+            _meta(record, stage=stage, epoch=epoch, config=self._config),
         )
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
@@ -237,7 +242,7 @@ class RunStore:
         """Keep the final params of ``stage`` as its own frozen pytree."""
         manager = _manager(self.workdir / "frozen" / stage, None)
         if manager.latest_step() is None:
-            self._save(manager, 0, params, _meta(record, stage=stage))
+            self._save(manager, 0, params, _meta(record, stage=stage, config=self._config))
         else:
             manager.close()
         self._done.append(record)
