@@ -12,18 +12,22 @@ The train step is ``(state, batch, key) -> (state, metrics)`` with a loss functi
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sae_jax.config import OptimizerConfig
 
 Params = Any
+DATA_AXIS = "data"  # the mesh axis that minibatches are split over
 Batch = tuple[jax.Array, ...]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
@@ -31,11 +35,17 @@ EpochCallback = Callable[[int, "TrainState", dict[str, float], float], None]
 
 
 class TrainState(NamedTuple):
-    """What one stage trains: ``step`` (int32 scalar), ``params`` and ``opt_state``."""
+    """What one stage trains: ``step`` (int32 scalar), ``params`` and ``opt_state``.
+
+    ``hparams`` (None, or a dict of scalars that are not trained) is passed to the
+    loss as ``loss_fn(params, batch, key, hparams=...)``, so a ``vmap`` over states
+    can give every model its own hyperparameters.
+    """
 
     step: jax.Array
     params: Params
     opt_state: optax.OptState
+    hparams: dict[str, jax.Array] | None = None
 
 
 class FitResult(NamedTuple):
@@ -49,29 +59,53 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the stage and the epoch."""
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """The optax optimizer for ``config`` (adam, rmsprop in TF1's form, or sgd)."""
+def make_optimizer(
+    config: OptimizerConfig, injectable: bool = False
+) -> optax.GradientTransformation:
+    """The optax optimizer for ``config`` (adam, rmsprop in TF1's form, or sgd).
+
+    With ``injectable``, the learning rate lives in the optimizer state
+    (``optax.inject_hyperparams``), so models vmapped together can differ in it.
+    """
     momentum = config.momentum or None
     if config.name == "adam":
-        return optax.adam(config.learning_rate, eps=config.eps)
-    if config.name == "rmsprop":
-        return optax.rmsprop(
-            config.learning_rate,
-            decay=config.decay,
-            eps=config.eps,
-            initial_scale=1.0,
-            eps_in_sqrt=True,
-            momentum=momentum,
-        )
-    if config.name == "sgd":
-        return optax.sgd(config.learning_rate, momentum=momentum)
-    raise ValueError(f"unknown optimizer {config.name!r}")
+        make, kwargs = optax.adam, {"eps": config.eps}
+    elif config.name == "rmsprop":
+        make = optax.rmsprop
+        kwargs = {
+            "decay": config.decay,
+            "eps": config.eps,
+            "initial_scale": 1.0,
+            "eps_in_sqrt": True,
+            "momentum": momentum,
+        }
+    elif config.name == "sgd":
+        make, kwargs = optax.sgd, {"momentum": momentum}
+    else:
+        raise ValueError(f"unknown optimizer {config.name!r}")
+    if injectable:
+        static = tuple(k for k, v in kwargs.items() if v is None or isinstance(v, bool))
+        make = optax.inject_hyperparams(make, static_args=static)
+    return make(learning_rate=config.learning_rate, **kwargs)
 
 
-def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    """A fresh ``TrainState`` holding a copy of ``params`` (the caller's stay valid)."""
-    params = jax.tree.map(jnp.array, params)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def init_state(
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    hparams: dict[str, Any] | None = None,
+    models: int | None = None,
+) -> TrainState:
+    """A fresh ``TrainState`` holding a copy of ``params`` (the caller's stay valid).
+
+    With ``models=N``, ``params`` and ``hparams`` carry a leading model axis and the
+    optimizer state is initialised per model.
+    """
+    params, hparams = jax.tree.map(jnp.array, (params, hparams))  # copies: the state is donated
+    if models is None:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), hparams)
+    return TrainState(
+        jnp.zeros((models,), jnp.int32), params, jax.vmap(optimizer.init)(params), hparams
+    )
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> StepFn:
@@ -81,27 +115,43 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
     """
 
     def step(state: TrainState, batch: Batch, key: jax.Array):
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        loss = loss_fn if state.hparams is None else partial(loss_fn, hparams=state.hparams)
+        (loss, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state), {"loss": loss, **terms}
+        new_state = TrainState(state.step + 1, params, opt_state, state.hparams)
+        return new_state, {"loss": loss, **terms}
 
     return step
 
 
 def make_epoch(
-    step: StepFn, num_examples: int, batch_size: int
+    step: StepFn,
+    num_examples: int,
+    batch_size: int,
+    *,
+    mesh: Mesh | None = None,
+    models: bool = False,
+    data_axis: int | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One jitted epoch ``(state, data, key) -> (state, mean metrics)``.
 
     ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
     step ``t`` gets ``fold_in(key, t)``. Metrics are means over the epoch's
     examples. ``state`` is donated.
+
+    With a ``mesh``, every minibatch is split over the mesh's ``"data"`` axis while
+    params and optimizer state stay replicated (data parallelism; XLA inserts the
+    gradient all-reduce). With ``models``, the epoch is ``vmap``-ed over a leading
+    model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``).
     """
     full, remainder = divmod(num_examples, batch_size)
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
 
     def run_step(state: TrainState, data: Batch, idx: jax.Array, key: jax.Array):
         batch = tuple(jnp.take(a, idx, axis=0) for a in data)
+        if batch_sharding is not None and len(idx) % mesh.size == 0:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, jax.random.fold_in(key, state.step))
 
     def epoch(state: TrainState, data: Batch, key: jax.Array):
@@ -117,7 +167,18 @@ def make_epoch(
             totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
         return state, jax.tree.map(lambda t: t / num_examples, totals)
 
-    return jax.jit(epoch, donate_argnums=0)
+    fn = jax.vmap(epoch, in_axes=(0, data_axis, 0)) if models else epoch
+    out = NamedSharding(mesh, P()) if mesh is not None else None
+    return jax.jit(fn, donate_argnums=0, out_shardings=out)
+
+
+def place_data(a: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """Put ``a`` ``[n, ...]`` on the device(s): split over the mesh's ``"data"`` axis
+    when ``n`` divides evenly, else replicated (no mesh: the default device)."""
+    if mesh is None:
+        return jnp.asarray(a)
+    spec = P(DATA_AXIS) if a.shape[0] % mesh.size == 0 else P()
+    return jax.device_put(a, NamedSharding(mesh, spec))
 
 
 def fit(
@@ -133,16 +194,22 @@ def fit(
     on_epoch: EpochCallback | None = None,
     state: TrainState | None = None,
     start_epoch: int = 0,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    data_axis: int | None = None,
+    hparams: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
     Args:
       loss_fn: ``(params, batch, key) -> (scalar loss, {name: scalar term})``; the
         batch is the tuple of ``data``'s arrays gathered at ``batch_size`` indices.
+        With ``hparams`` it is called as ``loss_fn(params, batch, key, hparams=...)``.
       params: the initial parameter pytree; it is copied, never donated.
       optimizer: an optax transformation.
       data: arrays ``[num_examples, ...]`` with one leading size, kept on the device.
-      batch_size: examples per step; a smaller last step takes the remainder.
+      batch_size: examples per step (the global batch, whatever the devices); a
+        smaller last step takes the remainder.
       epochs: number of passes over the data (0 returns the initial state).
       key: PRNG key; epoch ``e`` uses ``fold_in(key, e)``.
       name: the stage's name, used in error messages.
@@ -153,28 +220,55 @@ def fit(
         fresh one built from ``params``; it is copied, never donated.
       start_epoch: the first epoch to run; with the ``state`` saved after epoch
         ``start_epoch - 1``, the result is the same as one uninterrupted run.
+      mesh: a ``Mesh`` with a ``"data"`` axis (see ``sae_jax.parallel``): data
+        parallelism over its devices.
+      models: train this many models at once in one compiled program: ``params``,
+        ``key`` (``[models, 2]``) and every ``hparams`` leaf carry a leading model
+        axis, and metrics are lists with one value per model.
+      data_axis: with ``models``, 0 when every model has its own data
+        (``[models, num_examples, ...]``), None when they share it, or a tuple with
+        one of those per array of ``data``.
+      hparams: a dict of scalars (or ``[models]`` arrays) for the loss.
 
     Returns:
       ``FitResult(state, history)``.
 
     Raises:
-      NonFiniteLossError: the epoch's mean loss is NaN or infinite.
+      NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model).
     """
-    data = tuple(jnp.asarray(a) for a in data)
-    num_examples = data[0].shape[0]
-    if any(a.shape[0] != num_examples for a in data):
-        raise ValueError(f"{name}: data arrays differ in length: {[a.shape[0] for a in data]}")
+    data = tuple(place_data(jnp.asarray(a), mesh) for a in data)
+    axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
+    lengths = {
+        a.shape[1 if models is not None and ax == 0 else 0]
+        for a, ax in zip(data, axes, strict=True)
+    }
+    if len(lengths) != 1:
+        raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in data]}")
+    (num_examples,) = lengths
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
-    epoch_fn = make_epoch(make_train_step(loss_fn, optimizer), num_examples, batch_size)
-    state = init_state(params, optimizer) if state is None else jax.tree.map(jnp.array, state)
-    history: list[dict[str, float]] = []
+    epoch_fn = make_epoch(
+        make_train_step(loss_fn, optimizer),
+        num_examples,
+        batch_size,
+        mesh=mesh,
+        models=models is not None,
+        data_axis=data_axis,
+    )
+    if state is None:
+        state = init_state(params, optimizer, hparams, models)
+    else:
+        state = jax.tree.map(jnp.array, state)
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+    fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
+    history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
-        state, metrics = epoch_fn(state, data, jax.random.fold_in(key, epoch))
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        state, metrics = epoch_fn(state, data, fold(key, epoch))
+        host = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
         seconds = time.perf_counter() - start
-        if not math.isfinite(host["loss"]):
+        if not np.all(np.isfinite(host["loss"])):
             raise NonFiniteLossError(
                 f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
             )

@@ -15,7 +15,9 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from sae_jax import losses
 from sae_jax.config import Config, LayerConfig, OptimizerConfig
@@ -38,31 +40,37 @@ History = list[dict[str, float]]
 StageCallback = Callable[[str, int, dict[str, float], float], None]
 
 
+SWEEPABLE = ("rho", "beta", "l1", "contractive", "weight_decay", "noise_level")
+
+
 def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
     """The pretraining loss of one autoencoder layer, ``(params, (x,), key) -> (loss, terms)``.
 
     ``x`` ``[batch, in]`` is corrupted with ``layer.noise`` (when not "none") before it
-    is encoded; the reconstruction is always compared with the clean ``x``.
+    is encoded; the reconstruction is always compared with the clean ``x``. The
+    keyword ``hparams`` may override any of ``SWEEPABLE`` with a (traced) scalar.
     """
     reduce = jnp.sum if layer.batch_reduction == "sum" else jnp.mean
 
-    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array):
+    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
+        hp = {name: getattr(layer, name) for name in SWEEPABLE} | (hparams or {})
         x = to_float(batch[0])
-        h, z = module.apply(params, corrupt(key, x, layer.noise, layer.noise_level))
+        h, z = module.apply(params, corrupt(key, x, layer.noise, hp["noise_level"]))
         if layer.reconstruction == "cross_entropy":
             rec = losses.bernoulli_cross_entropy(z, x)
         else:
             rec = losses.squared_error(activation_fn(layer.decoder_activation)(z), x)
         terms = {"reconstruction": reduce(rec)}
-        if layer.beta:
-            terms["sparsity"] = layer.beta * losses.kl_sparsity(h, layer.rho)
-        if layer.l1:
-            terms["l1"] = layer.l1 * reduce(losses.l1_activity(h))
-        if layer.contractive:
+        swept = hparams or {}
+        if layer.beta or "beta" in swept:
+            terms["sparsity"] = hp["beta"] * losses.kl_sparsity(h, hp["rho"])
+        if layer.l1 or "l1" in swept:
+            terms["l1"] = hp["l1"] * reduce(losses.l1_activity(h))
+        if layer.contractive or "contractive" in swept:
             kernel = params["params"]["encoder"]["kernel"]
-            terms["contractive"] = layer.contractive * reduce(losses.contractive_penalty(h, kernel))
-        if layer.weight_decay:
-            terms["weight_decay"] = layer.weight_decay * losses.l2_weight_decay(params)
+            terms["contractive"] = hp["contractive"] * reduce(losses.contractive_penalty(h, kernel))
+        if layer.weight_decay or "weight_decay" in swept:
+            terms["weight_decay"] = hp["weight_decay"] * losses.l2_weight_decay(params)
         return sum(terms.values()), terms
 
     return loss_fn
@@ -74,8 +82,8 @@ def classifier_loss(module: nn.Module, weight_decay: float = 0.0) -> LossFn:
     ``(params, (x [batch, in], labels [batch]), key) -> (loss, terms)``.
     """
 
-    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array):
-        del key
+    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
+        del key, hparams
         x, y = batch
         logits = module.apply(params, to_float(x))
         terms = {"cross_entropy": jnp.mean(losses.softmax_cross_entropy(logits, y))}
@@ -86,46 +94,67 @@ def classifier_loss(module: nn.Module, weight_decay: float = 0.0) -> LossFn:
     return loss_fn
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _encode(module: Autoencoder, params: Params, x: jax.Array, batch_size: int) -> jax.Array:
-    encode = lambda b: module.apply(params, to_float(b), method=Autoencoder.encode)
-    return map_batches(encode, x, batch_size)
+@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _encode(module, params: Params, x: jax.Array, batch_size: int, models: bool, x_axis):
+    def one(p, xs):
+        encode = lambda b: module.apply(p, to_float(b), method=Autoencoder.encode)
+        return map_batches(encode, xs, batch_size)
+
+    return jax.vmap(one, in_axes=(0, x_axis))(params, x) if models else one(params, x)
 
 
-def encode_dataset(layers: list[FrozenLayer], x: jax.Array, batch_size: int) -> jax.Array:
-    """The code of ``x`` ``[n, in]`` after ``layers`` (bottom first): ``[n, features]``."""
+def encode_dataset(
+    layers: list[FrozenLayer], x: jax.Array, batch_size: int, models: bool = False
+) -> jax.Array:
+    """The code of ``x`` ``[n, in]`` after ``layers`` (bottom first): ``[n, features]``.
+
+    With ``models``, the layers' params carry a leading model axis and so does the
+    result (``[models, n, features]``); ``x`` may be shared or per model.
+    """
     for layer in layers:
-        x = _encode(layer.module, layer.params, x, batch_size)
+        x_axis = 0 if models and x.ndim == 3 else None
+        x = _encode(layer.module, layer.params, x, batch_size, models, x_axis)
     return x
 
 
-@partial(jax.jit, static_argnums=(0, 4))
-def _evaluate(module: nn.Module, params: Params, x: jax.Array, y: jax.Array, batch_size: int):
-    def batch_stats(batch):
-        xb, yb = batch
-        logits = module.apply(params, to_float(xb))
-        return losses.softmax_cross_entropy(logits, yb), jnp.argmax(logits, -1) == yb
+@partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _evaluate(
+    module, params: Params, x: jax.Array, y: jax.Array, batch_size: int, models: bool, x_axis
+):
+    def one(p, xs):
+        def batch_stats(batch):
+            xb, yb = batch
+            logits = module.apply(p, to_float(xb))
+            return losses.softmax_cross_entropy(logits, yb), jnp.argmax(logits, -1) == yb
 
-    ce, correct = map_batches(batch_stats, (x, y), batch_size)
-    return jnp.mean(correct), jnp.mean(ce)
+        ce, correct = map_batches(batch_stats, (xs, y), batch_size)
+        return jnp.mean(correct), jnp.mean(ce)
+
+    return jax.vmap(one, in_axes=(0, x_axis))(params, x) if models else one(params, x)
 
 
 def evaluate(
-    module: nn.Module, params: Params, x: jax.Array, y: jax.Array, batch_size: int
-) -> dict[str, float]:
+    module: nn.Module,
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    batch_size: int,
+    models: bool = False,
+) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of a classifier (or softmax head).
 
     Args:
       module: a Flax module mapping ``[batch, in]`` to logits ``[batch, classes]``.
-      params: its params.
-      x: ``[n, in]`` inputs, evaluated ``batch_size`` rows at a time.
+      params: its params (with a leading model axis when ``models``).
+      x: ``[n, in]`` inputs (or ``[models, n, in]``), ``batch_size`` rows at a time.
       y: ``[n]`` integer labels.
 
     Returns:
-      ``{"accuracy": float in [0, 1], "loss": float}``.
+      ``{"accuracy": float in [0, 1], "loss": float}``; lists with ``models``.
     """
-    accuracy, loss = jax.device_get(_evaluate(module, params, x, y, batch_size))
-    return {"accuracy": float(accuracy), "loss": float(loss)}
+    x_axis = 0 if models and x.ndim == 3 else None
+    accuracy, loss = jax.device_get(_evaluate(module, params, x, y, batch_size, models, x_axis))
+    return {"accuracy": np.asarray(accuracy).tolist(), "loss": np.asarray(loss).tolist()}
 
 
 @dataclass
@@ -186,13 +215,20 @@ def run_stage(
     key: jax.Array,
     batch_size: int,
     store: StageStore | None = None,
-    evaluate_fn: Callable[[Params], float] | None = None,
+    evaluate_fn: Callable[[Params], Any] | None = None,
     on_epoch: StageCallback | None = None,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    data_axis: Any = None,
+    hparams: dict[str, Any] | None = None,
+    learning_rate: Any = None,
 ) -> tuple[Params, StageRecord]:
     """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
 
     After every epoch: the test accuracy (``evaluate_fn``, when given) joins the
     metrics, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is called.
+    ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
+    ``learning_rate`` (``[models]``) gives each model its own learning rate.
 
     Returns:
       The final params and the stage's ``StageRecord``.
@@ -200,13 +236,18 @@ def run_stage(
     if store is not None and (done := store.finished(name, params)) is not None:
         return done
     start = time.perf_counter()
-    optimizer = make_optimizer(optimizer_config)
+    optimizer = make_optimizer(optimizer_config, injectable=learning_rate is not None)
     record, state = StageRecord(name, epochs), None
     if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
         state, record = resumed
+    if learning_rate is not None:
+        state = init_state(params, optimizer, hparams, models)
+        opt_state = state.opt_state
+        rates = {**opt_state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
+        state = state._replace(opt_state=opt_state._replace(hyperparams=rates))
     earlier_wall = record.wall_s
 
-    def after_epoch(epoch: int, state: TrainState, metrics: dict[str, float], seconds: float):
+    def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
         if evaluate_fn is not None:
             metrics["test_accuracy"] = evaluate_fn(state.params)
         metrics["seconds"] = seconds
@@ -229,11 +270,28 @@ def run_stage(
         on_epoch=after_epoch,
         state=state,
         start_epoch=len(record.history),
+        mesh=mesh,
+        models=models,
+        data_axis=data_axis,
+        hparams=hparams,
     )
     record.wall_s = earlier_wall + time.perf_counter() - start
     if store is not None:
         store.save_finished(name, result.state.params, record)
     return result.state.params, record
+
+
+def _split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a key ``[2]`` (or keys ``[models, 2]``) in two, model by model."""
+    keys = jax.vmap(jax.random.split)(key) if key.ndim == 2 else jax.random.split(key)
+    return keys[..., 0, :], keys[..., 1, :]
+
+
+def _init(module: nn.Module, key: jax.Array, in_features: int) -> Params:
+    """``init_params`` for one key ``[2]`` or for each of ``[models, 2]`` keys."""
+    if key.ndim == 2:
+        return jax.vmap(lambda k: init_params(module, k, in_features))(key)
+    return init_params(module, key, in_features)
 
 
 def pretrain_layer(
@@ -247,14 +305,22 @@ def pretrain_layer(
     name: str = "pretrain",
     store: StageStore | None = None,
     on_epoch: StageCallback | None = None,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    learning_rate: Any = None,
 ) -> tuple[FrozenLayer, StageRecord]:
-    """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it."""
+    """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it.
+
+    With ``models``, ``key`` is ``[models, 2]``, ``x`` is shared ``[n, in]`` or per
+    model ``[models, n, in]``, and the frozen params carry a leading model axis.
+    """
     module = autoencoder(layer, in_features, bias_init)
-    init_key, fit_key = jax.random.split(key)
+    init_key, fit_key = _split2(key)
     params, record = run_stage(
         name,
         layer_loss(module, layer),
-        init_params(module, init_key, in_features),
+        _init(module, init_key, in_features),
         layer.optimizer,
         (x,),
         epochs=layer.epochs,
@@ -262,17 +328,22 @@ def pretrain_layer(
         batch_size=batch_size,
         store=store,
         on_epoch=on_epoch,
+        mesh=mesh,
+        models=models,
+        data_axis=0 if models and x.ndim == 3 else None,
+        hparams=hparams,
+        learning_rate=learning_rate,
     )
     return FrozenLayer(module, params), record
 
 
 @dataclass
 class PipelineResult:
-    """What ``run_pipeline`` returns."""
+    """What ``run_pipeline`` returns (with ``seeds``, every leaf and value per model)."""
 
     layers: list[FrozenLayer]
     params: Params  # the fine-tuned classifier, see models.Classifier
-    test: dict[str, float]
+    test: dict[str, Any]
     stages: list[StageRecord]
 
 
@@ -283,6 +354,10 @@ def run_pipeline(
     *,
     on_epoch: StageCallback | None = None,
     store: StageStore | None = None,
+    mesh: Mesh | None = None,
+    seeds: list[int] | None = None,
+    hparams: dict[str, list[float]] | None = None,
+    pretrain: bool = True,
 ) -> PipelineResult:
     """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
 
@@ -295,73 +370,122 @@ def run_pipeline(
         ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` where measured.
       store: keeps each stage's progress so that a run can resume (see
         ``StageStore``); the same config and seed give the same result either way.
+      mesh: data parallelism over this mesh's devices (see ``sae_jax.parallel``).
+      seeds: train one model per seed, all in one compiled program per stage
+        (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
+      hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
+        ``SWEEPABLE`` loss terms (for every pretraining layer),
+        ``pretrain_learning_rate`` and ``finetune_learning_rate``.
+      pretrain: False skips pretraining and the softmax stage: the same stack is
+        fine-tuned from its random initialisation (the no-pretraining baseline).
 
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
       the test metrics and one ``StageRecord`` per stage.
     """
+    hparams = dict(hparams or {})
+    models = None if seeds is None else len(seeds)
+    if models is None and hparams:
+        raise ValueError("hparams need seeds: one value per model")
+    if models is not None and store is not None:
+        raise ValueError("a sweep (seeds) is not checkpointed: pass no store")
+    for name, values in hparams.items():
+        if name not in (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate"):
+            raise ValueError(f"cannot sweep {name!r}")
+        if len(values) != models:
+            raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
+    as_array = lambda name: jnp.asarray(hparams[name], jnp.float32) if name in hparams else None
+    loss_hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items() if k in SWEEPABLE}
+
     x, y = train
-    keys = jax.random.split(jax.random.PRNGKey(config.seed), len(config.layers) + 2)
+    num_keys = len(config.layers) + 2
+    if models is None:
+        keys = jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
+    else:  # [num_keys, models, 2]: stage k of model i uses the key its own run would
+        keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
     stages: list[StageRecord] = []
-    common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
+    common = {
+        "batch_size": config.batch_size,
+        "store": store,
+        "on_epoch": on_epoch,
+        "mesh": mesh,
+        "models": models,
+    }
 
     def accuracy(module: nn.Module, inputs: jax.Array | None):
         if test is None:
             return None
-        return lambda p: evaluate(module, p, inputs, test[1], config.eval_batch_size)["accuracy"]
+        return lambda p: evaluate(
+            module, p, inputs, test[1], config.eval_batch_size, models is not None
+        )["accuracy"]
 
-    # Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
-    layers: list[FrozenLayer] = []
-    codes, in_features = x, config.input_features
-    for i, layer in enumerate(config.layers):
-        if layers:
-            codes = encode_dataset(layers[-1:], codes, config.eval_batch_size)
-        frozen, record = pretrain_layer(
-            layer,
-            in_features,
-            codes,
-            key=keys[i],
-            bias_init=config.bias_init,
-            name=f"pretrain_{i + 1}",
+    model = classifier(config)
+    if pretrain:
+        # Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
+        layers: list[FrozenLayer] = []
+        codes, in_features = x, config.input_features
+        for i, layer in enumerate(config.layers):
+            if layers:
+                codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, bool(models))
+            frozen, record = pretrain_layer(
+                layer,
+                in_features,
+                codes,
+                key=keys[i],
+                bias_init=config.bias_init,
+                name=f"pretrain_{i + 1}",
+                hparams=loss_hparams or None,
+                learning_rate=as_array("pretrain_learning_rate"),
+                **common,
+            )
+            layers.append(frozen)
+            stages.append(record)
+            in_features = layer.features
+        top_codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, bool(models))
+        del codes
+
+        # Softmax-only stage on the top code (the encoders stay frozen).
+        head = softmax_head(config)
+        head_key, softmax_key = _split2(keys[-2])
+        test_codes = (
+            encode_dataset(layers, test[0], config.eval_batch_size, bool(models)) if test else None
+        )
+        head_params, record = run_stage(
+            "softmax",
+            classifier_loss(head, config.softmax_weight_decay),
+            _init(head, head_key, head.in_features),
+            config.softmax_optimizer,
+            (top_codes, y),
+            epochs=config.softmax_epochs,
+            key=softmax_key,
+            evaluate_fn=accuracy(head, test_codes),
+            data_axis=(0, None) if models else None,
             **common,
         )
-        layers.append(frozen)
         stages.append(record)
-        in_features = layer.features
-    top_codes = encode_dataset(layers[-1:], codes, config.eval_batch_size)
-    del codes
-
-    # Softmax-only stage on the top code (the encoders stay frozen).
-    head = softmax_head(config)
-    head_key, softmax_key = jax.random.split(keys[-2])
-    test_codes = encode_dataset(layers, test[0], config.eval_batch_size) if test else None
-    head_params, record = run_stage(
-        "softmax",
-        classifier_loss(head, config.softmax_weight_decay),
-        init_params(head, head_key, head.in_features),
-        config.softmax_optimizer,
-        (top_codes, y),
-        epochs=config.softmax_epochs,
-        key=softmax_key,
-        evaluate_fn=accuracy(head, test_codes),
-        **common,
-    )
-    stages.append(record)
-    del top_codes, test_codes
+        del top_codes, test_codes
+        start = compose(layers, head_params)
+    else:
+        layers = []
+        start = _init(model, keys[-2], config.input_features)
 
     # End-to-end fine-tuning of the whole stack.
-    model = classifier(config)
     params, record = run_stage(
         "finetune",
         classifier_loss(model, config.finetune_weight_decay),
-        compose(layers, head_params),
+        start,
         config.finetune_optimizer,
         (x, y),
         epochs=config.finetune_epochs,
         key=keys[-1],
         evaluate_fn=accuracy(model, test[0] if test else None),
+        learning_rate=as_array("finetune_learning_rate"),
         **common,
     )
     stages.append(record)
-    test_metrics = evaluate(model, params, test[0], test[1], config.eval_batch_size) if test else {}
+    test_metrics = (
+        evaluate(model, params, test[0], test[1], config.eval_batch_size, models is not None)
+        if test
+        else {}
+    )
     return PipelineResult(layers, params, test_metrics, stages)

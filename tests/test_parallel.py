@@ -1,0 +1,152 @@
+"""Data parallelism over 8 fake CPU devices, and vmapped sweeps of many models."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO
+
+from sae_jax.config import ADAM, LayerConfig, tiny
+from sae_jax.recipes import run_pipeline
+
+SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from sae_jax.config import LayerConfig, tiny
+    from sae_jax.engine import fit, init_state, make_epoch, make_optimizer, make_train_step
+    from sae_jax.engine import place_data
+    from sae_jax.models import autoencoder, classifier, init_params
+    from sae_jax.parallel import make_mesh
+    from sae_jax.recipes import classifier_loss, layer_loss
+
+    assert jax.device_count() == 8
+    mesh = make_mesh()
+    rng = np.random.default_rng(0)
+    x = (rng.random((400, 64)) * 255).astype(np.uint8)
+    y = rng.integers(0, 4, 400).astype(np.uint8)
+    key = jax.random.PRNGKey(1)
+
+    placed = place_data(x, mesh)
+    assert placed.sharding.spec == P("data"), placed.sharding
+    assert {s.data.shape for s in placed.addressable_shards} == {(50, 64)}
+
+    def compare(loss, params, opt, data):
+        kw = dict(batch_size=40, epochs=1, key=key)
+        one = fit(loss, params, opt, data, **kw).state
+        many = fit(loss, params, opt, data, mesh=mesh, **kw).state
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            assert len(b.sharding.device_set) == 8 and b.sharding.is_fully_replicated
+        epoch = make_epoch(make_train_step(loss, opt), 400, 40, mesh=mesh)
+        state = jax.device_put(init_state(params, opt), jax.NamedSharding(mesh, P()))
+        hlo = epoch.lower(state, tuple(place_data(a, mesh) for a in data), key).compile().as_text()
+        assert "all-reduce" in hlo  # gradients are summed over the devices
+
+    layer = LayerConfig(features=16, rho=0.1, beta=1.0, weight_decay=1e-4,
+                        noise="masking", noise_level=0.2)
+    ae = autoencoder(layer, 64, "uniform")
+    compare(layer_loss(ae, layer), init_params(ae, key, 64), make_optimizer(layer.optimizer), (x,))
+
+    config = tiny().replace(input_features=64, num_classes=4,
+                            layers=(LayerConfig(features=16), LayerConfig(features=8)))
+    model = classifier(config)
+    compare(classifier_loss(model), init_params(model, key, 64),
+            make_optimizer(config.finetune_optimizer), (x, y))
+    print("sharded path matches")
+""")
+
+
+def test_sharded_epochs_match_single_device():
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded path matches" in proc.stdout
+
+
+def _digits(n, seed):
+    rng = np.random.default_rng(seed)
+    protos = np.random.default_rng(0).random((4, 64)) < 0.3
+    y = rng.integers(0, 4, n)
+    return ((protos[y] ^ (rng.random((n, 64)) < 0.1)) * 255).astype(np.uint8), y.astype(np.uint8)
+
+
+def _config():
+    layer = LayerConfig(
+        features=16,
+        rho=0.1,
+        beta=1.0,
+        weight_decay=1e-4,
+        epochs=2,
+        noise="masking",
+        noise_level=0.2,
+    )
+    return tiny().replace(
+        input_features=64,
+        num_classes=4,
+        batch_size=25,
+        train_examples=None,
+        test_examples=None,
+        eval_batch_size=50,
+        softmax_epochs=1,
+        layers=(layer, dataclasses.replace(layer, features=8, noise="none")),
+        finetune_epochs=2,
+        finetune_optimizer=dataclasses.replace(ADAM, learning_rate=3e-3),
+    )
+
+
+def test_sweep_equals_separate_runs():
+    config, train, test = _config(), _digits(200, 1), _digits(100, 2)
+    seeds, betas, noise = [0, 1, 2, 3], [0.5, 1.0, 2.0, 3.0], [0.1, 0.2, 0.3, 0.4]
+    rates = [1e-3, 2e-3, 3e-3, 5e-3]
+    sweep = run_pipeline(
+        config,
+        train,
+        test,
+        seeds=seeds,
+        hparams={"beta": betas, "noise_level": noise, "finetune_learning_rate": rates},
+    )
+    assert len(sweep.test["accuracy"]) == 4
+    for i, seed in enumerate(seeds):
+        layers = tuple(
+            dataclasses.replace(layer, beta=betas[i], noise_level=noise[i])
+            for layer in config.layers
+        )
+        alone_config = config.replace(
+            seed=seed,
+            layers=layers,
+            finetune_optimizer=dataclasses.replace(
+                config.finetune_optimizer, learning_rate=rates[i]
+            ),
+        )
+        alone = run_pipeline(alone_config, train, test)
+        for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(sweep.params), strict=True):
+            np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
+        assert sweep.test["accuracy"][i] == pytest.approx(alone.test["accuracy"], abs=0.011)
+        first = sweep.stages[0].history[0]
+        assert first["loss"][i] == pytest.approx(alone.stages[0].history[0]["loss"], rel=1e-5)
+
+
+def test_no_pretraining_baseline():
+    config, train, test = _config(), _digits(200, 1), _digits(100, 2)
+    result = run_pipeline(config, train, test, pretrain=False)
+    assert [s.name for s in result.stages] == ["finetune"] and result.layers == []
+    swept = run_pipeline(config, train, test, seeds=[0, 1], pretrain=False)
+    assert len(swept.test["accuracy"]) == 2
+    np.testing.assert_allclose(swept.test["accuracy"][0], result.test["accuracy"], atol=0.011)
+
+
+def test_sweep_arguments_are_checked():
+    config, train = _config(), _digits(100, 1)
+    with pytest.raises(ValueError, match="cannot sweep 'momentum'"):
+        run_pipeline(config, train, seeds=[0, 1], hparams={"momentum": [0.1, 0.2]})
+    with pytest.raises(ValueError, match=r"hparams\['beta'\] has 3 values for 2 seeds"):
+        run_pipeline(config, train, seeds=[0, 1], hparams={"beta": [1, 2, 3]})
+    with pytest.raises(ValueError, match="hparams need seeds"):
+        run_pipeline(config, train, hparams={"beta": [1.0]})
