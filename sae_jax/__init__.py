@@ -40,6 +40,8 @@ _EXPORTS = {
     "encode_dataset": "sae_jax.recipes",
     "evaluate": "sae_jax.recipes",
     "run_pipeline": "sae_jax.recipes",
+    "sweep": "sae_jax.recipes",
+    "model_config": "sae_jax.recipes",
     # edges
     "load_idx_dir": "sae_jax.data",
     "DataError": "sae_jax.data",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sae_jax.config import Config, LayerConfig, OptimizerConfig
@@ -318,7 +319,9 @@ class RunStore:
         _write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
 
 
-_KEY = jax.random.PRNGKey(0)  # the structure of a saved PRNG key
+# The structure of a saved PRNG key (metadata only: importing this module must not
+# start a JAX backend, or --platform and --distributed would come too late).
+_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:

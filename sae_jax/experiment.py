@@ -22,8 +22,10 @@ from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
 from sae_jax.data import load_mnist
+from sae_jax.engine import place_data
 from sae_jax.models import to_float
-from sae_jax.recipes import PipelineResult, evaluate, run_pipeline
+from sae_jax.parallel import default_mesh, initialize_distributed
+from sae_jax.recipes import PipelineResult, evaluate, model_config, run_pipeline, sweep
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -32,21 +34,29 @@ class UserError(ValueError):
     """A mistake in what the user asked for (a flag, a path); the message names it."""
 
 
-def select_platform(platform: str) -> None:
+def select_platform(platform: str, distributed: dict[str, Any] | None = None) -> None:
     """Make ``platform`` (cpu, gpu or tpu) JAX's backend; call before any computation.
 
     ``cpu`` and ``tpu`` restrict JAX to that backend; ``gpu`` lets JAX pick its GPU
-    plugin (CUDA or ROCm) and checks that it became the default backend.
+    plugin (CUDA or ROCm) and checks that it became the default backend. With
+    ``distributed`` (arguments of ``parallel.initialize_distributed``, possibly
+    empty), this process first joins a multi-host run.
     """
     if platform not in PLATFORMS:
         raise UserError(f"--platform={platform}: choose from {', '.join(PLATFORMS)}")
     if platform != "gpu":
         jax.config.update("jax_platforms", platform)
     try:
+        if distributed is not None:
+            initialize_distributed(**distributed)
         backend = jax.default_backend()
     except Exception as e:  # backend initialisation raises RuntimeError or worse
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--platform={platform}: no {platform} backend here ({reason})") from None
+        if distributed is not None:
+            what = "cannot join the multi-host run"
+        else:
+            what = f"no {platform} backend here"
+        raise UserError(f"--platform={platform}: {what} ({reason})") from None
     if backend != platform:
         raise UserError(f"--platform={platform}: no {platform} backend here (found {backend})")
 
@@ -141,6 +151,7 @@ def run_mnist(
     verify: bool = True,
     restart: bool = False,
     figures: bool = True,
+    data_parallel: bool = False,
     log: Callable[[str], None] = print,
     progress_stream: TextIO | None = None,
 ) -> dict[str, Any]:
@@ -151,6 +162,8 @@ def run_mnist(
     ``figures``, ``filters.png``, ``reconstructions.png`` and ``curves.png``.
 
     Args:
+      data_parallel: split every minibatch over all devices even when there is
+        only one (with several devices this happens anyway).
       progress_stream: a terminal to draw progress bars on; None prints one line
         per epoch through ``log``.
 
@@ -174,15 +187,23 @@ def run_mnist(
     x_test = mnist.test_images.reshape(len(mnist.test_images), -1)
     config.validate(num_train=len(x_train))
     store = RunStore(workdir, config, restart=restart, log=log)
+    mesh = default_mesh(force=data_parallel)
+    devices = mesh.size if mesh is not None else 1
     log(
         f"{config.name}: {len(x_train)} training / {len(x_test)} test images, "
         f"layers {[config.input_features, *(layer.features for layer in config.layers)]}, "
-        f"{jax.default_backend()} x{jax.device_count()}, workdir {workdir}"
+        f"{jax.default_backend()} x{devices}{' (data parallel)' if mesh else ''}, "
+        f"workdir {workdir}"
     )
-    train = (jax.device_put(x_train), jax.device_put(mnist.train_labels))
-    test = (jax.device_put(x_test), jax.device_put(mnist.test_labels))
+    train = (place_data(x_train, mesh), place_data(mnist.train_labels, mesh))
+    test = (place_data(x_test, mesh), place_data(mnist.test_labels, mesh))
     result = run_pipeline(
-        config, train, test, on_epoch=Progress(config, log, progress_stream), store=store
+        config,
+        train,
+        test,
+        on_epoch=Progress(config, log, progress_stream),
+        store=store,
+        mesh=mesh,
     )
     finetune = next(s for s in result.stages if s.name == "finetune")
     summary = {
@@ -193,7 +214,7 @@ def run_mnist(
         "stages": [s.summary() for s in result.stages],
         "finetune_test_accuracy": [h["test_accuracy"] for h in finetune.history],
         "platform": jax.default_backend(),
-        "devices": jax.device_count(),
+        "devices": devices,
         "versions": {"jax": jax.__version__},
     }
     if figures:
@@ -253,3 +274,121 @@ def evaluate_saved(
         f"on {len(x)} test images"
     )
     return metrics
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def run_sweep(
+    config: Config,
+    workdir: str | os.PathLike[str],
+    *,
+    seeds: list[int],
+    hparams: dict[str, list[float]] | None = None,
+    study: str | None = None,
+    compare_separate: bool = False,
+    data_source: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    mirror: str | None = None,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train one model per seed in one compiled program per stage; write ``sweep.json``.
+
+    Args:
+      study: ``"pretraining"`` also trains the same models without pretraining and
+        reports the test error of both (Erhan et al., 2010).
+      compare_separate: also train the models one after another, and report the
+        time of both ways and their ratio.
+
+    Returns:
+      ``{"runs": [{"pretrain", "test_accuracy": [...], "test_error_mean", ...,
+      "wall_s"}], ...}``.
+    """
+    config.validate()
+    if study not in (None, "pretraining"):
+        raise UserError(f"--study={study}: the only study is 'pretraining'")
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir={workdir}: exists and is not a directory")
+    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
+    x_train = mnist.train_images.reshape(len(mnist.train_images), -1)
+    x_test = mnist.test_images.reshape(len(mnist.test_images), -1)
+    config.validate(num_train=len(x_train))
+    train = (jnp.asarray(x_train), jnp.asarray(mnist.train_labels))
+    test = (jnp.asarray(x_test), jnp.asarray(mnist.test_labels))
+    log(
+        f"{config.name}: {len(seeds)} models at once, {len(x_train)} training / "
+        f"{len(x_test)} test images, layers "
+        f"{[config.input_features, *(layer.features for layer in config.layers)]}"
+    )
+
+    def on_epoch(stage: str, epoch: int, metrics: dict[str, Any], seconds: float) -> None:
+        line = f"{stage:<10} epoch {epoch:>3} mean loss {np.mean(metrics['loss']):.6g}"
+        if "test_accuracy" in metrics:
+            line += f" mean test_accuracy {np.mean(metrics['test_accuracy']):.4f}"
+        log(f"{line} {seconds:.2f}s")
+
+    runs = []
+    for pretrain in (True, False) if study == "pretraining" else (True,):
+        log(f"-- {'with' if pretrain else 'without'} pretraining")
+        start = time.perf_counter()
+        result = sweep(
+            config,
+            train,
+            test,
+            seeds=seeds,
+            hparams=hparams,
+            pretrain=pretrain,
+            on_epoch=on_epoch,
+        )
+        errors = [1.0 - a for a in result.test["accuracy"]]
+        mean, std = _mean_std(errors)
+        runs.append(
+            {
+                "pretrain": pretrain,
+                "test_accuracy": result.test["accuracy"],
+                "test_error_mean": mean,
+                "test_error_std": std,
+                "wall_s": time.perf_counter() - start,
+            }
+        )
+        if compare_separate:
+            start = time.perf_counter()
+            alone = [
+                run_pipeline(
+                    model_config(config, seeds, hparams, i), train, test, pretrain=pretrain
+                ).test["accuracy"]
+                for i in range(len(seeds))
+            ]
+            runs[-1]["separate_wall_s"] = time.perf_counter() - start
+            runs[-1]["separate_test_accuracy"] = alone
+            runs[-1]["separate_over_sweep"] = runs[-1]["separate_wall_s"] / runs[-1]["wall_s"]
+    summary = {
+        "config": config_to_json(config),
+        "seeds": seeds,
+        "hparams": hparams or {},
+        "runs": runs,
+        "platform": jax.default_backend(),
+        "versions": {"jax": jax.__version__},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / "sweep.json", summary)
+    log("| pretraining | test error (mean +- std over seeds) | per seed | sweep wall (s) |")
+    log("| --- | --- | --- | --- |")
+    for run in runs:
+        per_seed = " ".join(f"{1 - a:.4f}" for a in run["test_accuracy"])
+        log(
+            f"| {'yes' if run['pretrain'] else 'no'} | {run['test_error_mean']:.4f} +- "
+            f"{run['test_error_std']:.4f} | {per_seed} | {run['wall_s']:.1f} |"
+        )
+        if "separate_wall_s" in run:
+            log(
+                f"one sweep {run['wall_s']:.1f}s vs {len(seeds)} separate runs "
+                f"{run['separate_wall_s']:.1f}s: separate/sweep = "
+                f"{run['separate_over_sweep']:.2f}"
+            )
+    return summary

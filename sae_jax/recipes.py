@@ -7,6 +7,7 @@ floating point.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -489,3 +490,54 @@ def run_pipeline(
         else {}
     )
     return PipelineResult(layers, params, test_metrics, stages)
+
+
+def sweep(
+    config: Config,
+    train: tuple[jax.Array, jax.Array],
+    test: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    seeds: list[int],
+    hparams: dict[str, list[float]] | None = None,
+    pretrain: bool = True,
+    on_epoch: StageCallback | None = None,
+) -> PipelineResult:
+    """Train ``len(seeds)`` independent models in one compiled program per stage.
+
+    Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
+    i), ...)`` trains alone (up to float rounding): its own seed, its own
+    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``).
+    Metrics and test results are lists with one value per model.
+    """
+    return run_pipeline(
+        config,
+        train,
+        test,
+        seeds=list(seeds),
+        hparams=hparams,
+        pretrain=pretrain,
+        on_epoch=on_epoch,
+    )
+
+
+def model_config(
+    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None, i: int
+) -> Config:
+    """The config of model ``i`` of a sweep, for training it alone."""
+    hparams = hparams or {}
+    layer_changes = {k: float(v[i]) for k, v in hparams.items() if k in SWEEPABLE}
+    layers = tuple(dataclasses.replace(layer, **layer_changes) for layer in config.layers)
+    if "pretrain_learning_rate" in hparams:
+        rate = float(hparams["pretrain_learning_rate"][i])
+        layers = tuple(
+            dataclasses.replace(
+                layer, optimizer=dataclasses.replace(layer.optimizer, learning_rate=rate)
+            )
+            for layer in layers
+        )
+    changes: dict[str, Any] = {"seed": seeds[i], "layers": layers}
+    if "finetune_learning_rate" in hparams:
+        changes["finetune_optimizer"] = dataclasses.replace(
+            config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
+        )
+    return config.replace(**changes)

@@ -69,6 +69,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         (["--data_source=idx"], "the idx source needs a data directory (--data_dir)"),
         (["--data_source=ftp"], "unknown data source 'ftp'"),
         (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+        (["--distributed"], "--platform=cpu: cannot join the multi-host run"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
@@ -129,3 +130,51 @@ def test_no_network_is_one_line_and_fast(tmp_path, source):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "cannot download http://127.0.0.1:9/train-images-idx3-ubyte.gz" in proc.stderr
     assert "point --data_dir at a folder" in proc.stderr
+
+
+SWEEP = REPO / "experiments" / "sweep.py"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seeds=0"], "--seeds=0: must be >= 1"),
+        (["--seeds=2", "--hparam=beta=1"], "--hparam=beta=1: 1 values for --seeds=2"),
+        (["--seeds=2", "--hparam=beta=x,y"], "--hparam=beta=x,y: expected NAME=V1,V2,..."),
+        (["--layers=a,b"], "--layers=a,b: not a list of integers"),
+        (["--study=other"], "--study=other: the only study is 'pretraining'"),
+    ],
+)
+def test_sweep_user_mistakes(flags, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SWEEP), "--config=tiny", f"--workdir={tmp_path}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+
+
+def test_sweep_study_writes_a_table(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SWEEP),
+            "--config=tiny",
+            "--seeds=2",
+            "--epochs=1",
+            "--study=pretraining",
+            "--layers=32,16",
+            f"--workdir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| yes | " in proc.stdout and "| no | " in proc.stdout
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["pretrain"] for r in summary["runs"]] == [True, False]
+    assert all(len(r["test_accuracy"]) == 2 for r in summary["runs"])
+    assert [layer["features"] for layer in summary["config"]["layers"]] == [32, 16]

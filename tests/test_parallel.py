@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+import sae_jax
 from sae_jax.config import ADAM, LayerConfig, tiny
-from sae_jax.recipes import run_pipeline
+from sae_jax.recipes import model_config, run_pipeline
 
 SHARDED = textwrap.dedent("""
     import os
@@ -105,13 +106,8 @@ def test_sweep_equals_separate_runs():
     config, train, test = _config(), _digits(200, 1), _digits(100, 2)
     seeds, betas, noise = [0, 1, 2, 3], [0.5, 1.0, 2.0, 3.0], [0.1, 0.2, 0.3, 0.4]
     rates = [1e-3, 2e-3, 3e-3, 5e-3]
-    sweep = run_pipeline(
-        config,
-        train,
-        test,
-        seeds=seeds,
-        hparams={"beta": betas, "noise_level": noise, "finetune_learning_rate": rates},
-    )
+    hparams = {"beta": betas, "noise_level": noise, "finetune_learning_rate": rates}
+    sweep = sae_jax.sweep(config, train, test, seeds=seeds, hparams=hparams)
     assert len(sweep.test["accuracy"]) == 4
     for i, seed in enumerate(seeds):
         layers = tuple(
@@ -125,6 +121,7 @@ def test_sweep_equals_separate_runs():
                 config.finetune_optimizer, learning_rate=rates[i]
             ),
         )
+        assert model_config(config, seeds, hparams, i) == alone_config
         alone = run_pipeline(alone_config, train, test)
         for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(sweep.params), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)

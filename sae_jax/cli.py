@@ -1,0 +1,132 @@
+"""Flags and error handling shared by the scripts in ``experiments/``.
+
+The scripts only declare their own flags and call one library function;
+``run_command`` turns user mistakes into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line and exit status 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parser(description: str | None) -> Parser:
+    """A ``Parser`` with the flags every experiment shares (platform, preset, data)."""
+    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default cpu)")
+    p.add_argument("--config", default="seed", help="preset name: seed or tiny (default seed)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override every stage's epochs (a stage the preset skips stays skipped)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    p.add_argument(
+        "--data_source",
+        default="auto",
+        help="auto, idx, download, tfds or sample (default auto: --data_dir if it holds the "
+        "files, the bundled sample if the preset fits in it, the cache, a prepared "
+        "tensorflow-datasets copy, then a download)",
+    )
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with the four MNIST IDX files, .gz or raw (for tfds: its data folder)",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="download cache root (default $SAE_JAX_CACHE_DIR, else ~/.cache/sae_jax)",
+    )
+    p.add_argument(
+        "--mirror",
+        default=None,
+        help="base URL to download from (default $SAE_JAX_MNIST_MIRROR, else the "
+        "tensorflow-datasets mirror)",
+    )
+    p.add_argument(
+        "--no_verify",
+        action="store_true",
+        help="skip the canonical sha256 check, for your own data in IDX format",
+    )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-host run (jax.distributed.initialize) before anything else",
+    )
+    p.add_argument("--coordinator_address", default=None, help="with --distributed: host:port")
+    p.add_argument("--num_processes", type=int, default=None, help="with --distributed")
+    p.add_argument("--process_id", type=int, default=None, help="with --distributed")
+    return p
+
+
+def data_options(flags: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``load_mnist`` that the data flags set."""
+    return {
+        "data_source": flags.data_source,
+        "data_dir": flags.data_dir,
+        "cache_dir": flags.cache_dir,
+        "mirror": flags.mirror,
+        "verify": not flags.no_verify,
+    }
+
+
+def start(flags: argparse.Namespace):
+    """Select the platform (joining a multi-host run first with ``--distributed``) and
+    return the preset named by ``--config`` with ``--seed`` and ``--epochs`` applied."""
+    from sae_jax.config import get_preset
+    from sae_jax.experiment import UserError, select_platform
+
+    distributed = None
+    if flags.distributed:
+        distributed = {
+            "coordinator_address": flags.coordinator_address,
+            "num_processes": flags.num_processes,
+            "process_id": flags.process_id,
+        }
+    select_platform(flags.platform, distributed)
+    config = get_preset(flags.config)
+    if flags.seed is not None:
+        config = config.replace(seed=flags.seed)
+    if flags.epochs is not None:
+        if flags.epochs < 0:
+            raise UserError(f"--epochs={flags.epochs}: must be >= 0")
+        config = config.with_epochs(flags.epochs)
+    return config
+
+
+def run_command(body: Callable[[], Any]) -> int:
+    """Run ``body``; map user mistakes to exit status 2 and a NaN loss to 1, one line each."""
+    from sae_jax.checkpoint import CheckpointError
+    from sae_jax.config import ConfigError
+    from sae_jax.data import DataError
+    from sae_jax.engine import NonFiniteLossError
+    from sae_jax.experiment import UserError
+
+    try:
+        body()
+    except (ConfigError, DataError, UserError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def log(line: str) -> None:
+    """Print one progress line at once (also through a pipe)."""
+    print(line, flush=True)
