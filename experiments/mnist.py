@@ -40,12 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = cli.start(flags)
         if flags.eval_only:
-            evaluate_saved(flags.workdir, **cli.data_options(flags), log=cli.log)
+            evaluate_saved(flags.workdir, data=cli.data_spec(flags), log=cli.log)
             return
         run_mnist(
             config,
             flags.workdir,
-            **cli.data_options(flags),
+            data=cli.data_spec(flags),
             restart=flags.restart,
             figures=not flags.no_figures,
             data_parallel=flags.data_parallel,

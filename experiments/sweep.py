@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hparams=hparams or None,
             study=flags.study,
             compare_separate=flags.compare_separate,
-            **cli.data_options(flags),
+            data=cli.data_spec(flags),
             log=cli.log,
         )
 

@@ -70,15 +70,17 @@ def parser(description: str | None) -> Parser:
     return p
 
 
-def data_options(flags: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``load_mnist`` that the data flags set."""
-    return {
-        "data_source": flags.data_source,
-        "data_dir": flags.data_dir,
-        "cache_dir": flags.cache_dir,
-        "mirror": flags.mirror,
-        "verify": not flags.no_verify,
-    }
+def data_spec(flags: argparse.Namespace):
+    """The ``DataSpec`` that the data flags describe."""
+    from sae_jax.data import DataSpec
+
+    return DataSpec(
+        source=flags.data_source,
+        data_dir=flags.data_dir,
+        cache_dir=flags.cache_dir,
+        mirror=flags.mirror,
+        verify=not flags.no_verify,
+    )
 
 
 def start(flags: argparse.Namespace):

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,6 +67,32 @@ Log = Callable[[str], None]
 
 class DataError(ValueError):
     """A data file is missing or malformed, or a download failed; the message names it."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where to find MNIST: the arguments of ``load_mnist`` that a user chooses."""
+
+    source: str = "auto"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    mirror: str | None = None
+    verify: bool = True
+
+    def load(self, need: tuple[int | None, int | None] = (None, None), log: Log = print) -> Mnist:
+        """``load_mnist`` with these settings; ``need``: training and test examples."""
+        return load_mnist(
+            self.source,
+            self.data_dir,
+            cache_dir=self.cache_dir,
+            mirror=self.mirror,
+            verify=self.verify,
+            need=need,
+            log=log,
+        )
+
+
+DEFAULT_DATA = DataSpec()  # the "auto" source with its defaults
 
 
 class Mnist(NamedTuple):

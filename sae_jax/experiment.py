@@ -21,7 +21,7 @@ import numpy as np
 from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
-from sae_jax.data import load_mnist
+from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.engine import place_data
 from sae_jax.models import to_float
 from sae_jax.parallel import default_mesh, initialize_distributed
@@ -122,33 +122,40 @@ class Progress:
         self.stream.flush()
 
 
-def _load(config: Config, data_source, data_dir, cache_dir, mirror, verify, log):
-    mnist = load_mnist(
-        data_source,
-        data_dir,
-        cache_dir=cache_dir,
-        mirror=mirror,
-        verify=verify,
-        need=(config.train_examples, config.test_examples),
-        log=log,
+def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> Mnist:
+    """The examples ``config`` asks for, images flattened to ``[n, pixels]``."""
+    mnist = data.load(need=(config.train_examples, config.test_examples), log=log)
+    mnist = mnist.head(config.train_examples, config.test_examples)
+    flat = lambda images: images.reshape(len(images), -1)
+    mnist = mnist._replace(
+        train_images=flat(mnist.train_images), test_images=flat(mnist.test_images)
     )
-    features = int(np.prod(mnist.train_images.shape[1:]))
-    if features != config.input_features:
+    if mnist.train_images.shape[1] != config.input_features:
         raise ConfigError(
-            f"input_features={config.input_features} but the images have {features} pixels"
+            f"input_features={config.input_features} but the images have "
+            f"{mnist.train_images.shape[1]} pixels"
         )
-    return mnist.head(config.train_examples, config.test_examples)
+    return mnist
+
+
+def _prepare(
+    config: Config, workdir: str | os.PathLike[str], data: DataSpec, log: Callable[[str], None]
+) -> tuple[Path, Mnist]:
+    """Check the config and the workdir, then load the data (before anything compiles)."""
+    config.validate()
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir={workdir}: exists and is not a directory")
+    mnist = _load(config, data, log)
+    config.validate(num_train=len(mnist.train_images))
+    return workdir, mnist
 
 
 def run_mnist(
     config: Config,
     workdir: str | os.PathLike[str],
     *,
-    data_source: str = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    verify: bool = True,
+    data: DataSpec = DEFAULT_DATA,
     restart: bool = False,
     figures: bool = True,
     data_parallel: bool = False,
@@ -178,14 +185,8 @@ def run_mnist(
       NonFiniteLossError: when a loss turns NaN or infinite.
     """
     start = time.perf_counter()
-    config.validate()
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir={workdir}: exists and is not a directory")
-    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
-    x_train = mnist.train_images.reshape(len(mnist.train_images), -1)
-    x_test = mnist.test_images.reshape(len(mnist.test_images), -1)
-    config.validate(num_train=len(x_train))
+    workdir, mnist = _prepare(config, workdir, data, log)
+    x_train, x_test = mnist.train_images, mnist.test_images
     store = RunStore(workdir, config, restart=restart, log=log)
     mesh = default_mesh(force=data_parallel)
     devices = mesh.size if mesh is not None else 1
@@ -254,18 +255,14 @@ def write_figures(workdir: Path, config: Config, result: PipelineResult, x_test)
 def evaluate_saved(
     workdir: str | os.PathLike[str],
     *,
-    data_source: str = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    verify: bool = True,
+    data: DataSpec = DEFAULT_DATA,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """The test accuracy and loss of the model saved in ``workdir``."""
     model = load_model(workdir)
     config = model.config
-    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
-    x = jnp.asarray(mnist.test_images.reshape(len(mnist.test_images), -1))
+    mnist = _load(config, data, log)
+    x = jnp.asarray(mnist.test_images)
     metrics = evaluate(
         model.module, model.params, x, jnp.asarray(mnist.test_labels), config.eval_batch_size
     )
@@ -289,11 +286,7 @@ def run_sweep(
     hparams: dict[str, list[float]] | None = None,
     study: str | None = None,
     compare_separate: bool = False,
-    data_source: str = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    verify: bool = True,
+    data: DataSpec = DEFAULT_DATA,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train one model per seed in one compiled program per stage; write ``sweep.json``.
@@ -308,16 +301,10 @@ def run_sweep(
       ``{"runs": [{"pretrain", "test_accuracy": [...], "test_error_mean", ...,
       "wall_s"}], ...}``.
     """
-    config.validate()
     if study not in (None, "pretraining"):
         raise UserError(f"--study={study}: the only study is 'pretraining'")
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir={workdir}: exists and is not a directory")
-    mnist = _load(config, data_source, data_dir, cache_dir, mirror, verify, log)
-    x_train = mnist.train_images.reshape(len(mnist.train_images), -1)
-    x_test = mnist.test_images.reshape(len(mnist.test_images), -1)
-    config.validate(num_train=len(x_train))
+    workdir, mnist = _prepare(config, workdir, data, log)
+    x_train, x_test = mnist.train_images, mnist.test_images
     train = (jnp.asarray(x_train), jnp.asarray(mnist.train_labels))
     test = (jnp.asarray(x_test), jnp.asarray(mnist.test_labels))
     log(

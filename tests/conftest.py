@@ -14,3 +14,15 @@ def mnist_dir() -> Path:
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no MNIST files at {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+def synthetic_digits(n: int, seed: int, features: int = 64, classes: int = 4):
+    """uint8 images ``[n, features]`` and labels ``[n]``: one random binary prototype
+    per class (the same for every seed), with 10% of the pixels flipped."""
+    import numpy as np
+
+    protos = np.random.default_rng(0).random((classes, features)) < 0.3
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    flip = rng.random((n, features)) < 0.1
+    return ((protos[y] ^ flip) * 255).astype(np.uint8), y.astype(np.uint8)

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, synthetic_digits
 
 from sae_jax.checkpoint import CheckpointError, RunStore, load_model
 from sae_jax.config import tiny
@@ -23,6 +23,7 @@ from sae_jax.recipes import run_pipeline
 RUNNER = textwrap.dedent("""
     import os, signal, sys
     from sae_jax.config import tiny
+    from sae_jax.data import DataSpec
     from sae_jax.experiment import run_mnist
 
     workdir, kill_at = sys.argv[1], sys.argv[2]
@@ -32,7 +33,7 @@ RUNNER = textwrap.dedent("""
         if kill_at and line.startswith(kill_at):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    run_mnist(tiny(), workdir, data_source="sample", figures=False, log=log)
+    run_mnist(tiny(), workdir, data=DataSpec(source="sample"), figures=False, log=log)
 """)
 
 
@@ -81,13 +82,6 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
     assert after["test_accuracy"] == whole["test_accuracy"]
 
 
-def _digits(n, seed):
-    rng = np.random.default_rng(seed)
-    protos = np.random.default_rng(0).random((4, 64)) < 0.3
-    y = rng.integers(0, 4, n)
-    return ((protos[y] ^ (rng.random((n, 64)) < 0.1)) * 255).astype(np.uint8), y.astype(np.uint8)
-
-
 def _small_config():
     return tiny().replace(
         input_features=64,
@@ -113,7 +107,7 @@ class _Crash(Exception):
     ],
 )
 def test_damaged_latest_checkpoint_falls_back(tmp_path, damage, reason):
-    config, train, test = _small_config(), _digits(100, 1), _digits(40, 2)
+    config, train, test = _small_config(), synthetic_digits(100, 1), synthetic_digits(40, 2)
     whole = run_pipeline(config, train, test, store=RunStore(tmp_path / "a", config, log=print))
 
     def crash(stage, epoch, metrics, seconds):
@@ -169,7 +163,7 @@ def test_other_config_is_refused_and_restart_discards(tmp_path):
 
 
 def test_load_model_predicts_and_encodes(tmp_path):
-    config, train, test = _small_config(), _digits(100, 1), _digits(40, 2)
+    config, train, test = _small_config(), synthetic_digits(100, 1), synthetic_digits(40, 2)
     result = run_pipeline(config, train, test, store=RunStore(tmp_path, config, log=print))
     model = load_model(tmp_path)
     logits = model.predict(test[0])

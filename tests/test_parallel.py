@@ -8,7 +8,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, synthetic_digits
 
 import sae_jax
 from sae_jax.config import ADAM, LayerConfig, tiny
@@ -71,13 +71,6 @@ def test_sharded_epochs_match_single_device():
     assert "sharded path matches" in proc.stdout
 
 
-def _digits(n, seed):
-    rng = np.random.default_rng(seed)
-    protos = np.random.default_rng(0).random((4, 64)) < 0.3
-    y = rng.integers(0, 4, n)
-    return ((protos[y] ^ (rng.random((n, 64)) < 0.1)) * 255).astype(np.uint8), y.astype(np.uint8)
-
-
 def _config():
     layer = LayerConfig(
         features=16,
@@ -103,7 +96,7 @@ def _config():
 
 
 def test_sweep_equals_separate_runs():
-    config, train, test = _config(), _digits(200, 1), _digits(100, 2)
+    config, train, test = _config(), synthetic_digits(200, 1), synthetic_digits(100, 2)
     seeds, betas, noise = [0, 1, 2, 3], [0.5, 1.0, 2.0, 3.0], [0.1, 0.2, 0.3, 0.4]
     rates = [1e-3, 2e-3, 3e-3, 5e-3]
     hparams = {"beta": betas, "noise_level": noise, "finetune_learning_rate": rates}
@@ -131,7 +124,7 @@ def test_sweep_equals_separate_runs():
 
 
 def test_no_pretraining_baseline():
-    config, train, test = _config(), _digits(200, 1), _digits(100, 2)
+    config, train, test = _config(), synthetic_digits(200, 1), synthetic_digits(100, 2)
     result = run_pipeline(config, train, test, pretrain=False)
     assert [s.name for s in result.stages] == ["finetune"] and result.layers == []
     swept = run_pipeline(config, train, test, seeds=[0, 1], pretrain=False)
@@ -140,7 +133,7 @@ def test_no_pretraining_baseline():
 
 
 def test_sweep_arguments_are_checked():
-    config, train = _config(), _digits(100, 1)
+    config, train = _config(), synthetic_digits(100, 1)
     with pytest.raises(ValueError, match="cannot sweep 'momentum'"):
         run_pipeline(config, train, seeds=[0, 1], hparams={"momentum": [0.1, 0.2]})
     with pytest.raises(ValueError, match=r"hparams\['beta'\] has 3 values for 2 seeds"):

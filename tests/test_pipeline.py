@@ -4,19 +4,11 @@ import dataclasses
 
 import jax
 import numpy as np
+from conftest import synthetic_digits
 
 from sae_jax.config import ADAM, LayerConfig, tiny
 from sae_jax.models import classifier
 from sae_jax.recipes import encode_dataset, evaluate, run_pipeline
-
-
-def _digits_like(n, seed, features=64, classes=4):
-    """uint8 images: one random binary prototype per class, 10% of pixels flipped."""
-    protos = np.random.default_rng(0).random((classes, features)) < 0.3
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    flip = rng.random((n, features)) < 0.1
-    return ((protos[y] ^ flip) * 255).astype(np.uint8), y.astype(np.uint8)
 
 
 def test_pipeline_end_to_end_learns():
@@ -46,7 +38,7 @@ def test_pipeline_end_to_end_learns():
         )
         .validate(num_train=300)
     )
-    train, test = _digits_like(300, 1), _digits_like(200, 2)
+    train, test = synthetic_digits(300, 1), synthetic_digits(200, 2)
     seen = []
     result = run_pipeline(
         config, train, test, on_epoch=lambda stage, epoch, m, s: seen.append((stage, epoch, m))
@@ -87,7 +79,7 @@ def test_pipeline_is_deterministic_and_zero_epoch_stages_work():
         )
         .with_epochs(1)
     )
-    train, test = _digits_like(100, 3), _digits_like(60, 4)
+    train, test = synthetic_digits(100, 3), synthetic_digits(60, 4)
     a = run_pipeline(config, train, test)
     b = run_pipeline(config, train, test)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
