@@ -29,6 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
     p.add_argument(
+        "--no_pretraining",
+        action="store_true",
+        help="baseline: fine-tune the same stack from its random initialisation",
+    )
+    p.add_argument(
         "--data_parallel",
         action="store_true",
         help="split every minibatch over all devices (automatic with several devices)",
@@ -49,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             restart=flags.restart,
             figures=not flags.no_figures,
             data_parallel=flags.data_parallel,
+            pretrain=not flags.no_pretraining,
             log=cli.log,
             progress_stream=sys.stdout if sys.stdout.isatty() else None,
         )

@@ -85,7 +85,7 @@ def config_to_json(config: Config) -> dict[str, Any]:
 
 def config_from_json(data: dict[str, Any]) -> Config:
     """The inverse of ``config_to_json``."""
-    data = dict(data)
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_run": run options
     data["layers"] = tuple(
         LayerConfig(**{**layer, "optimizer": OptimizerConfig(**layer["optimizer"])})
         for layer in data["layers"]
@@ -152,6 +152,8 @@ class RunStore:
       restart: delete what an earlier run left in ``workdir`` first (only the
         names in ``MANAGED``; other files stay).
       keep: how many epoch checkpoints to keep per stage.
+      options: other settings that change what the stages compute (saved and
+        compared with the config under ``"_run"``), e.g. ``{"pretrain": False}``.
       log: receives one line per restore, fallback or move.
     """
 
@@ -162,6 +164,7 @@ class RunStore:
         *,
         restart: bool = False,
         keep: int = 3,
+        options: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
     ):
         self.workdir = Path(workdir)
@@ -177,6 +180,8 @@ class RunStore:
                     path.unlink()
         config_path = self.workdir / "config.json"
         wanted = config_to_json(config)
+        if options:
+            wanted["_run"] = options
         if config_path.exists():
             saved = json.loads(config_path.read_text())
             diffs = config_differences(saved, wanted)

@@ -60,6 +60,12 @@ def parser(description: str | None) -> Parser:
         help="skip the canonical sha256 check, for your own data in IDX format",
     )
     p.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="folder for compiled programs, reused by later runs (default "
+        "<cache root>/jax; 'off' to disable)",
+    )
+    p.add_argument(
         "--distributed",
         action="store_true",
         help="join a multi-host run (jax.distributed.initialize) before anything else",
@@ -87,7 +93,7 @@ def start(flags: argparse.Namespace):
     """Select the platform (joining a multi-host run first with ``--distributed``) and
     return the preset named by ``--config`` with ``--seed`` and ``--epochs`` applied."""
     from sae_jax.config import get_preset
-    from sae_jax.experiment import UserError, select_platform
+    from sae_jax.experiment import UserError, enable_compilation_cache, select_platform
 
     distributed = None
     if flags.distributed:
@@ -97,6 +103,8 @@ def start(flags: argparse.Namespace):
             "process_id": flags.process_id,
         }
     select_platform(flags.platform, distributed)
+    if flags.compilation_cache != "off":
+        enable_compilation_cache(flags.compilation_cache)
     config = get_preset(flags.config)
     if flags.seed is not None:
         config = config.replace(seed=flags.seed)

@@ -31,7 +31,7 @@ DATA_AXIS = "data"  # the mesh axis that minibatches are split over
 Batch = tuple[jax.Array, ...]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
-EpochCallback = Callable[[int, "TrainState", dict[str, float], float], None]
+EpochCallback = Callable[[int, "TrainState", dict[str, float], float], bool | None]
 
 
 class TrainState(NamedTuple):
@@ -215,7 +215,7 @@ def fit(
       name: the stage's name, used in error messages.
       on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
         epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
-        next epoch reuses.
+        next epoch reuses (copy what it needs). Returning True stops training.
       state: resume from this state (e.g. restored from a checkpoint) instead of a
         fresh one built from ``params``; it is copied, never donated.
       start_epoch: the first epoch to run; with the ``state`` saved after epoch
@@ -273,8 +273,8 @@ def fit(
                 f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
             )
         history.append(host)
-        if on_epoch is not None:
-            on_epoch(epoch, state, host, seconds)
+        if on_epoch is not None and on_epoch(epoch, state, host, seconds):
+            break  # the callback asked to stop early
     return FitResult(state, history)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
-from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
+from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
 from sae_jax.engine import place_data
 from sae_jax.models import to_float
 from sae_jax.parallel import default_mesh, initialize_distributed
@@ -61,6 +61,18 @@ def select_platform(platform: str, distributed: dict[str, Any] | None = None) ->
         raise UserError(f"--platform={platform}: no {platform} backend here (found {backend})")
 
 
+def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
+    """Keep compiled XLA programs on disk, so a second run skips compilation.
+
+    ``path`` defaults to ``<cache root>/jax`` (cache root: ``$SAE_JAX_CACHE_DIR`` or
+    ``~/.cache/sae_jax``). Every program is cached, however fast it compiled.
+    """
+    path = Path(path) if path is not None else default_cache_dir() / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     path = Path(path)
@@ -81,13 +93,14 @@ def format_epoch(
     stage: str, epoch: int, epochs: int, metrics: dict[str, float], seconds: float
 ) -> str:
     """One progress line, e.g. ``pretrain_1 epoch 3/10 loss 1234.5 (...) 2.31s``."""
-    skip = ("loss", "test_accuracy", "seconds")
+    skip = ("loss", "test_accuracy", "validation_accuracy", "seconds")
     terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in skip)
     line = f"{stage:<10} epoch {epoch:>3}/{epochs} loss {metrics['loss']:.6g}"
     if terms:
         line += f" ({terms})"
-    if "test_accuracy" in metrics:
-        line += f" test_accuracy {metrics['test_accuracy']:.4f}"
+    for name in ("validation_accuracy", "test_accuracy"):
+        if name in metrics:
+            line += f" {name} {metrics[name]:.4f}"
     return f"{line} {seconds:.2f}s"
 
 
@@ -115,8 +128,9 @@ class Progress:
             f"\r{stage:<10} [{'#' * filled}{'.' * (20 - filled)}] {epoch}/{total} "
             f"loss {metrics['loss']:.5g}"
         )
-        if "test_accuracy" in metrics:
-            line += f" acc {metrics['test_accuracy']:.4f}"
+        for name in ("validation_accuracy", "test_accuracy"):
+            if name in metrics:
+                line += f" {name.split('_')[0][:4]} {metrics[name]:.4f}"
         line += f" ETA {eta:.0f}s   "
         self.stream.write(line + ("\n" if epoch == total else ""))
         self.stream.flush()
@@ -159,6 +173,7 @@ def run_mnist(
     restart: bool = False,
     figures: bool = True,
     data_parallel: bool = False,
+    pretrain: bool = True,
     log: Callable[[str], None] = print,
     progress_stream: TextIO | None = None,
 ) -> dict[str, Any]:
@@ -171,6 +186,9 @@ def run_mnist(
     Args:
       data_parallel: split every minibatch over all devices even when there is
         only one (with several devices this happens anyway).
+      pretrain: False fine-tunes the stack from its random initialisation (the
+        no-pretraining baseline; recorded in the workdir, so a pretrained run there
+        is refused).
       progress_stream: a terminal to draw progress bars on; None prints one line
         per epoch through ``log``.
 
@@ -186,18 +204,28 @@ def run_mnist(
     """
     start = time.perf_counter()
     workdir, mnist = _prepare(config, workdir, data, log)
-    x_train, x_test = mnist.train_images, mnist.test_images
-    store = RunStore(workdir, config, restart=restart, log=log)
+    n_val = config.validation_examples
+    n_train = len(mnist.train_images) - n_val
+    x_train, x_test = mnist.train_images[:n_train], mnist.test_images
+    options = None if pretrain else {"pretrain": False}
+    store = RunStore(workdir, config, restart=restart, log=log, options=options)
     mesh = default_mesh(force=data_parallel)
     devices = mesh.size if mesh is not None else 1
     log(
-        f"{config.name}: {len(x_train)} training / {len(x_test)} test images, "
+        f"{config.name}: {len(x_train)} training / {n_val} validation / "
+        f"{len(x_test)} test images, "
         f"layers {[config.input_features, *(layer.features for layer in config.layers)]}, "
         f"{jax.default_backend()} x{devices}{' (data parallel)' if mesh else ''}, "
         f"workdir {workdir}"
     )
-    train = (place_data(x_train, mesh), place_data(mnist.train_labels, mesh))
+    train = (place_data(x_train, mesh), place_data(mnist.train_labels[:n_train], mesh))
     test = (place_data(x_test, mesh), place_data(mnist.test_labels, mesh))
+    validation = None
+    if n_val:
+        validation = (
+            place_data(mnist.train_images[n_train:], mesh),
+            place_data(mnist.train_labels[n_train:], mesh),
+        )
     result = run_pipeline(
         config,
         train,
@@ -205,20 +233,27 @@ def run_mnist(
         on_epoch=Progress(config, log, progress_stream),
         store=store,
         mesh=mesh,
+        validation=validation,
+        pretrain=pretrain,
     )
     finetune = next(s for s in result.stages if s.name == "finetune")
+    judged = "validation_accuracy" if validation is not None else "test_accuracy"
     summary = {
         "test_accuracy": result.test["accuracy"],
         "test_loss": result.test["loss"],
         "total_wall_s": time.perf_counter() - start,
         "config": config_to_json(config),
         "stages": [s.summary() for s in result.stages],
-        "finetune_test_accuracy": [h["test_accuracy"] for h in finetune.history],
+        f"finetune_{judged}": [h[judged] for h in finetune.history],
         "platform": jax.default_backend(),
         "devices": devices,
         "versions": {"jax": jax.__version__},
     }
-    if figures:
+    if validation is not None:
+        summary["finetune_best_epoch"] = finetune.best_epoch
+        summary["test_accuracy_before_finetune"] = result.test_before_finetune.get("accuracy")
+    summary["pretrained"] = pretrain
+    if figures and pretrain:
         paths = write_figures(workdir, config, result, x_test)
         summary["figures"] = [str(p) for p in paths]
     write_json_atomic(workdir / "summary.json", summary)

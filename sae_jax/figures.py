@@ -80,12 +80,15 @@ def save_reconstructions(
 
 
 def save_curves(stages: Sequence[StageRecord], path: str | os.PathLike[str]) -> None:
-    """Mean loss per epoch for each stage, and test accuracy per epoch where measured.
+    """Mean loss per epoch for each stage, and accuracy per epoch where measured
+    (validation accuracy when a validation set was held out, else test accuracy).
 
     Writes a PNG of (4 inches x panels) by 3.5 inches at 100 dpi.
     """
     panels = [s for s in stages if s.history]
-    accuracy = [s for s in panels if "test_accuracy" in s.history[0]]
+    names = ("validation_accuracy", "test_accuracy")
+    key = lambda stage: next(k for k in names if k in stage.history[0])
+    accuracy = [s for s in panels if any(k in s.history[0] for k in names)]
     n = len(panels) + (1 if accuracy else 0)
     fig = Figure(figsize=(4 * max(n, 1), 3.5))
     for i, stage in enumerate(panels):
@@ -100,9 +103,12 @@ def save_curves(stages: Sequence[StageRecord], path: str | os.PathLike[str]) -> 
         for stage in accuracy:
             epochs = np.arange(1, len(stage.history) + 1)
             ax.plot(
-                epochs, [h["test_accuracy"] for h in stage.history], marker="o", label=stage.name
+                epochs,
+                [h[key(stage)] for h in stage.history],
+                marker="o",
+                label=f"{stage.name} ({key(stage).split('_')[0]})",
             )
-        ax.set_title("test accuracy")
+        ax.set_title("accuracy per epoch")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()

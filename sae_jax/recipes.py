@@ -62,6 +62,8 @@ def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
         else:
             rec = losses.squared_error(activation_fn(layer.decoder_activation)(z), x)
         terms = {"reconstruction": reduce(rec)}
+        if layer.reconstruction_scale != 1.0:
+            terms["reconstruction"] = layer.reconstruction_scale * terms["reconstruction"]
         swept = hparams or {}
         if layer.beta or "beta" in swept:
             terms["sparsity"] = hp["beta"] * losses.kl_sparsity(h, hp["rho"])
@@ -170,6 +172,7 @@ class StageRecord:
     epochs: int
     wall_s: float = 0.0
     history: History = field(default_factory=list)
+    best_epoch: int = 0  # with keep_best: the epoch whose params the stage returned
 
     @property
     def final_loss(self) -> float | None:
@@ -223,11 +226,18 @@ def run_stage(
     data_axis: Any = None,
     hparams: dict[str, Any] | None = None,
     learning_rate: Any = None,
+    metric: str = "test_accuracy",
+    keep_best: bool = False,
+    patience: int | None = None,
 ) -> tuple[Params, StageRecord]:
     """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
 
-    After every epoch: the test accuracy (``evaluate_fn``, when given) joins the
-    metrics, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is called.
+    After every epoch: ``evaluate_fn``'s accuracy (when given) joins the metrics as
+    ``metric``, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is
+    called. With ``keep_best`` the stage returns the params of its epoch with the
+    highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
+    without a new best. (A stage resumed from a checkpoint picks its best among the
+    epochs it runs after resuming.)
     ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
     ``learning_rate`` (``[models]``) gives each model its own learning rate.
 
@@ -247,10 +257,11 @@ def run_stage(
         rates = {**opt_state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
         state = state._replace(opt_state=opt_state._replace(hyperparams=rates))
     earlier_wall = record.wall_s
+    best: dict[str, Any] = {"value": -np.inf, "params": None}
 
     def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
         if evaluate_fn is not None:
-            metrics["test_accuracy"] = evaluate_fn(state.params)
+            metrics[metric] = evaluate_fn(state.params)
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start
@@ -258,6 +269,10 @@ def run_stage(
             store.save_epoch(name, state, key, record)
         if on_epoch is not None:
             on_epoch(name, epoch + 1, metrics, seconds)
+        if keep_best and metrics[metric] > best["value"]:
+            best.update(value=metrics[metric], params=jax.tree.map(jnp.copy, state.params))
+            record.best_epoch = epoch + 1
+        return patience is not None and epoch + 1 - record.best_epoch >= patience
 
     result = fit(
         loss_fn,
@@ -277,9 +292,10 @@ def run_stage(
         hparams=hparams,
     )
     record.wall_s = earlier_wall + time.perf_counter() - start
+    final = best["params"] if best["params"] is not None else result.state.params
     if store is not None:
-        store.save_finished(name, result.state.params, record)
-    return result.state.params, record
+        store.save_finished(name, final, record)
+    return final, record
 
 
 def _split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -346,6 +362,7 @@ class PipelineResult:
     params: Params  # the fine-tuned classifier, see models.Classifier
     test: dict[str, Any]
     stages: list[StageRecord]
+    test_before_finetune: dict[str, Any] = field(default_factory=dict)
 
 
 def run_pipeline(
@@ -359,6 +376,7 @@ def run_pipeline(
     seeds: list[int] | None = None,
     hparams: dict[str, list[float]] | None = None,
     pretrain: bool = True,
+    validation: tuple[jax.Array, jax.Array] | None = None,
 ) -> PipelineResult:
     """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
 
@@ -379,6 +397,11 @@ def run_pipeline(
         ``pretrain_learning_rate`` and ``finetune_learning_rate``.
       pretrain: False skips pretraining and the softmax stage: the same stack is
         fine-tuned from its random initialisation (the no-pretraining baseline).
+      validation: held-out images and labels: the softmax and fine-tuning stages
+        are judged on them after every epoch (``validation_accuracy``), keep their
+        best epoch, fine-tuning stops after ``config.finetune_patience`` epochs
+        without improvement, and ``test`` is only used at the end. The result's
+        ``test_before_finetune`` is then the softmax-on-frozen-features model's.
 
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
@@ -390,6 +413,8 @@ def run_pipeline(
         raise ValueError("hparams need seeds: one value per model")
     if models is not None and store is not None:
         raise ValueError("a sweep (seeds) is not checkpointed: pass no store")
+    if models is not None and validation is not None:
+        raise ValueError("a sweep (seeds) takes no validation set")
     for name, values in hparams.items():
         if name not in (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate"):
             raise ValueError(f"cannot sweep {name!r}")
@@ -413,11 +438,14 @@ def run_pipeline(
         "models": models,
     }
 
+    judge = validation if validation is not None else test  # judged after every epoch
+    selection = {"metric": "validation_accuracy", "keep_best": True} if validation else {}
+
     def accuracy(module: nn.Module, inputs: jax.Array | None):
-        if test is None:
+        if judge is None:
             return None
         return lambda p: evaluate(
-            module, p, inputs, test[1], config.eval_batch_size, models is not None
+            module, p, inputs, judge[1], config.eval_batch_size, models is not None
         )["accuracy"]
 
     model = classifier(config)
@@ -448,8 +476,10 @@ def run_pipeline(
         # Softmax-only stage on the top code (the encoders stay frozen).
         head = softmax_head(config)
         head_key, softmax_key = _split2(keys[-2])
-        test_codes = (
-            encode_dataset(layers, test[0], config.eval_batch_size, bool(models)) if test else None
+        judge_codes = (
+            encode_dataset(layers, judge[0], config.eval_batch_size, bool(models))
+            if judge
+            else None
         )
         head_params, record = run_stage(
             "softmax",
@@ -459,12 +489,13 @@ def run_pipeline(
             (top_codes, y),
             epochs=config.softmax_epochs,
             key=softmax_key,
-            evaluate_fn=accuracy(head, test_codes),
+            evaluate_fn=accuracy(head, judge_codes),
             data_axis=(0, None) if models else None,
+            **selection,
             **common,
         )
         stages.append(record)
-        del top_codes, test_codes
+        del top_codes, judge_codes
         start = compose(layers, head_params)
     else:
         layers = []
@@ -479,17 +510,22 @@ def run_pipeline(
         (x, y),
         epochs=config.finetune_epochs,
         key=keys[-1],
-        evaluate_fn=accuracy(model, test[0] if test else None),
+        evaluate_fn=accuracy(model, judge[0] if judge else None),
         learning_rate=as_array("finetune_learning_rate"),
+        patience=config.finetune_patience if validation else None,
+        **selection,
         **common,
     )
     stages.append(record)
-    test_metrics = (
-        evaluate(model, params, test[0], test[1], config.eval_batch_size, models is not None)
-        if test
-        else {}
-    )
-    return PipelineResult(layers, params, test_metrics, stages)
+    test_metrics, before = {}, {}
+    if test:
+        test_metrics = evaluate(
+            model, params, test[0], test[1], config.eval_batch_size, models is not None
+        )
+        if validation is not None and pretrain:
+            codes = encode_dataset(layers, test[0], config.eval_batch_size)
+            before = evaluate(head, head_params, codes, test[1], config.eval_batch_size)
+    return PipelineResult(layers, params, test_metrics, stages, before)
 
 
 def sweep(

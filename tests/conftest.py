@@ -1,8 +1,14 @@
 """Shared test fixtures and paths."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Keep the tests' caches (downloads, compiled programs) out of the user's home; the
+# scripts the tests start inherit this.
+os.environ.setdefault("SAE_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="sae_jax_test_cache_"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"

@@ -178,3 +178,24 @@ def test_sweep_study_writes_a_table(tmp_path):
     assert [r["pretrain"] for r in summary["runs"]] == [True, False]
     assert all(len(r["test_accuracy"]) == 2 for r in summary["runs"])
     assert [layer["features"] for layer in summary["config"]["layers"]] == [32, 16]
+
+
+def test_compilation_cache_is_filled_and_can_be_turned_off(tmp_path):
+    cache = tmp_path / "jax_cache"
+    proc = _run(
+        "--config=tiny",
+        "--epochs=1",
+        "--no_figures",
+        f"--workdir={tmp_path / 'a'}",
+        f"--compilation_cache={cache}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(cache.iterdir())) > 5  # the stage programs, encoders, evaluations
+    proc = _run(
+        "--config=tiny",
+        "--epochs=1",
+        "--no_figures",
+        f"--workdir={tmp_path / 'b'}",
+        "--compilation_cache=off",
+    )
+    assert proc.returncode == 0, proc.stderr

@@ -54,6 +54,8 @@ def _with_layer(**changes):
         (_with_layer(beta=-1.0), r"layers\[0\].beta must be >= 0"),
         (tiny().replace(batch_size=0), r"batch_size must be a positive integer, got 0"),
         (tiny().replace(layers=()), r"layers must hold at least one layer"),
+        (tiny().replace(finetune_patience=0), r"finetune_patience must be a positive integer"),
+        (_with_layer(reconstruction_scale=0.0), r"layers\[0\].reconstruction_scale must be > 0"),
         (
             tiny().replace(
                 finetune_optimizer=dataclasses.replace(
@@ -77,8 +79,28 @@ def test_batch_larger_than_data():
 
 
 def test_unknown_preset():
-    with pytest.raises(ConfigError, match=r"unknown preset 'sead'; choose from seed, tiny"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown preset 'sead'; choose from sda3, seed, "
+        r"tiny, ufldl",
+    ):
         get_preset("sead")
+
+
+def test_validation_split_is_checked():
+    with pytest.raises(ConfigError, match=r"validation_examples=1000 leaves no training"):
+        tiny().replace(validation_examples=1000).validate(num_train=60000)
+    with pytest.raises(ConfigError, match=r"batch_size=25 is larger than the 10 training"):
+        tiny().replace(validation_examples=990).validate(num_train=60000)
+
+
+def test_paper_presets():
+    u, s = get_preset("ufldl").validate(60000), get_preset("sda3").validate(60000)
+    assert [layer.features for layer in u.layers] == [200, 200] and u.validation_examples == 10000
+    assert (u.layers[0].rho, u.layers[0].beta, u.layers[0].weight_decay) == (0.1, 3.0, 3e-3)
+    assert u.layers[0].reconstruction_scale == 0.5 and u.layers[0].batch_reduction == "mean"
+    assert [layer.noise_level for layer in s.layers] == [0.1, 0.2, 0.3]
+    assert all(layer.tied and layer.reconstruction == "cross_entropy" for layer in s.layers)
 
 
 def test_layer_defaults_valid():

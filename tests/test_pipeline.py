@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 from conftest import synthetic_digits
 
 from sae_jax.config import ADAM, LayerConfig, tiny
@@ -85,3 +86,46 @@ def test_pipeline_is_deterministic_and_zero_epoch_stages_work():
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
     assert a.stages[2].name == "softmax" and a.stages[2].final_loss is None
+
+
+def test_validation_split_keeps_the_best_epoch_and_stops_early():
+    config = (
+        tiny()
+        .replace(
+            input_features=64,
+            num_classes=4,
+            batch_size=25,
+            train_examples=None,
+            test_examples=None,
+            eval_batch_size=50,
+            softmax_epochs=3,
+            finetune_epochs=30,
+            finetune_patience=2,
+            finetune_optimizer=dataclasses.replace(ADAM, learning_rate=0.05),  # noisy on purpose
+        )
+        .with_epochs(1)
+        .replace(softmax_epochs=3, finetune_epochs=30)
+    )
+    train, validation, test = (synthetic_digits(n, s) for n, s in ((200, 1), (80, 2), (80, 3)))
+    seen = []
+    result = run_pipeline(
+        config,
+        train,
+        test,
+        validation=validation,
+        on_epoch=lambda stage, epoch, m, s: seen.append((stage, m)),
+    )
+    finetune = result.stages[-1]
+    assert all(
+        "validation_accuracy" in m and "test_accuracy" not in m
+        for stage, m in seen
+        if stage in ("softmax", "finetune")
+    )
+    accs = [h["validation_accuracy"] for h in finetune.history]
+    best = int(np.argmax(accs)) + 1  # the first epoch reaching the maximum
+    assert finetune.best_epoch == best
+    assert len(accs) == best + 2 < 30  # stopped after 2 epochs without a new best
+    again = evaluate(classifier(config), result.params, *validation, batch_size=50)
+    assert again["accuracy"] == pytest.approx(accs[best - 1])  # the best epoch's params
+    assert set(result.test) == {"accuracy", "loss"}
+    assert 0 < result.test_before_finetune["accuracy"] <= 1
