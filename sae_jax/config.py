@@ -356,10 +356,12 @@ def sda3() -> Config:
 
     As in the Theano tutorial: sigmoid units, tied weights, masking noise
     0.1/0.2/0.3 for the three layers, cross-entropy reconstruction, zero biases at
-    init. Ours: Adam (1e-3 for pretraining, 15 epochs per layer; 1e-4 for
+    init. Ours: Adam (1e-3 for pretraining, 15 epochs per layer; 3e-4 for
     fine-tuning, up to 50 epochs, patience 8) on minibatches of 100, one softmax
     epoch before fine-tuning, and the last 10,000 training images held out for
-    validation.
+    validation. The fine-tuning rate was chosen on the validation split from the
+    same pretrained layers (seed 0): best validation accuracy 98.47% with 1e-4,
+    98.72% with 3e-4, 98.62% with 1e-3.
 
     Run: ``python experiments/mnist.py --config=sda3 --data_dir=../shared/data/mnist
     --workdir=checkpoints/sda3``
@@ -381,7 +383,7 @@ def sda3() -> Config:
         softmax_epochs=1,
         softmax_optimizer=ADAM,
         finetune_epochs=50,
-        finetune_optimizer=dataclasses.replace(ADAM, learning_rate=1e-4),
+        finetune_optimizer=dataclasses.replace(ADAM, learning_rate=3e-4),
         validation_examples=10000,
         finetune_patience=8,
     )
