@@ -1,6 +1,8 @@
 """Shared test fixtures and paths."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,3 +34,15 @@ def synthetic_digits(n: int, seed: int, features: int = 64, classes: int = 4):
     y = rng.integers(0, classes, n)
     flip = rng.random((n, features)) < 0.1
     return ((protos[y] ^ flip) * 255).astype(np.uint8), y.astype(np.uint8)
+
+
+def run_script(name: str, *flags: str) -> subprocess.CompletedProcess:
+    """Run ``experiments/<name>.py`` with ``flags`` as a user would; capture its output."""
+    script = REPO / "experiments" / f"{name}.py"
+    return subprocess.run(
+        [sys.executable, str(script), *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )

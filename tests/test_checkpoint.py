@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, synthetic_digits
+from conftest import REPO, run_script, synthetic_digits
 
 from sae_jax.checkpoint import CheckpointError, RunStore, load_model
 from sae_jax.config import tiny
@@ -184,18 +184,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_cli_writes_metrics_summary_and_figures(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "mnist.py"),
-            "--config=tiny",
-            f"--workdir={tmp_path}",
-            "--data_source=sample",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script("mnist", "--config=tiny", f"--workdir={tmp_path}", "--data_source=sample")
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(m["stage"], m["epoch"]) for m in lines] == [
@@ -211,18 +200,7 @@ def test_cli_writes_metrics_summary_and_figures(tmp_path):
     assert _png_size(tmp_path / "filters.png") == (800, 800)
     assert _png_size(tmp_path / "reconstructions.png") == (1200, 240)
     assert _png_size(tmp_path / "curves.png") == (2000, 350)  # 4 stage panels + accuracy
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "mnist.py"),
-            "--eval_only",
-            f"--workdir={tmp_path}",
-            "--data_source=sample",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script("mnist", "--eval_only", f"--workdir={tmp_path}", "--data_source=sample")
     assert proc.returncode == 0, proc.stderr
     assert f"test_accuracy {summary['test_accuracy']:.4f}" in proc.stdout
 

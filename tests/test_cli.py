@@ -1,20 +1,14 @@
 """experiments/mnist.py as a user runs it."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO
-
-SCRIPT = REPO / "experiments" / "mnist.py"
+from conftest import run_script
 
 
-def _run(*flags, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *flags], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+def _run(*flags):
+    return run_script("mnist", *flags)
 
 
 def test_tiny_run_writes_summary(mnist_dir, tmp_path):
@@ -132,9 +126,6 @@ def test_no_network_is_one_line_and_fast(tmp_path, source):
     assert "point --data_dir at a folder" in proc.stderr
 
 
-SWEEP = REPO / "experiments" / "sweep.py"
-
-
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -146,31 +137,20 @@ SWEEP = REPO / "experiments" / "sweep.py"
     ],
 )
 def test_sweep_user_mistakes(flags, message, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SWEEP), "--config=tiny", f"--workdir={tmp_path}", *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script("sweep", "--config=tiny", f"--workdir={tmp_path}", *flags)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
 
 
 def test_sweep_study_writes_a_table(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SWEEP),
-            "--config=tiny",
-            "--seeds=2",
-            "--epochs=1",
-            "--study=pretraining",
-            "--layers=32,16",
-            f"--workdir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_script(
+        "sweep",
+        "--config=tiny",
+        "--seeds=2",
+        "--epochs=1",
+        "--study=pretraining",
+        "--layers=32,16",
+        f"--workdir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
     assert "| yes | " in proc.stdout and "| no | " in proc.stdout
