@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,13 +111,20 @@ def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so a
+    crash leaves either the old file or the new one, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
@@ -191,7 +199,7 @@ class RunStore:
                     f"use another --workdir, or --restart to discard that run"
                 )
         else:
-            _write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+            write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
         self._config = wanted
         self._done: list[StageRecord] = []  # stages finished so far, in order
 
@@ -270,7 +278,7 @@ class RunStore:
             directory = Path(manager.directory)
             manifest = self._manifest_path(directory / str(step))
             manifest.parent.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
+            write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
             kept = {f"{s}.json" for s in manager.all_steps()}
             for old in manifest.parent.glob("*.json"):
                 if old.name not in kept:  # its checkpoint was superseded and deleted
@@ -321,7 +329,7 @@ class RunStore:
             for r in records
             for i, h in enumerate(r.history)
         ]
-        _write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
+        write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
 
 
 # The structure of a saved PRNG key (metadata only: importing this module must not
