@@ -298,6 +298,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sae_jax")
 
 
+def mnist_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where downloaded MNIST files live: ``<cache_dir or default_cache_dir()>/mnist``."""
+    return Path(cache_dir or default_cache_dir()) / "mnist"
+
+
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
@@ -410,7 +415,7 @@ def download_mnist(
     Returns:
       The folder holding the four files.
     """
-    folder = Path(cache_dir or default_cache_dir()) / "mnist"
+    folder = mnist_cache_dir(cache_dir)
     base = (mirror or os.environ.get(MIRROR_ENV) or DEFAULT_MIRROR).rstrip("/") + "/"
     for stem in MNIST_FILES.values():
         if _find(folder, stem) is None:
@@ -530,8 +535,8 @@ def load_mnist(
     if source == "sample":
         log(f"MNIST: bundled sample {SAMPLE_PATH.name}")
         return load_sample()
-    cache = Path(cache_dir or default_cache_dir()) / "mnist"
     if source == "auto":
+        cache = mnist_cache_dir(cache_dir)
         if has_idx_files(data_dir):
             return load_mnist("idx", data_dir, verify=verify, log=log)
         if data_dir is not None:
