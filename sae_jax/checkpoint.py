@@ -132,7 +132,13 @@ def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
-def _restore(manager: ocp.CheckpointManager, step: int, template: Any) -> tuple[Any, dict]:
+def _restore(
+    manager: ocp.CheckpointManager, step: int, template: Any | Callable[[dict], Any]
+) -> tuple[Any, dict]:
+    """Restore ``step``; ``template`` may be a function of the step's JSON metadata."""
+    if callable(template):
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        template = template(meta)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -143,11 +149,19 @@ def _restore(manager: ocp.CheckpointManager, step: int, template: Any) -> tuple[
 
 
 def _record(stage: str, meta: dict[str, Any]) -> StageRecord:
-    return StageRecord(stage, meta["epochs"], meta["wall_s"], list(meta["history"]))
+    return StageRecord(
+        stage, meta["epochs"], meta["wall_s"], list(meta["history"]), meta.get("best_epoch", 0)
+    )
 
 
 def _meta(record: StageRecord, **extra: Any) -> dict[str, Any]:
-    return {"epochs": record.epochs, "wall_s": record.wall_s, "history": record.history, **extra}
+    return {
+        "epochs": record.epochs,
+        "wall_s": record.wall_s,
+        "history": record.history,
+        "best_epoch": record.best_epoch,
+        **extra,
+    }
 
 
 class RunStore:
@@ -220,14 +234,20 @@ class RunStore:
         self._rewrite_metrics()
         return params, record
 
-    def resume(self, stage: str, template: TrainState) -> tuple[TrainState, StageRecord] | None:
-        """The state after the last good epoch checkpoint of ``stage``, if any."""
+    def resume(
+        self, stage: str, template: TrainState
+    ) -> tuple[TrainState, StageRecord, Params | None] | None:
+        """The state, record and best params so far after the last good epoch
+        checkpoint of ``stage``, if any."""
         directory = self.workdir / "checkpoints" / stage
+
+        def structure(meta: dict) -> dict[str, Any]:
+            tree = {"state": template, "key": _KEY}
+            return {**tree, "best": template.params} if meta.get("with_best") else tree
+
         restored = None
         if directory.exists():
-            restored = self._restore_latest(
-                _manager(directory, self.keep), directory, {"state": template, "key": _KEY}
-            )
+            restored = self._restore_latest(_manager(directory, self.keep), directory, structure)
         if restored is None:
             self._rewrite_metrics()
             return None
@@ -235,20 +255,23 @@ class RunStore:
         record = _record(stage, meta)
         self.log(f"{stage}: resuming after epoch {len(record.history)} from {directory}")
         self._rewrite_metrics(record)
-        return tree["state"], record
+        return tree["state"], record, tree.get("best")
 
     def save_epoch(
-        self, stage: str, state: TrainState, key: jax.Array, record: StageRecord
+        self,
+        stage: str,
+        state: TrainState,
+        key: jax.Array,
+        record: StageRecord,
+        best: Params | None = None,
     ) -> None:
-        """Checkpoint ``state`` after epoch ``len(record.history)``, then log its metrics."""
+        """Checkpoint ``state`` (and the ``best`` params so far, when given) after epoch
+        ``len(record.history)``, then log its metrics."""
         epoch = len(record.history)
         manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
-        self._save(
-            manager,
-            epoch,
-            {"state": state, "key": key},
-            _meta(record, stage=stage, epoch=epoch, config=self._config),
-        )
+        tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
+        meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
+        self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
 

@@ -193,16 +193,25 @@ class StageStore(Protocol):
     """Where stages keep their progress (``sae_jax.checkpoint.RunStore`` on disk).
 
     ``finished`` returns the final params and record of a completed stage;
-    ``resume`` the state after the last saved epoch and the record so far. Both
-    return None when there is nothing to restore; ``template`` gives the structure.
+    ``resume`` the state after the last saved epoch, the record so far and the
+    params of the best epoch so far (None unless ``save_epoch`` was given them).
+    Both return None when there is nothing to restore; ``template`` gives the
+    structure.
     """
 
     def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None: ...
 
-    def resume(self, stage: str, template: TrainState) -> tuple[TrainState, StageRecord] | None: ...
+    def resume(
+        self, stage: str, template: TrainState
+    ) -> tuple[TrainState, StageRecord, Params | None] | None: ...
 
     def save_epoch(
-        self, stage: str, state: TrainState, key: jax.Array, record: StageRecord
+        self,
+        stage: str,
+        state: TrainState,
+        key: jax.Array,
+        record: StageRecord,
+        best: Params | None = None,
     ) -> None: ...
 
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None: ...
@@ -236,8 +245,8 @@ def run_stage(
     ``metric``, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is
     called. With ``keep_best`` the stage returns the params of its epoch with the
     highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
-    without a new best. (A stage resumed from a checkpoint picks its best among the
-    epochs it runs after resuming.)
+    without a new best; the best params travel in every checkpoint, so a resumed
+    stage returns what an uninterrupted one would.
     ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
     ``learning_rate`` (``[models]``) gives each model its own learning rate.
 
@@ -249,15 +258,17 @@ def run_stage(
     start = time.perf_counter()
     optimizer = make_optimizer(optimizer_config, injectable=learning_rate is not None)
     record, state = StageRecord(name, epochs), None
+    best: dict[str, Any] = {"value": -np.inf, "params": None}
     if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
-        state, record = resumed
+        state, record, best_params = resumed
+        if keep_best and best_params is not None and record.best_epoch:
+            best.update(value=record.history[record.best_epoch - 1][metric], params=best_params)
     if learning_rate is not None:
         state = init_state(params, optimizer, hparams, models)
         opt_state = state.opt_state
         rates = {**opt_state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
         state = state._replace(opt_state=opt_state._replace(hyperparams=rates))
     earlier_wall = record.wall_s
-    best: dict[str, Any] = {"value": -np.inf, "params": None}
 
     def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
         if evaluate_fn is not None:
@@ -265,13 +276,13 @@ def run_stage(
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start
-        if store is not None:
-            store.save_epoch(name, state, key, record)
-        if on_epoch is not None:
-            on_epoch(name, epoch + 1, metrics, seconds)
         if keep_best and metrics[metric] > best["value"]:
             best.update(value=metrics[metric], params=jax.tree.map(jnp.copy, state.params))
             record.best_epoch = epoch + 1
+        if store is not None:
+            store.save_epoch(name, state, key, record, best["params"] if keep_best else None)
+        if on_epoch is not None:
+            on_epoch(name, epoch + 1, metrics, seconds)
         return patience is not None and epoch + 1 - record.best_epoch >= patience
 
     result = fit(

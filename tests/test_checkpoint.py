@@ -16,9 +16,10 @@ import pytest
 from conftest import REPO, run_script, synthetic_digits
 
 from sae_jax.checkpoint import CheckpointError, RunStore, load_model
-from sae_jax.config import tiny
+from sae_jax.config import ADAM, tiny
 from sae_jax.experiment import Progress
-from sae_jax.recipes import run_pipeline
+from sae_jax.models import classifier, init_params
+from sae_jax.recipes import classifier_loss, run_pipeline, run_stage
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys
@@ -224,3 +225,53 @@ def test_progress_bar_on_a_terminal():
     assert out.count("\r") == 3 and out.endswith("\n")
     assert "pretrain_1 [######" in out and "1/3 loss 10 ETA 2s" in out and "3/3" in out
     assert os.linesep not in out[:-1]
+
+
+def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path):
+    """The best params so far travel in the checkpoints: a stage interrupted after its
+    best epoch returns that epoch's params and stops on the same patience."""
+    config = _small_config()
+    x, y = synthetic_digits(100, 1)
+    model = classifier(config)
+    params = init_params(model, jax.random.PRNGKey(0), config.input_features)
+    scores = [0.5, 0.9, 0.6, 0.7, 0.8, 0.85, 0.4, 0.3]  # best at epoch 2; patience 4
+
+    def stage(workdir, score, on_epoch=None):
+        return run_stage(
+            "finetune",
+            classifier_loss(model),
+            params,
+            ADAM,
+            (x, y),
+            epochs=len(scores),
+            key=jax.random.PRNGKey(1),
+            batch_size=20,
+            store=RunStore(workdir, config, log=lambda line: None),
+            evaluate_fn=lambda p: next(score),
+            metric="validation_accuracy",
+            keep_best=True,
+            patience=4,
+            on_epoch=on_epoch,
+        )
+
+    whole, whole_record = stage(tmp_path / "whole", iter(scores))
+
+    def crash_after_epoch_3(stage_name, epoch, metrics, seconds):
+        if epoch == 3:
+            raise _Crash
+
+    shared = iter(scores)  # the resumed run goes on with epoch 4's score
+    with pytest.raises(_Crash):
+        stage(tmp_path / "resumed", shared, crash_after_epoch_3)
+    resumed, record = stage(tmp_path / "resumed", shared)
+
+    assert whole_record.best_epoch == record.best_epoch == 2
+    assert len(whole_record.history) == len(record.history) == 6  # stopped at 2 + 4
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    restored, done = RunStore(tmp_path / "resumed", config, log=lambda line: None).finished(
+        "finetune", params
+    )
+    assert done.best_epoch == 2  # the frozen stage remembers it (summary.json reports it)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
