@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from sae_jax.config import PRESETS, get_preset
+
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line and exit status 2."""
@@ -23,7 +25,11 @@ def parser(description: str | None) -> Parser:
     """A ``Parser`` with the flags every experiment shares (platform, preset, data)."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default cpu)")
-    p.add_argument("--config", default="seed", help="preset name: seed or tiny (default seed)")
+    p.add_argument(
+        "--config",
+        default="seed",
+        help=f"preset name: {', '.join(PRESETS)} (default seed; see sae_jax/config.py)",
+    )
     p.add_argument(
         "--epochs",
         type=int,
@@ -92,7 +98,6 @@ def data_spec(flags: argparse.Namespace):
 def start(flags: argparse.Namespace):
     """Select the platform (joining a multi-host run first with ``--distributed``) and
     return the preset named by ``--config`` with ``--seed`` and ``--epochs`` applied."""
-    from sae_jax.config import get_preset
     from sae_jax.experiment import UserError, enable_compilation_cache, select_platform
 
     distributed = None
