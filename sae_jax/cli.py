@@ -7,6 +7,7 @@ The scripts only declare their own flags and call one library function;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,12 @@ def parser(description: str | None) -> Parser:
         type=int,
         default=None,
         help="override every stage's epochs (a stage the preset skips stays skipped)",
+    )
+    p.add_argument(
+        "--finetune_lr",
+        type=float,
+        default=None,
+        help="override the fine-tuning learning rate (default: the preset's)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     p.add_argument(
@@ -97,7 +104,8 @@ def data_spec(flags: argparse.Namespace):
 
 def start(flags: argparse.Namespace):
     """Select the platform (joining a multi-host run first with ``--distributed``) and
-    return the preset named by ``--config`` with ``--seed`` and ``--epochs`` applied."""
+    return the preset named by ``--config`` with ``--seed``, ``--epochs`` and
+    ``--finetune_lr`` applied."""
     from sae_jax.experiment import UserError, enable_compilation_cache, select_platform
 
     distributed = None
@@ -117,6 +125,11 @@ def start(flags: argparse.Namespace):
         if flags.epochs < 0:
             raise UserError(f"--epochs={flags.epochs}: must be >= 0")
         config = config.with_epochs(flags.epochs)
+    if flags.finetune_lr is not None:
+        if not flags.finetune_lr > 0:  # also refuses nan
+            raise UserError(f"--finetune_lr={flags.finetune_lr}: must be > 0")
+        optimizer = dataclasses.replace(config.finetune_optimizer, learning_rate=flags.finetune_lr)
+        config = config.replace(finetune_optimizer=optimizer)
     return config
 
 

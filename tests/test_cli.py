@@ -53,6 +53,8 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
     [
         (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
         (["--epochs=-1"], "--epochs=-1: must be >= 0"),
+        (["--finetune_lr=0"], "--finetune_lr=0.0: must be > 0"),
+        (["--finetune_lr=nan"], "--finetune_lr=nan: must be > 0"),
         (["--config=sead"], "unknown preset 'sead'"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
         (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
@@ -101,6 +103,7 @@ def test_tiny_runs_offline_with_no_data_dir(tmp_path):
     proc = _run(
         "--config=tiny",
         "--epochs=1",
+        "--finetune_lr=0.0025",
         f"--workdir={tmp_path / 'w'}",
         "--mirror=http://127.0.0.1:9/",
         f"--cache_dir={tmp_path / 'cache'}",
@@ -108,6 +111,8 @@ def test_tiny_runs_offline_with_no_data_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "MNIST: bundled sample mnist_sample.npz" in proc.stdout
     assert json.loads((tmp_path / "w" / "summary.json").read_text())["test_accuracy"] > 0
+    saved = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert saved["finetune_optimizer"]["learning_rate"] == 0.0025  # tiny's own is 3e-3
 
 
 @pytest.mark.parametrize("source", ["download", "auto"])
