@@ -261,7 +261,7 @@ def run_stage(
     best: dict[str, Any] = {"value": -np.inf, "params": None}
     if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
         state, record, best_params = resumed
-        if keep_best and best_params is not None and record.best_epoch:
+        if best_params is not None:  # saved only by a keep-best stage, after its best epoch
             best.update(value=record.history[record.best_epoch - 1][metric], params=best_params)
     if learning_rate is not None:
         state = init_state(params, optimizer, hparams, models)
@@ -280,7 +280,7 @@ def run_stage(
             best.update(value=metrics[metric], params=jax.tree.map(jnp.copy, state.params))
             record.best_epoch = epoch + 1
         if store is not None:
-            store.save_epoch(name, state, key, record, best["params"] if keep_best else None)
+            store.save_epoch(name, state, key, record, best["params"])
         if on_epoch is not None:
             on_epoch(name, epoch + 1, metrics, seconds)
         return patience is not None and epoch + 1 - record.best_epoch >= patience
