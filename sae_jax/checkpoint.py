@@ -63,12 +63,18 @@ def file_manifest(directory: Path) -> dict[str, list]:
     return manifest
 
 
-def manifest_problem(directory: Path, manifest_path: Path) -> str | None:
-    """What is wrong with ``directory`` against its manifest, or None when it matches."""
-    if not manifest_path.exists():
+def manifest_path(workdir: Path, step_dir: Path) -> Path:
+    """Where the manifest of the checkpoint ``step_dir`` (inside ``workdir``) lives."""
+    return workdir / "manifests" / f"{step_dir.relative_to(workdir)}.json"
+
+
+def manifest_problem(workdir: Path, step_dir: Path) -> str | None:
+    """What is wrong with the checkpoint ``step_dir`` against its manifest, or None."""
+    manifest = manifest_path(workdir, step_dir)
+    if not manifest.exists():
         return "it has no manifest (the run stopped while saving it)"
-    expected = json.loads(manifest_path.read_text())
-    actual = file_manifest(directory)
+    expected = json.loads(manifest.read_text())
+    actual = file_manifest(step_dir)
     for name, (size, digest) in expected.items():
         if name not in actual:
             return f"{name} is missing"
@@ -286,9 +292,6 @@ class RunStore:
 
     # ------------------------------------------------------------------ helpers
 
-    def _manifest_path(self, step_dir: Path) -> Path:
-        return self.workdir / "manifests" / f"{step_dir.relative_to(self.workdir)}.json"
-
     def _save(self, manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
         """Save with orbax, then write the manifest; drop manifests of deleted steps."""
         try:
@@ -299,7 +302,7 @@ class RunStore:
                 ),
             )
             directory = Path(manager.directory)
-            manifest = self._manifest_path(directory / str(step))
+            manifest = manifest_path(self.workdir, directory / str(step))
             manifest.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
             kept = {f"{s}.json" for s in manager.all_steps()}
@@ -316,7 +319,7 @@ class RunStore:
         try:
             for step in sorted(manager.all_steps(), reverse=True):
                 step_dir = directory / str(step)
-                problem = manifest_problem(step_dir, self._manifest_path(step_dir))
+                problem = manifest_problem(self.workdir, step_dir)
                 if problem is None:
                     try:
                         return _restore(manager, step, template)
@@ -326,7 +329,7 @@ class RunStore:
                             f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
                         )
                 target = self._move_aside(step_dir)
-                self._manifest_path(step_dir).unlink(missing_ok=True)
+                manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
                 self.log(
                     f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
                     f"falling back to an earlier one"
@@ -377,7 +380,7 @@ def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
         raise CheckpointError(f"{config_path}: not a sae_jax config ({e})") from None
     template = init_params(classifier(config), jax.random.PRNGKey(0), config.input_features)
     step_dir = directory / "0"
-    problem = manifest_problem(step_dir, workdir / "manifests" / "frozen" / "finetune" / "0.json")
+    problem = manifest_problem(workdir, step_dir)
     if problem is not None:
         raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
     manager = _manager(directory, None)
