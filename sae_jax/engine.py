@@ -236,7 +236,7 @@ def fit(
     Raises:
       NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model).
     """
-    data = tuple(place_data(jnp.asarray(a), mesh) for a in data)
+    data = tuple(place_data(a, mesh) for a in data)
     axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
     lengths = {
         a.shape[1 if models is not None and ax == 0 else 0]
