@@ -192,13 +192,19 @@ def _read_uncompressed(path: Path) -> bytes:
     return _uncompressed(raw, str(path))
 
 
-def _check_sha256(raw: bytes, expected: str, name: str) -> None:
+_OWN_DATA_HINT = " (canonical MNIST); for your own IDX data turn verification off (--no_verify)"
+
+
+def _check_sha256(
+    raw: bytes,
+    expected: str,
+    name: str,
+    what: str = "uncompressed content",
+    hint: str = _OWN_DATA_HINT,
+) -> None:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != expected:
-        raise DataError(
-            f"{name}: sha256 of the uncompressed content is {digest}, expected {expected} "
-            f"(canonical MNIST); for your own IDX data turn verification off (--no_verify)"
-        )
+        raise DataError(f"{name}: sha256 of the {what} is {digest}, expected {expected}{hint}")
 
 
 def read_idx(path: str | os.PathLike[str], expected_sha256: str | None = None) -> np.ndarray:
@@ -368,12 +374,9 @@ def download_file(
                 _fetch(url, f, timeout, show)
             raw = _uncompressed(Path(tmp).read_bytes(), url)
             if expected_sha256 is not None:
-                digest = hashlib.sha256(raw).hexdigest()
-                if digest != expected_sha256:
-                    raise DataError(
-                        f"{url}: sha256 of the downloaded content is {digest}, expected "
-                        f"{expected_sha256}; nothing was saved"
-                    )
+                _check_sha256(
+                    raw, expected_sha256, url, "downloaded content", "; nothing was saved"
+                )
             parse_idx(raw, url)
             os.replace(tmp, path)
             return
