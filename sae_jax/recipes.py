@@ -61,9 +61,7 @@ def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
             rec = losses.bernoulli_cross_entropy(z, x)
         else:
             rec = losses.squared_error(activation_fn(layer.decoder_activation)(z), x)
-        terms = {"reconstruction": reduce(rec)}
-        if layer.reconstruction_scale != 1.0:
-            terms["reconstruction"] = layer.reconstruction_scale * terms["reconstruction"]
+        terms = {"reconstruction": layer.reconstruction_scale * reduce(rec)}  # x1.0 is exact
         swept = hparams or {}
         if layer.beta or "beta" in swept:
             terms["sparsity"] = hp["beta"] * losses.kl_sparsity(h, hp["rho"])
@@ -97,6 +95,11 @@ def classifier_loss(module: nn.Module, weight_decay: float = 0.0) -> LossFn:
     return loss_fn
 
 
+def _model_axis(x: jax.Array, models: Any) -> int | None:
+    """0 when ``x`` carries a model axis (``[models, n, in]``), None when it is shared."""
+    return 0 if models and x.ndim == 3 else None
+
+
 @partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _encode(module, params: Params, x: jax.Array, batch_size: int, models: bool, x_axis):
     def one(p, xs):
@@ -115,8 +118,7 @@ def encode_dataset(
     result (``[models, n, features]``); ``x`` may be shared or per model.
     """
     for layer in layers:
-        x_axis = 0 if models and x.ndim == 3 else None
-        x = _encode(layer.module, layer.params, x, batch_size, models, x_axis)
+        x = _encode(layer.module, layer.params, x, batch_size, models, _model_axis(x, models))
     return x
 
 
@@ -155,7 +157,7 @@ def evaluate(
     Returns:
       ``{"accuracy": float in [0, 1], "loss": float}``; lists with ``models``.
     """
-    x_axis = 0 if models and x.ndim == 3 else None
+    x_axis = _model_axis(x, models)
     accuracy, loss = jax.device_get(_evaluate(module, params, x, y, batch_size, models, x_axis))
     return {"accuracy": np.asarray(accuracy).tolist(), "loss": np.asarray(loss).tolist()}
 
@@ -358,7 +360,7 @@ def pretrain_layer(
         on_epoch=on_epoch,
         mesh=mesh,
         models=models,
-        data_axis=0 if models and x.ndim == 3 else None,
+        data_axis=_model_axis(x, models),
         hparams=hparams,
         learning_rate=learning_rate,
     )
