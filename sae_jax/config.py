@@ -101,6 +101,11 @@ class Config:
     finetune_patience: int | None = None
     seed: int = 0
 
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Widths from the input up: ``[input_features, features of each layer...]``."""
+        return [self.input_features, *(layer.features for layer in self.layers)]
+
     def replace(self, **changes: Any) -> Config:
         """Return a copy with ``changes`` applied (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)

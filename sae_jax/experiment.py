@@ -184,7 +184,9 @@ def run_mnist(
       The summary: ``test_accuracy`` (0..1), ``test_loss``, ``total_wall_s`` (this
       process), ``config``, ``stages`` (``{name, epochs, wall_s, final_loss}``, the
       wall time summed over every run that worked on the stage),
-      ``finetune_test_accuracy`` (one per epoch), ``platform``, ``devices``.
+      ``finetune_test_accuracy`` (one per epoch; ``finetune_validation_accuracy``,
+      ``finetune_best_epoch`` and ``test_accuracy_before_finetune`` instead with a
+      validation split), ``pretrained``, ``platform``, ``devices``.
 
     Raises:
       ConfigError, DataError, UserError, CheckpointError: for the user's mistakes.
@@ -202,7 +204,7 @@ def run_mnist(
     log(
         f"{config.name}: {len(x_train)} training / {n_val} validation / "
         f"{len(x_test)} test images, "
-        f"layers {[config.input_features, *(layer.features for layer in config.layers)]}, "
+        f"layers {config.layer_sizes}, "
         f"{jax.default_backend()} x{devices}{' (data parallel)' if mesh else ''}, "
         f"workdir {workdir}"
     )
@@ -332,8 +334,7 @@ def run_sweep(
     test = (jnp.asarray(x_test), jnp.asarray(mnist.test_labels))
     log(
         f"{config.name}: {len(seeds)} models at once, {len(x_train)} training / "
-        f"{len(x_test)} test images, layers "
-        f"{[config.input_features, *(layer.features for layer in config.layers)]}"
+        f"{len(x_test)} test images, layers {config.layer_sizes}"
     )
 
     def on_epoch(stage: str, epoch: int, metrics: dict[str, Any], seconds: float) -> None:

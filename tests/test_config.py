@@ -101,6 +101,7 @@ def test_paper_presets():
     assert u.layers[0].reconstruction_scale == 0.5 and u.layers[0].batch_reduction == "mean"
     assert [layer.noise_level for layer in s.layers] == [0.1, 0.2, 0.3]
     assert all(layer.tied and layer.reconstruction == "cross_entropy" for layer in s.layers)
+    assert u.layer_sizes == [784, 200, 200] and s.layer_sizes == [784, 1000, 1000, 1000]
 
 
 def test_layer_defaults_valid():
