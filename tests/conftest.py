@@ -36,6 +36,16 @@ def synthetic_digits(n: int, seed: int, features: int = 64, classes: int = 4):
     return ((protos[y] ^ flip) * 255).astype(np.uint8), y.astype(np.uint8)
 
 
+def synthetic_config(**changes):
+    """The ``tiny`` preset sized for ``synthetic_digits`` (64 pixels, 4 classes, every
+    example used), with ``changes`` applied."""
+    from sae_jax.config import tiny
+
+    return tiny().replace(
+        input_features=64, num_classes=4, train_examples=None, test_examples=None, **changes
+    )
+
+
 def run_script(name: str, *flags: str) -> subprocess.CompletedProcess:
     """Run ``experiments/<name>.py`` with ``flags`` as a user would; capture its output."""
     script = REPO / "experiments" / f"{name}.py"

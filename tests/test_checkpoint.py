@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_script, synthetic_digits
+from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
 from sae_jax.checkpoint import CheckpointError, RunStore, load_model
 from sae_jax.config import ADAM, tiny
@@ -84,15 +84,7 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
 
 
 def _small_config():
-    return tiny().replace(
-        input_features=64,
-        num_classes=4,
-        batch_size=20,
-        train_examples=None,
-        test_examples=None,
-        eval_batch_size=50,
-        finetune_epochs=4,
-    )
+    return synthetic_config(batch_size=20, eval_batch_size=50, finetune_epochs=4)
 
 
 class _Crash(Exception):

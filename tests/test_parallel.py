@@ -8,10 +8,10 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, synthetic_digits
+from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
-from sae_jax.config import ADAM, LayerConfig, tiny
+from sae_jax.config import ADAM, LayerConfig
 from sae_jax.recipes import model_config, run_pipeline
 
 SHARDED = textwrap.dedent("""
@@ -81,12 +81,8 @@ def _config():
         noise="masking",
         noise_level=0.2,
     )
-    return tiny().replace(
-        input_features=64,
-        num_classes=4,
+    return synthetic_config(
         batch_size=25,
-        train_examples=None,
-        test_examples=None,
         eval_batch_size=50,
         softmax_epochs=1,
         layers=(layer, dataclasses.replace(layer, features=8, noise="none")),

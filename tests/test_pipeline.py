@@ -5,9 +5,9 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import synthetic_digits
+from conftest import synthetic_config, synthetic_digits
 
-from sae_jax.config import ADAM, LayerConfig, tiny
+from sae_jax.config import ADAM, LayerConfig
 from sae_jax.models import classifier
 from sae_jax.recipes import encode_dataset, evaluate, run_pipeline
 
@@ -22,23 +22,15 @@ def test_pipeline_end_to_end_learns():
         noise="masking",
         noise_level=0.2,
     )
-    config = (
-        tiny()
-        .replace(
-            input_features=64,
-            num_classes=4,
-            batch_size=32,
-            train_examples=None,
-            test_examples=None,
-            layers=(layer, dataclasses.replace(layer, features=12, noise="none")),
-            softmax_epochs=3,
-            softmax_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
-            finetune_epochs=5,
-            finetune_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
-            eval_batch_size=64,
-        )
-        .validate(num_train=300)
-    )
+    config = synthetic_config(
+        batch_size=32,
+        layers=(layer, dataclasses.replace(layer, features=12, noise="none")),
+        softmax_epochs=3,
+        softmax_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
+        finetune_epochs=5,
+        finetune_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
+        eval_batch_size=64,
+    ).validate(num_train=300)
     train, test = synthetic_digits(300, 1), synthetic_digits(200, 2)
     seen = []
     result = run_pipeline(
@@ -67,19 +59,7 @@ def test_pipeline_end_to_end_learns():
 
 
 def test_pipeline_is_deterministic_and_zero_epoch_stages_work():
-    config = (
-        tiny()
-        .replace(
-            input_features=64,
-            num_classes=4,
-            batch_size=25,
-            train_examples=None,
-            test_examples=None,
-            eval_batch_size=50,
-            softmax_epochs=0,
-        )
-        .with_epochs(1)
-    )
+    config = synthetic_config(batch_size=25, eval_batch_size=50, softmax_epochs=0).with_epochs(1)
     train, test = synthetic_digits(100, 3), synthetic_digits(60, 4)
     a = run_pipeline(config, train, test)
     b = run_pipeline(config, train, test)
@@ -90,16 +70,9 @@ def test_pipeline_is_deterministic_and_zero_epoch_stages_work():
 
 def test_validation_split_keeps_the_best_epoch_and_stops_early():
     config = (
-        tiny()
-        .replace(
-            input_features=64,
-            num_classes=4,
+        synthetic_config(
             batch_size=25,
-            train_examples=None,
-            test_examples=None,
             eval_batch_size=50,
-            softmax_epochs=3,
-            finetune_epochs=30,
             finetune_patience=2,
             finetune_optimizer=dataclasses.replace(ADAM, learning_rate=0.05),  # noisy on purpose
         )
