@@ -17,8 +17,8 @@ from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
 from sae_jax.checkpoint import CheckpointError, RunStore, load_model
 from sae_jax.config import ADAM, tiny
-from sae_jax.experiment import Progress
 from sae_jax.models import classifier, init_params
+from sae_jax.progress import Progress
 from sae_jax.recipes import classifier_loss, run_pipeline, run_stage
 
 RUNNER = textwrap.dedent("""
