@@ -1,10 +1,15 @@
-"""Stacked autoencoders on MNIST.
+"""Stacked autoencoders on MNIST: greedy layer-wise pretraining of autoencoders, then
+fine-tuning of the stack with a softmax head.
 
-This file is intentionally kept short: it parses flags and calls
-``sae_jax.experiment.run_mnist``.
+A checkpoint is saved after every epoch in --workdir: run the same command again and
+it resumes where it stopped. The results go to <workdir>/summary.json.
 
-  python experiments/mnist.py --platform=cpu --config=seed --data_dir=../shared/data/mnist
+  python experiments/mnist.py --config=tiny      # seconds, on the bundled sample
+  python experiments/mnist.py --platform=cpu --config=seed \\
+      --data_dir=../shared/data/mnist --workdir=checkpoints/seed
 """
+
+# Flags only: the experiment itself is sae_jax.experiment.run_mnist.
 
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ from sae_jax import cli
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--workdir", default="checkpoints/mnist", help="checkpoints and results")
+    p.add_argument(
+        "--workdir",
+        default="checkpoints/mnist",
+        help="folder for checkpoints, metrics, figures and summary.json "
+        "(default: checkpoints/mnist)",
+    )
     p.add_argument(
         "--restart",
         action="store_true",
@@ -25,18 +35,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--eval_only",
         action="store_true",
-        help="only print the test accuracy of the model saved in --workdir",
+        help="only print the test accuracy of the model saved in --workdir (default: train)",
     )
-    p.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
+    p.add_argument(
+        "--no_figures", action="store_true", help="skip the PNG figures (default: draw them)"
+    )
     p.add_argument(
         "--no_pretraining",
         action="store_true",
-        help="baseline: fine-tune the same stack from its random initialisation",
+        help="baseline: fine-tune the same stack from its random initialisation "
+        "(default: pretrain)",
     )
     p.add_argument(
         "--data_parallel",
         action="store_true",
-        help="split every minibatch over all devices (automatic with several devices)",
+        help="split every minibatch over all devices, even one (default: only when there "
+        "are several)",
     )
     flags = p.parse_args(argv)
 
@@ -55,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures=not flags.no_figures,
             data_parallel=flags.data_parallel,
             pretrain=not flags.no_pretraining,
+            wait=flags.wait,
             log=cli.log,
             progress_stream=sys.stdout if sys.stdout.isatty() else None,
         )

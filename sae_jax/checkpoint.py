@@ -17,11 +17,9 @@ so a truncated or corrupted checkpoint is found (and skipped) before it is used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,19 @@ import orbax.checkpoint as ocp
 
 from sae_jax.config import Config, LayerConfig, OptimizerConfig
 from sae_jax.engine import Params, TrainState
+from sae_jax.files import (
+    CheckpointError,
+    failed_writes_quiet,
+    file_manifest,
+    make_workdir,
+    manifest_path,
+    manifest_problem,
+    read_json,
+    signals_deferred,
+    storage_error,
+    user_path,
+    write_text_atomic,
+)
 from sae_jax.models import TrainedModel, classifier, init_params
 from sae_jax.recipes import StageRecord
 
@@ -40,6 +51,7 @@ MANAGED = (
     "config.json",
     "checkpoints",
     "frozen",
+    "manifests",
     "metrics.jsonl",
     "damaged",
     "summary.json",
@@ -47,42 +59,6 @@ MANAGED = (
     "reconstructions.png",
     "curves.png",
 )
-
-
-class CheckpointError(ValueError):
-    """A workdir cannot be used (another config, nothing saved); the message says why."""
-
-
-def file_manifest(directory: Path) -> dict[str, list]:
-    """``{relative path: [size, sha256]}`` for every file under ``directory``."""
-    manifest = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            manifest[str(path.relative_to(directory))] = [path.stat().st_size, digest]
-    return manifest
-
-
-def manifest_path(workdir: Path, step_dir: Path) -> Path:
-    """Where the manifest of the checkpoint ``step_dir`` (inside ``workdir``) lives."""
-    return workdir / "manifests" / f"{step_dir.relative_to(workdir)}.json"
-
-
-def manifest_problem(workdir: Path, step_dir: Path) -> str | None:
-    """What is wrong with the checkpoint ``step_dir`` against its manifest, or None."""
-    manifest = manifest_path(workdir, step_dir)
-    if not manifest.exists():
-        return "it has no manifest (the run stopped while saving it)"
-    expected = json.loads(manifest.read_text())
-    actual = file_manifest(step_dir)
-    for name, (size, digest) in expected.items():
-        if name not in actual:
-            return f"{name} is missing"
-        if actual[name][0] != size:
-            return f"{name} has {actual[name][0]} bytes, expected {size}"
-        if actual[name][1] != digest:
-            return f"{name} does not match its sha256"
-    return None
 
 
 def config_to_json(config: Config) -> dict[str, Any]:
@@ -102,6 +78,17 @@ def config_from_json(data: dict[str, Any]) -> Config:
     return Config(**data)
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON of a run's ``config.json``, checked to be a valid config;
+    ``CheckpointError`` naming the file if it is not."""
+    data = read_json(path, "run's config")
+    try:
+        config_from_json(data).validate()
+    except Exception as e:  # wrong type, missing, unknown or invalid fields
+        raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
+    return data
+
+
 def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
     """Dotted paths where two JSON configs differ, as ``path: old -> new``."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -115,22 +102,6 @@ def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
             out += config_differences(a, b, f"{path}[{i}]")
         return out
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so a
-    crash leaves either the old file or the new one, never half of it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
@@ -174,7 +145,8 @@ class RunStore:
     """A ``StageStore`` on disk: orbax checkpoints of every epoch of every stage.
 
     Args:
-      workdir: the run's folder (created if needed).
+      workdir: the run's folder (created if needed; relative to the current
+        directory, ``~`` expanded).
       config: the run's config; a workdir holding another config is refused with
         ``CheckpointError`` naming the differing fields.
       restart: delete what an earlier run left in ``workdir`` first (only the
@@ -195,10 +167,10 @@ class RunStore:
         options: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
     ):
-        self.workdir = Path(workdir)
+        self.workdir = user_path(workdir)
         self.keep = keep
         self.log = log
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        make_workdir(self.workdir)
         if restart:
             for name in MANAGED:
                 path = self.workdir / name
@@ -211,7 +183,10 @@ class RunStore:
         if options:
             wanted["_run"] = options
         if config_path.exists():
-            saved = json.loads(config_path.read_text())
+            try:
+                saved = read_config(config_path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; --restart discards the run") from None
             diffs = config_differences(saved, wanted)
             if diffs:
                 raise CheckpointError(
@@ -222,6 +197,17 @@ class RunStore:
             write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
         self._config = wanted
         self._done: list[StageRecord] = []  # stages finished so far, in order
+        self._stage: str | None = None  # the stage being trained
+        self._saved: tuple[str, int] | None = None  # the last epoch checkpoint written
+
+    def where(self) -> str:
+        """Where the run is, for a message: the stage being trained and what is saved."""
+        if self._stage is None:
+            return f"before training started; nothing new is saved in {self.workdir}"
+        saved = "no epoch of it is saved yet"
+        if self._saved is not None and self._saved[0] == self._stage:
+            saved = f"epoch {self._saved[1]} is saved"
+        return f"during {self._stage} ({saved} in {self.workdir})"
 
     # ------------------------------------------------------------------ StageStore
 
@@ -251,7 +237,7 @@ class RunStore:
             tree = {"state": template, "key": _KEY}
             return {**tree, "best": template.params} if meta.get("with_best") else tree
 
-        restored = None
+        self._stage, restored = stage, None
         if directory.exists():
             restored = self._restore_latest(_manager(directory, self.keep), directory, structure)
         if restored is None:
@@ -274,60 +260,66 @@ class RunStore:
         """Checkpoint ``state`` (and the ``best`` params so far, when given) after epoch
         ``len(record.history)``, then log its metrics."""
         epoch = len(record.history)
-        manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
         tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
         meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
-        self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
+        with signals_deferred():  # SIGINT and SIGTERM wait until the epoch is saved
+            manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
+            self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
+            self._saved = (stage, epoch)
+            with open(self.workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
 
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None:
         """Keep the final params of ``stage`` as its own frozen pytree."""
-        manager = _manager(self.workdir / "frozen" / stage, None)
-        if manager.latest_step() is None:
-            self._save(manager, 0, params, _meta(record, stage=stage, config=self._config))
-        else:
-            manager.close()
+        with signals_deferred():
+            manager = _manager(self.workdir / "frozen" / stage, None)
+            if manager.latest_step() is None:
+                self._save(manager, 0, params, _meta(record, stage=stage, config=self._config))
+            else:
+                manager.close()
         self._done.append(record)
 
     # ------------------------------------------------------------------ helpers
 
     def _save(self, manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
-        """Save with orbax, then write the manifest; drop manifests of deleted steps."""
+        """Save with orbax, then write the manifest; drop manifests of deleted steps.
+
+        A failed save (a full disk, a file-size limit) raises ``OSError`` naming the
+        checkpoint; what was saved before stays valid, and a half-written checkpoint
+        has no manifest."""
+        step_dir = Path(manager.directory) / str(step)
+        manifest = manifest_path(self.workdir, step_dir)
         try:
-            manager.save(
-                step,
-                args=ocp.args.Composite(
-                    tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
-                ),
-            )
-            directory = Path(manager.directory)
-            manifest = manifest_path(self.workdir, directory / str(step))
+            with failed_writes_quiet():
+                manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                    ),
+                )
             manifest.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
+            write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
             kept = {f"{s}.json" for s in manager.all_steps()}
             for old in manifest.parent.glob("*.json"):
                 if old.name not in kept:  # its checkpoint was superseded and deleted
                     old.unlink()
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            raise storage_error(f"cannot save the checkpoint {step_dir}", e) from None
         finally:
             manager.close()
 
     def _restore_latest(
         self, manager: ocp.CheckpointManager, directory: Path, template: Any
     ) -> tuple[Any, dict] | None:
-        """Restore the newest step that passes its check; move the others aside."""
+        """Restore the newest step that passes its manifest check; move the steps that
+        fail it aside. Only a failed check condemns a checkpoint: one that passes but
+        cannot be restored stops the run (``CheckpointError``) and stays where it is."""
         try:
             for step in sorted(manager.all_steps(), reverse=True):
                 step_dir = directory / str(step)
                 problem = manifest_problem(self.workdir, step_dir)
                 if problem is None:
-                    try:
-                        return _restore(manager, step, template)
-                    except Exception as e:  # orbax and tensorstore raise many kinds
-                        text = str(e).strip()
-                        problem = (
-                            f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
-                        )
+                    return _restore_intact(manager, step, template, step_dir)
                 target = self._move_aside(step_dir)
                 manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
                 self.log(
@@ -358,6 +350,22 @@ class RunStore:
         write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
 
 
+def _restore_intact(
+    manager: ocp.CheckpointManager, step: int, template: Any, step_dir: Path
+) -> tuple[Any, dict]:
+    """``_restore`` a checkpoint whose files match its manifest; ``CheckpointError``
+    naming it, with orbax's reason in one line, if orbax still cannot read it."""
+    try:
+        return _restore(manager, step, template)
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        raise CheckpointError(
+            f"{step_dir}: cannot restore it although its files are intact ({reason}); "
+            f"it was left in place"
+        ) from None
+
+
 # The structure of a saved PRNG key (metadata only: importing this module must not
 # start a JAX backend, or --platform and --distributed would come too late).
 _KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
@@ -366,18 +374,18 @@ _KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
 def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
     """The fine-tuned stack saved in ``workdir`` (``predict``, ``encode``).
 
+    ``workdir`` is relative to the current directory (``~`` expanded).
+
     Raises:
-      CheckpointError: ``workdir`` holds no finished run.
+      CheckpointError: ``workdir`` holds no finished run, or a file of it is damaged
+        (the message names the file).
     """
-    workdir = Path(workdir)
+    workdir = user_path(workdir)
     config_path = workdir / "config.json"
     directory = workdir / "frozen" / "finetune"
     if not config_path.exists() or not directory.exists():
         raise CheckpointError(f"{workdir}: no finished run here (no frozen/finetune checkpoint)")
-    try:
-        config = config_from_json(json.loads(config_path.read_text()))
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{config_path}: not a sae_jax config ({e})") from None
+    config = config_from_json(read_config(config_path))
     template = init_params(classifier(config), jax.random.PRNGKey(0), config.input_features)
     step_dir = directory / "0"
     problem = manifest_problem(workdir, step_dir)
@@ -385,11 +393,7 @@ def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
         raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
     manager = _manager(directory, None)
     try:
-        params, _ = _restore(manager, 0, template)
-    except Exception as e:
-        raise CheckpointError(
-            f"{directory}: cannot restore the model ({type(e).__name__})"
-        ) from None
+        params, _ = _restore_intact(manager, 0, template, step_dir)
     finally:
         manager.close()
     return TrainedModel(config, params)

@@ -1,13 +1,17 @@
 """Flags and error handling shared by the scripts in ``experiments/``.
 
 The scripts only declare their own flags and call one library function;
-``run_command`` turns user mistakes into one line on stderr and exit status 2.
+``run_command`` turns user mistakes into one line on stderr and exit status 2,
+and every other way a run can end early (a full disk, a NaN loss, SIGINT or SIGTERM)
+into one line and its own status.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,67 +29,90 @@ class Parser(argparse.ArgumentParser):
 def parser(description: str | None) -> Parser:
     """A ``Parser`` with the flags every experiment shares (platform, preset, data)."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default cpu)")
+    p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default: cpu)")
     p.add_argument(
         "--config",
         default="seed",
-        help=f"preset name: {', '.join(PRESETS)} (default seed; see sae_jax/config.py)",
+        help=f"preset: {', '.join(PRESETS)} (default: seed; see sae_jax/config.py)",
     )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="override every stage's epochs (a stage the preset skips stays skipped)",
+        help="epochs for every stage; a stage the preset skips stays skipped "
+        "(default: the preset's)",
     )
     p.add_argument(
         "--finetune_lr",
         type=float,
         default=None,
-        help="override the fine-tuning learning rate (default: the preset's)",
+        help="fine-tuning learning rate (default: the preset's)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
     p.add_argument(
         "--data_source",
         default="auto",
-        help="auto, idx, download, tfds or sample (default auto: --data_dir if it holds the "
-        "files, the bundled sample if the preset fits in it, the cache, a prepared "
-        "tensorflow-datasets copy, then a download)",
+        help="auto, idx, download, tfds or sample (default: auto, which takes --data_dir "
+        "if it holds the files, the bundled sample if the preset fits in it, the "
+        "download cache, a prepared tensorflow-datasets copy, then a download)",
     )
     p.add_argument(
         "--data_dir",
         default=None,
-        help="folder with the four MNIST IDX files, .gz or raw (for tfds: its data folder)",
+        help="folder with the four MNIST IDX files, .gz or raw; for tfds its data folder "
+        "(default: none)",
     )
     p.add_argument(
         "--cache_dir",
         default=None,
-        help="download cache root (default $SAE_JAX_CACHE_DIR, else ~/.cache/sae_jax)",
+        help="download cache (default: $SAE_JAX_CACHE_DIR, else ~/.cache/sae_jax)",
     )
     p.add_argument(
         "--mirror",
         default=None,
-        help="base URL to download from (default $SAE_JAX_MNIST_MIRROR, else the "
+        help="base URL to download MNIST from (default: $SAE_JAX_MNIST_MIRROR, else the "
         "tensorflow-datasets mirror)",
     )
     p.add_argument(
         "--no_verify",
         action="store_true",
-        help="skip the canonical sha256 check, for your own data in IDX format",
+        help="skip the check against canonical MNIST's sha256, for your own data in IDX "
+        "format (default: check)",
     )
     p.add_argument(
         "--compilation_cache",
         default=None,
-        help="folder for compiled programs, reused by later runs (default "
-        "<cache root>/jax; 'off' to disable)",
+        help="folder for compiled programs, reused by later runs; 'off' disables it "
+        "(default: <cache>/jax, <cache> as for --cache_dir)",
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is using --workdir, wait for it to end (default: refuse)",
     )
     p.add_argument(
         "--distributed",
         action="store_true",
-        help="join a multi-host run (jax.distributed.initialize) before anything else",
+        help="join a multi-host run before anything else (default: one host)",
     )
-    p.add_argument("--coordinator_address", default=None, help="with --distributed: host:port")
-    p.add_argument("--num_processes", type=int, default=None, help="with --distributed")
-    p.add_argument("--process_id", type=int, default=None, help="with --distributed")
+    p.add_argument(
+        "--coordinator_address",
+        default=None,
+        help="with --distributed: host:port of process 0 (default: found by JAX on Cloud "
+        "TPU, SLURM and Open MPI)",
+    )
+    p.add_argument(
+        "--num_processes",
+        type=int,
+        default=None,
+        help="with --distributed: how many processes (default: found by JAX)",
+    )
+    p.add_argument(
+        "--process_id",
+        type=int,
+        default=None,
+        help="with --distributed: this process's index (default: found by JAX)",
+    )
     return p
 
 
@@ -134,25 +161,39 @@ def start(flags: argparse.Namespace):
 
 
 def run_command(body: Callable[[], Any]) -> int:
-    """Run ``body``; map user mistakes to exit status 2 and a NaN loss to 1, one line each."""
-    from sae_jax.checkpoint import CheckpointError
+    """Run ``body`` and say in one line on stderr why it ended early, if it did.
+
+    Exit status: 2 for the user's mistakes (a flag, a path, damaged data or run
+    files), 1 for a NaN loss or an OS error while writing (a full disk: what was saved
+    before stays valid), 128 + the signal's number when SIGINT or SIGTERM stopped it.
+    """
     from sae_jax.config import ConfigError
     from sae_jax.data import DataError
     from sae_jax.engine import NonFiniteLossError
     from sae_jax.experiment import UserError
+    from sae_jax.files import CheckpointError, os_error_line, stop_on_sigterm
 
+    stop_on_sigterm()
+    # Storage libraries log their failures from worker threads; we report them once.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         body()
+        return 0
     except (ConfigError, DataError, UserError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        message, status = str(e), 2
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
+        message, status = str(e), 1
+    except OSError as e:
+        message, status = os_error_line(e), 1
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        message = str(e) or "stopped by SIGINT; run the same command again to resume"
+        status = 128 + signum
+    print(f"error: {message}", file=sys.stderr)
+    # Writes abandoned by the failure may still be pending in background coroutines;
+    # their complaints at exit would only repeat this line.
+    sys.unraisablehook = lambda unraisable: None
+    return status
 
 
 def log(line: str) -> None:

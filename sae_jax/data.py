@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sae_jax.files import user_path
+
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -63,6 +65,7 @@ _IDX_DTYPES = {
 _DTYPE_CODES = {dtype.str.lstrip("<>|="): code for code, dtype in _IDX_DTYPES.items()}
 
 Log = Callable[[str], None]
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")  # Mnist's arrays
 
 
 class DataError(ValueError):
@@ -96,21 +99,30 @@ DEFAULT_DATA = DataSpec()  # the "auto" source with its defaults
 
 
 class Mnist(NamedTuple):
-    """MNIST as uint8 arrays: images ``[n, 28, 28]`` and labels ``[n]``."""
+    """MNIST as uint8 arrays: images ``[n, 28, 28]`` and labels ``[n]``, and where they
+    came from (``source``, as ``load_mnist`` reports it)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    source: str = ""
 
     def head(self, n_train: int | None, n_test: int | None) -> Mnist:
         """The first ``n_train`` training and ``n_test`` test examples (None: all)."""
-        return Mnist(
-            self.train_images[:n_train],
-            self.train_labels[:n_train],
-            self.test_images[:n_test],
-            self.test_labels[:n_test],
+        return self._replace(
+            train_images=self.train_images[:n_train],
+            train_labels=self.train_labels[:n_train],
+            test_images=self.test_images[:n_test],
+            test_labels=self.test_labels[:n_test],
         )
+
+    def sha256(self) -> dict[str, str]:
+        """The sha256 of each array's bytes (C order), to tell which data a run used."""
+        return {
+            name: hashlib.sha256(np.ascontiguousarray(getattr(self, name)).tobytes()).hexdigest()
+            for name in ARRAYS
+        }
 
 
 # --------------------------------------------------------------------------- IDX
@@ -488,7 +500,7 @@ def tfds_prepared(data_dir: str | os.PathLike[str] | None = None) -> bool:
 def load_sample() -> Mnist:
     """The bundled sample: the first 1,000 training and 500 test MNIST digits."""
     with np.load(SAMPLE_PATH) as f:
-        return Mnist(*(f[key] for key in Mnist._fields))
+        return Mnist(*(f[key] for key in ARRAYS))
 
 
 def write_sample(mnist: Mnist, path: str | os.PathLike[str]) -> None:
@@ -521,23 +533,31 @@ def load_mnist(
         ``need`` (training, test examples; None: all) fits in it, then the cache,
         then a prepared tensorflow-datasets copy, then a download.
 
+    Paths are relative to the current directory, with ``~`` expanded.
+
     Returns:
       ``Mnist`` (uint8 images ``[n, 28, 28]``, labels ``[n]``); which source was used
-      is passed to ``log``.
+      is passed to ``log`` and kept in ``Mnist.source``.
     """
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; choose from {', '.join(SOURCES)}")
+    data_dir = user_path(data_dir) if data_dir is not None else None
+    cache_dir = user_path(cache_dir) if cache_dir is not None else None
+
+    def found(what: str, mnist: Mnist) -> Mnist:
+        log(f"MNIST: {what}")
+        return mnist._replace(source=what)
+
     if source == "idx":
         if data_dir is None:
             raise DataError("the idx source needs a data directory (--data_dir)")
-        log(f"MNIST: IDX files in {data_dir}")
-        return load_idx_dir(data_dir, verify)
+        return found(f"IDX files in {data_dir}", load_idx_dir(data_dir, verify))
     if source == "tfds":
-        log(f"MNIST: tensorflow-datasets{f' in {data_dir}' if data_dir else ''}")
-        return load_tfds(data_dir)
+        return found(
+            f"tensorflow-datasets{f' in {data_dir}' if data_dir else ''}", load_tfds(data_dir)
+        )
     if source == "sample":
-        log(f"MNIST: bundled sample {SAMPLE_PATH.name}")
-        return load_sample()
+        return found(f"bundled sample {SAMPLE_PATH.name}", load_sample())
     if source == "auto":
         cache = mnist_cache_dir(cache_dir)
         if has_idx_files(data_dir):
@@ -551,5 +571,6 @@ def load_mnist(
         if tfds_prepared():
             return load_mnist("tfds", log=log)
     folder = download_mnist(cache_dir, mirror, verify=verify, progress=progress)
-    log(f"MNIST: IDX files in the cache {folder} (downloaded where missing)")
-    return load_idx_dir(folder, verify)
+    return found(
+        f"IDX files in the cache {folder} (downloaded where missing)", load_idx_dir(folder, verify)
+    )

@@ -6,24 +6,32 @@ notebooks call it directly.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
+import shlex
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from sae_jax.checkpoint import RunStore, config_to_json, load_model, write_text_atomic
+from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
 from sae_jax.engine import place_data
+from sae_jax.files import WorkdirLock, make_workdir, stopped, user_path, write_text_atomic
 from sae_jax.models import to_float
 from sae_jax.parallel import default_mesh, initialize_distributed
+from sae_jax.progress import Progress
 from sae_jax.recipes import PipelineResult, evaluate, model_config, run_pipeline, sweep
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -66,7 +74,7 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
     ``path`` defaults to ``<cache root>/jax`` (cache root: ``$SAE_JAX_CACHE_DIR`` or
     ``~/.cache/sae_jax``). Every program is cached, however fast it compiled.
     """
-    path = Path(path) if path is not None else default_cache_dir() / "jax"
+    path = user_path(path) if path is not None else default_cache_dir() / "jax"
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
@@ -75,53 +83,6 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def format_epoch(
-    stage: str, epoch: int, epochs: int, metrics: dict[str, float], seconds: float
-) -> str:
-    """One progress line, e.g. ``pretrain_1 epoch 3/10 loss 1234.5 (...) 2.31s``."""
-    skip = ("loss", "test_accuracy", "validation_accuracy", "seconds")
-    terms = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in skip)
-    line = f"{stage:<10} epoch {epoch:>3}/{epochs} loss {metrics['loss']:.6g}"
-    if terms:
-        line += f" ({terms})"
-    for name in ("validation_accuracy", "test_accuracy"):
-        if name in metrics:
-            line += f" {name} {metrics[name]:.4f}"
-    return f"{line} {seconds:.2f}s"
-
-
-class Progress:
-    """Per-epoch progress: a bar with loss and ETA on a terminal, plain lines otherwise."""
-
-    def __init__(self, config: Config, log: Callable[[str], None], stream: TextIO | None = None):
-        self.epochs = {f"pretrain_{i + 1}": layer.epochs for i, layer in enumerate(config.layers)}
-        self.epochs.update(softmax=config.softmax_epochs, finetune=config.finetune_epochs)
-        self.log = log
-        self.stream = stream
-        self._seconds: dict[str, list[float]] = {}
-
-    def __call__(self, stage: str, epoch: int, metrics: dict[str, float], seconds: float) -> None:
-        total = self.epochs[stage]
-        if self.stream is None:
-            self.log(format_epoch(stage, epoch, total, metrics, seconds))
-            return
-        times = self._seconds.setdefault(stage, [])
-        times.append(seconds)
-        steady = times[1:] or times  # the first epoch includes compilation
-        eta = (total - epoch) * sum(steady) / len(steady)
-        filled = 20 * epoch // max(total, 1)
-        line = (
-            f"\r{stage:<10} [{'#' * filled}{'.' * (20 - filled)}] {epoch}/{total} "
-            f"loss {metrics['loss']:.5g}"
-        )
-        for name in ("validation_accuracy", "test_accuracy"):
-            if name in metrics:
-                line += f" {name.split('_')[0][:4]} {metrics[name]:.4f}"
-        line += f" ETA {eta:.0f}s   "
-        self.stream.write(line + ("\n" if epoch == total else ""))
-        self.stream.flush()
 
 
 def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> Mnist:
@@ -145,7 +106,7 @@ def _prepare(
 ) -> tuple[Path, Mnist]:
     """Check the config and the workdir, then load the data (before anything compiles)."""
     config.validate()
-    workdir = Path(workdir)
+    workdir = user_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")
     mnist = _load(config, data, log)
@@ -162,14 +123,17 @@ def run_mnist(
     figures: bool = True,
     data_parallel: bool = False,
     pretrain: bool = True,
+    wait: bool = False,
     log: Callable[[str], None] = print,
     progress_stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """Run ``config`` on MNIST with checkpoints in ``workdir``, resuming what is there.
 
-    Writes to ``workdir``: orbax checkpoints after every epoch (see
-    ``sae_jax.checkpoint``), ``metrics.jsonl``, ``summary.json`` and, with
-    ``figures``, ``filters.png``, ``reconstructions.png`` and ``curves.png``.
+    Writes to ``workdir`` (relative to the current directory, ``~`` expanded):
+    orbax checkpoints after every epoch (see ``sae_jax.checkpoint``),
+    ``metrics.jsonl``, ``summary.json``, ``run.lock`` and, with ``figures``,
+    ``filters.png``, ``reconstructions.png`` and ``curves.png``. One run at a time
+    holds a workdir: another is refused, or waits with ``wait``.
 
     Args:
       data_parallel: split every minibatch over all devices even when there is
@@ -186,71 +150,115 @@ def run_mnist(
       wall time summed over every run that worked on the stage),
       ``finetune_test_accuracy`` (one per epoch; ``finetune_validation_accuracy``,
       ``finetune_best_epoch`` and ``test_accuracy_before_finetune`` instead with a
-      validation split), ``pretrained``, ``platform``, ``devices``.
+      validation split), ``pretrained``, ``platform``, ``devices``, and what makes
+      the run traceable: ``command``, ``versions``, ``data`` (source and sha256).
 
     Raises:
       ConfigError, DataError, UserError, CheckpointError: for the user's mistakes.
       NonFiniteLossError: when a loss turns NaN or infinite.
+      OSError: when the workdir cannot be written (a full disk), naming the file.
+      Stopped: on SIGINT (or SIGTERM, see ``files.stop_on_sigterm``), saying where.
     """
     start = time.perf_counter()
     workdir, mnist = _prepare(config, workdir, data, log)
+    make_workdir(workdir)
+    lock = WorkdirLock(workdir, wait=wait, log=log) if jax.process_index() == 0 else nullcontext()
+    with lock:
+        options = None if pretrain else {"pretrain": False}
+        store = RunStore(workdir, config, restart=restart, log=log, options=options)
+        try:
+            result, mesh = _train(
+                config, mnist, store, data_parallel, pretrain, log, progress_stream
+            )
+        except KeyboardInterrupt as e:
+            raise stopped(e, store.where()) from None
+        summary = _summary(config, result, mnist, mesh, pretrain)
+        summary["total_wall_s"] = time.perf_counter() - start
+        if figures and pretrain:
+            paths = write_figures(workdir, config, result, mnist.test_images)
+            summary["figures"] = [str(p) for p in paths]
+        write_json_atomic(workdir / "summary.json", summary)
+    log(
+        f"test_accuracy {summary['test_accuracy']:.4f} total {summary['total_wall_s']:.1f}s "
+        f"-> {workdir / 'summary.json'}"
+    )
+    return summary
+
+
+def _train(
+    config: Config,
+    mnist: Mnist,
+    store: RunStore,
+    data_parallel: bool,
+    pretrain: bool,
+    log: Callable[[str], None],
+    progress_stream: TextIO | None,
+) -> tuple[PipelineResult, Mesh | None]:
+    """Place the data on the device(s) and run the pipeline; the last
+    ``config.validation_examples`` training images are the validation split."""
     n_val = config.validation_examples
     n_train = len(mnist.train_images) - n_val
-    x_train, x_test = mnist.train_images[:n_train], mnist.test_images
-    options = None if pretrain else {"pretrain": False}
-    store = RunStore(workdir, config, restart=restart, log=log, options=options)
     mesh = default_mesh(force=data_parallel)
-    devices = mesh.size if mesh is not None else 1
     log(
-        f"{config.name}: {len(x_train)} training / {n_val} validation / "
-        f"{len(x_test)} test images, "
-        f"layers {config.layer_sizes}, "
-        f"{jax.default_backend()} x{devices}{' (data parallel)' if mesh else ''}, "
-        f"workdir {workdir}"
+        f"{config.name}: {n_train} training / {n_val} validation / "
+        f"{len(mnist.test_images)} test images, layers {config.layer_sizes}, "
+        f"{jax.default_backend()} x{mesh.size if mesh else 1}"
+        f"{' (data parallel)' if mesh else ''}, workdir {store.workdir}"
     )
-    train = (place_data(x_train, mesh), place_data(mnist.train_labels[:n_train], mesh))
-    test = (place_data(x_test, mesh), place_data(mnist.test_labels, mesh))
+    split = lambda images, labels: (place_data(images, mesh), place_data(labels, mesh))
     validation = None
     if n_val:
-        validation = (
-            place_data(mnist.train_images[n_train:], mesh),
-            place_data(mnist.train_labels[n_train:], mesh),
-        )
+        validation = split(mnist.train_images[n_train:], mnist.train_labels[n_train:])
     result = run_pipeline(
         config,
-        train,
-        test,
+        split(mnist.train_images[:n_train], mnist.train_labels[:n_train]),
+        split(mnist.test_images, mnist.test_labels),
         on_epoch=Progress(config, log, progress_stream),
         store=store,
         mesh=mesh,
         validation=validation,
         pretrain=pretrain,
     )
+    return result, mesh
+
+
+def provenance(mnist: Mnist) -> dict[str, Any]:
+    """What a run's numbers depend on besides its config: the command line, the
+    versions of Python and the libraries, and the data (source and sha256)."""
+    versions = {"python": platform.python_version()}
+    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "command": shlex.join(sys.orig_argv),
+        "cwd": os.getcwd(),
+        "versions": versions,
+        "data": {"source": mnist.source, "sha256": mnist.sha256()},
+    }
+
+
+def _summary(
+    config: Config, result: PipelineResult, mnist: Mnist, mesh: Mesh | None, pretrain: bool
+) -> dict[str, Any]:
+    """``summary.json``'s content, without ``total_wall_s`` and figures."""
     finetune = next(s for s in result.stages if s.name == "finetune")
-    judged = "validation_accuracy" if validation is not None else "test_accuracy"
+    judged = "validation_accuracy" if config.validation_examples else "test_accuracy"
     summary = {
         "test_accuracy": result.test["accuracy"],
         "test_loss": result.test["loss"],
-        "total_wall_s": time.perf_counter() - start,
         "config": config_to_json(config),
         "stages": [s.summary() for s in result.stages],
         f"finetune_{judged}": [h[judged] for h in finetune.history],
         "platform": jax.default_backend(),
-        "devices": devices,
-        "versions": {"jax": jax.__version__},
+        "devices": mesh.size if mesh is not None else 1,
+        "pretrained": pretrain,
+        **provenance(mnist),
     }
-    if validation is not None:
+    if config.validation_examples:
         summary["finetune_best_epoch"] = finetune.best_epoch
         summary["test_accuracy_before_finetune"] = result.test_before_finetune.get("accuracy")
-    summary["pretrained"] = pretrain
-    if figures and pretrain:
-        paths = write_figures(workdir, config, result, x_test)
-        summary["figures"] = [str(p) for p in paths]
-    write_json_atomic(workdir / "summary.json", summary)
-    log(
-        f"test_accuracy {summary['test_accuracy']:.4f} total {summary['total_wall_s']:.1f}s "
-        f"-> {workdir / 'summary.json'}"
-    )
     return summary
 
 
@@ -284,6 +292,7 @@ def evaluate_saved(
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """The test accuracy and loss of the model saved in ``workdir``."""
+    workdir = user_path(workdir)
     model = load_model(workdir)
     config = model.config
     mnist = _load(config, data, log)

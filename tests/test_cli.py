@@ -44,6 +44,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         "manifests",
         "metrics.jsonl",
         "reconstructions.png",
+        "run.lock",
         "summary.json",
     ]
 
