@@ -1,14 +1,90 @@
-"""The README's example of sae_jax.losses in someone else's training step runs as shown."""
+"""The README runs as written: every block marked runnable, in order, from the root of a
+copy of the repository (default flags, relative paths), with ../shared beside it."""
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
-from conftest import REPO
+import pytest
+from conftest import REPO, SHARED_MNIST
+
+README = (REPO / "README.md").read_text()
+RUNNABLE = re.findall(r"<!-- runnable -->\n```(bash|python)\n(.*?)```", README, re.S)
+# What the README marks optional, and what the test puts in its place (dropped if absent).
+OPTIONAL = {"[--epochs=N]": "--epochs=1"}
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dev"
+)
+
+
+def commands(block: str) -> list[list[str]]:
+    """The command lines of a bash block as argv lists (continuations joined, comments
+    dropped, optional parts substituted)."""
+    lines = block.replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line, comments=True) for line in lines]
+    return [
+        [OPTIONAL.get(a, a) for a in argv if a in OPTIONAL or a[0] != "["] for argv in argvs if argv
+    ]
+
+
+def test_commands_parse_as_documented():
+    blocks = [body for kind, body in RUNNABLE if kind == "bash"]
+    seed = next(c for b in blocks for c in commands(b) if "--config=seed" in c)
+    assert seed[-2:] == ["--workdir=checkpoints/seed", "--epochs=1"]  # [--seed=S] dropped
+    assert [c[-1] for c in commands(blocks[0])] == ["--config=tiny", "--config=tiny", "--eval_only"]
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A copy of the working tree at ``tmp/main`` (its checkpoints/ emptied), with
+    ``tmp/shared`` pointing at the real ../shared."""
+    root = tmp_path / "main"
+    shutil.copytree(REPO, root, ignore=COPY_IGNORE)
+    shutil.rmtree(root / "checkpoints")
+    (root / "checkpoints").mkdir()
+    if (REPO.parent / "shared").is_dir():
+        (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    return root
+
+
+def test_readme_runs_as_written(clone):
+    assert len(RUNNABLE) >= 6, "the README lost its runnable markers"
+    ran, skipped = [], []
+    for kind, body in RUNNABLE:
+        if kind == "python":
+            steps = [[sys.executable, "-c", body]]
+        else:
+            steps = [[sys.executable if c[0] == "python" else c[0], *c[1:]] for c in commands(body)]
+        for argv in steps:
+            shown = body if kind == "python" else shlex.join(argv[1:])
+            if "../shared/" in shown and not SHARED_MNIST.is_dir():
+                skipped.append(shown)
+                continue
+            proc = subprocess.run(
+                argv, cwd=clone, capture_output=True, text=True, timeout=600, env=os.environ
+            )
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
+            ran.append((shown, proc.stdout))
+    quick_start = [out for cmd, out in ran if cmd.endswith("--config=tiny")]
+    assert len(quick_start) == 2 and "finished in an earlier run" in quick_start[1]
+    evaluated = next(out for cmd, out in ran if cmd.endswith("--eval_only"))
+    summary = (clone / "checkpoints" / "mnist" / "summary.json").read_text()
+    accuracy = re.search(r'"test_accuracy": ([0-9.]+)', summary).group(1)
+    assert f"test_accuracy {float(accuracy):.4f}" in evaluated
+    loaded = next(out for cmd, out in ran if "load_model" in cmd)
+    predicted = np.array(re.search(r"\[([0-9 ]+)\]", loaded).group(1).split(), int)
+    assert predicted.shape == (8,) and (predicted == [7, 2, 1, 0, 4, 1, 4, 9]).mean() >= 0.5
+    if skipped:
+        pytest.skip(f"{len(ran)} README steps ran; skipped for want of ../shared: {skipped}")
 
 
 def test_losses_example_runs():
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    example = next(b for b in blocks if "def train_step" in b)
+    example = next(body for _, body in RUNNABLE if "def train_step" in body)
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
