@@ -333,3 +333,13 @@ def test_copy_of_real_files_in_raw_form(mnist_dir, tmp_path):
         shutil.copy(p, tmp_path / p.name)
     m = load_idx_dir(tmp_path)
     assert len(m.test_images) == 10000
+
+
+def test_data_paths_may_be_relative_or_start_with_home(tmp_path, monkeypatch):
+    _fake_mnist_dir(tmp_path / "home" / "mnist")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path / "home")
+    for given in ("~/mnist", "mnist", "../home/mnist"):
+        mnist = load_mnist("idx", given, verify=False, log=lambda line: None)
+        assert mnist.source == f"IDX files in {tmp_path}/home/mnist", given
+        assert mnist.train_images.shape == (6, 28, 28)
