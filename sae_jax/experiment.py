@@ -75,6 +75,10 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
     ``~/.cache/sae_jax``). Every program is cached, however fast it compiled.
     """
     path = user_path(path) if path is not None else default_cache_dir() / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--compilation_cache={path}: cannot create it ({e.strerror})") from None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
@@ -106,6 +110,8 @@ def _prepare(
 ) -> tuple[Path, Mnist]:
     """Check the config and the workdir, then load the data (before anything compiles)."""
     config.validate()
+    if not str(workdir):
+        raise UserError("--workdir is empty: name a folder")
     workdir = user_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")

@@ -110,6 +110,22 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["run.lock"]  # nothing else was written
 
 
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--workdir=", "--workdir is empty: name a folder"),
+        (
+            "--compilation_cache=/proc/sae_jax",
+            "--compilation_cache=/proc/sae_jax: cannot create it",
+        ),
+    ],
+)
+def test_paths_that_cannot_work_are_refused_before_any_work(tmp_path, flag, message):
+    proc = _mnist("--config=tiny", flag, cwd=tmp_path)
+    assert _one_line(proc, 2).startswith(f"error: {message}")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("where", ["under_a_file", "proc"])
 def test_a_workdir_that_cannot_be_a_folder_is_a_user_mistake(tmp_path, where):
     (tmp_path / "file").write_text("")
