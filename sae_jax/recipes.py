@@ -378,6 +378,25 @@ class PipelineResult:
     test_before_finetune: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) -> None:
+    """Raise ``ValueError`` unless ``split`` is images ``[n, input_features]``, n >= 1,
+    and integer labels ``[n]`` in ``[0, num_classes)``; the message names ``name``."""
+    (x, y), features, classes = split, config.input_features, config.num_classes
+    if x.ndim != 2 or x.shape[1] != features or x.shape[0] == 0:
+        got = tuple(x.shape)
+        raise ValueError(f"{name} images: expected [n, {features}] with n >= 1; got shape {got}")
+    if tuple(y.shape) != (n := x.shape[0],):
+        got = tuple(y.shape)
+        raise ValueError(f"{name} labels: expected shape ({n},), one per image; got shape {got}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"{name} labels: expected an integer dtype; got {y.dtype}")
+    for label in (int(jnp.min(y)), int(jnp.max(y))):
+        if not 0 <= label < classes:
+            raise ValueError(
+                f"{name} labels: label {label} is outside 0..{classes - 1} (num_classes={classes})"
+            )
+
+
 def run_pipeline(
     config: Config,
     train: tuple[jax.Array, jax.Array],
@@ -419,6 +438,12 @@ def run_pipeline(
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
       the test metrics and one ``StageRecord`` per stage.
+
+    Raises:
+      ValueError: before anything trains, for a split (``train``, ``test`` or
+        ``validation``, named in the message) that is not images
+        ``[n, input_features]`` with ``n >= 1`` and integer labels ``[n]`` in
+        ``[0, num_classes)``.
     """
     hparams = dict(hparams or {})
     models = None if seeds is None else len(seeds)
@@ -435,6 +460,10 @@ def run_pipeline(
             raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
     as_array = lambda name: jnp.asarray(hparams[name], jnp.float32) if name in hparams else None
     loss_hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items() if k in SWEEPABLE}
+
+    for name, split in {"train": train, "test": test, "validation": validation}.items():
+        if split is not None:
+            _check_split(name, split, config)
 
     x, y = train
     num_keys = len(config.layers) + 2

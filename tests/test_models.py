@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax.config import LayerConfig, seed
+from sae_jax.config import LayerConfig, seed, tiny
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
+    TrainedModel,
     autoencoder,
     classifier,
     compose,
@@ -143,3 +144,55 @@ def test_denoising_loss_compares_with_the_clean_input():
     np.testing.assert_allclose(
         terms["reconstruction"], bernoulli_cross_entropy(z, x).sum(), rtol=1e-6
     )
+
+
+def _mnist_model() -> TrainedModel:
+    config = tiny()
+    return TrainedModel(config, init_params(classifier(config), jax.random.PRNGKey(0), 784))
+
+
+_PIXELS = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "images,match",
+    [
+        (np.zeros((0, 784), np.uint8), r"expected images \[n, 784\] or \[n, 28, 28\] with n >= 1"),
+        (_PIXELS[0], r"\[n, 784\] or \[n, 28, 28\]; got shape \(28, 28\): .*images\[None\]"),
+        (_PIXELS[0].reshape(784), r"got shape \(784,\): for one image pass images\[None\]"),
+        (_PIXELS.reshape(3, 784)[:, :783], r"expected images \[n, 784\].*got shape \(3, 783\)"),
+        (_PIXELS[:, 1:], r"expected images \[n, 784\] or \[n, 28, 28\]; got shape \(3, 27, 28\)"),
+        (_PIXELS.astype(np.int64), r"uint8 pixels or floats in \[0, 1\]; got dtype int64"),
+        (_PIXELS.astype(np.float32), r"float images must be in \[0, 1\] \(got max 255\.0\)"),
+        (
+            np.linspace(-0.5, 0.5, 3 * 784).reshape(3, 784),
+            r"float images must be in \[0, 1\] \(got min -0\.5",
+        ),
+        (np.full((3, 784), np.nan, np.float32), r"float images must be in \[0, 1\] \(got NaN\)"),
+    ],
+    ids=[
+        "empty",
+        "one_28x28",
+        "one_784",
+        "783_features",
+        "27x28",
+        "int64",
+        "float255",
+        "negative",
+        "nan",
+    ],
+)
+def test_trained_model_refuses_images_it_cannot_use(images, match):
+    model = _mnist_model()
+    with pytest.raises(ValueError, match=match):
+        model.predict(images)
+    with pytest.raises(ValueError, match=match):
+        model.encode(images)
+
+
+def test_trained_model_takes_uint8_and_float_images_flat_or_square():
+    model = _mnist_model()
+    logits = model.predict(_PIXELS)
+    assert logits.shape == (3, 10)
+    for images in (_PIXELS.reshape(3, 784), _PIXELS.astype(np.float32) / 255, jnp.asarray(_PIXELS)):
+        np.testing.assert_allclose(model.predict(images), logits, rtol=1e-5, atol=1e-6)

@@ -102,3 +102,46 @@ def test_validation_split_keeps_the_best_epoch_and_stops_early():
     assert again["accuracy"] == pytest.approx(accs[best - 1])  # the best epoch's params
     assert set(result.test) == {"accuracy", "loss"}
     assert 0 < result.test_before_finetune["accuracy"] <= 1
+
+
+# A bad split's labels or images, and the message expected for it (after "<split> ").
+BAD_SPLITS = {
+    "label_is_num_classes": (
+        lambda x, y: (x, np.where(y == 0, 4, y)),
+        r"labels: label 4 is outside 0\.\.3 \(num_classes=4\)",
+    ),
+    "negative_label": (
+        lambda x, y: (x, y.astype(np.int32) - 1),
+        r"labels: label -1 is outside 0\.\.3 \(num_classes=4\)",
+    ),
+    "float_labels": (
+        lambda x, y: (x, y.astype(np.float32)),
+        r"labels: expected an integer dtype; got float32",
+    ),
+    "length_mismatch": (
+        lambda x, y: (x, y[:-1]),
+        r"labels: expected shape \(20,\), one per image; got shape \(19,\)",
+    ),
+    "wrong_features": (
+        lambda x, y: (x[:, :63], y),
+        r"images: expected \[n, 64\] with n >= 1; got shape \(20, 63\)",
+    ),
+    "empty": (
+        lambda x, y: (x[:0], y[:0]),
+        r"images: expected \[n, 64\] with n >= 1; got shape \(0, 64\)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "split,case", [("train", case) for case in BAD_SPLITS] + [("test", "label_is_num_classes")]
+)
+def test_pipeline_refuses_bad_splits_before_training(split, case):
+    config = synthetic_config(batch_size=10, eval_batch_size=10).with_epochs(1)
+    splits = {"train": synthetic_digits(20, 1), "test": synthetic_digits(20, 2)}
+    spoil, match = BAD_SPLITS[case]
+    splits[split] = spoil(*splits[split])
+    seen = []
+    with pytest.raises(ValueError, match=f"^{split} {match}$"):
+        run_pipeline(config, splits["train"], splits["test"], on_epoch=lambda *a: seen.append(a))
+    assert seen == []  # refused before any stage ran
