@@ -225,12 +225,24 @@ def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data_dir", default="../shared/data/mnist")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per stage (both sides)")
-    p.add_argument("--repeats", type=int, default=3, help="repetitions of each side")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--platform", default="cpu", help="cpu (the PyTorch side runs on the CPU)")
-    p.add_argument("--torch_compile", action="store_true", help="also time torch.compile")
+    p.add_argument(
+        "--data_dir",
+        default="../shared/data/mnist",
+        help="folder with the four MNIST IDX files (default: ../shared/data/mnist)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=10, help="epochs per stage, both sides (default: 10)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of each side (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument(
+        "--platform", default="cpu", help="cpu; the PyTorch side runs on the CPU (default: cpu)"
+    )
+    p.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="also time torch.compile (default: eager only)",
+    )
     p.add_argument(
         "--no_compilation_cache",
         action="store_true",

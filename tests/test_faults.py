@@ -243,7 +243,7 @@ def test_a_signal_stops_the_run_in_one_line_and_it_resumes(tmp_path, signum):
 
 
 def test_help_speaks_to_users_and_shows_defaults():
-    for name in ("mnist", "sweep"):
+    for name in ("mnist", "sweep", "benchmark"):
         text = run_script(name, "--help").stdout
         assert "intentionally" not in text and "This file" not in text
         options = text.split("options:\n")[1].split("\n  -")[1:]
