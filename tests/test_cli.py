@@ -52,9 +52,22 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
     "flags,message",
     [
         (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
-        (["--epochs=-1"], "--epochs=-1: must be >= 0"),
-        (["--finetune_lr=0"], "--finetune_lr=0.0: must be > 0"),
-        (["--finetune_lr=nan"], "--finetune_lr=nan: must be > 0"),
+        (["--epochs=-1"], "--epochs=-1: epochs must be >= 0, got -1"),
+        (["--finetune_lr=0"], "--finetune_lr=0.0: finetune_optimizer.learning_rate must be > 0"),
+        (["--finetune_lr=-1"], "--finetune_lr=-1.0: finetune_optimizer.learning_rate must be > 0"),
+        (
+            ["--finetune_lr=nan"],
+            "--finetune_lr=nan: finetune_optimizer.learning_rate must be a finite number, got nan",
+        ),
+        (
+            ["--finetune_lr=inf"],
+            "--finetune_lr=inf: finetune_optimizer.learning_rate must be a finite number, got inf",
+        ),
+        (["--seed=-1"], "--seed=-1: seed must be an integer in [0, 4294967296), got -1"),
+        (
+            ["--seed=4294967296"],
+            "--seed=4294967296: seed must be an integer in [0, 4294967296), got 4294967296",
+        ),
         (["--config=sead"], "unknown preset 'sead'"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
         (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
