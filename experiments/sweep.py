@@ -9,9 +9,9 @@ without pretraining:
   python experiments/sweep.py --config=seed --layers=500,500 --seeds=5 --epochs=3 \\
       --study=pretraining --data_dir=../shared/data/mnist
 
-A sweep of the KL weight over 4 models:
+A sweep of the KL weight: 4 values x 3 seeds, 12 models, one table row per value:
 
-  python experiments/sweep.py --config=tiny --seeds=4 --hparam=beta=0.5,1,2,3
+  python experiments/sweep.py --config=tiny --seeds=3 --hparam=beta=0.5,1,2,3
 """
 
 from __future__ import annotations
@@ -19,14 +19,42 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 from sae_jax import cli
+from sae_jax.config import Config
+
+
+def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
+    """``--hparam`` flags as ``{name: values}``, each value checked on ``config``."""
+    from sae_jax.experiment import UserError, check_models
+
+    hparams: dict[str, list[float]] = {}
+    given: dict[str, str] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            parsed = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--hparam={item}: expected NAME=V1,V2,...") from None
+        if name in given:
+            raise UserError(f"--hparam={item}: {name} is already swept by --hparam={given[name]}")
+        seeds = [config.seed] * len(parsed)
+        cli.checked(f"--hparam={item}", partial(check_models, config, seeds, {name: parsed}))
+        hparams[name], given[name] = parsed, item
+    return hparams
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--workdir", default="checkpoints/sweep", help="where sweep.json goes")
-    p.add_argument("--seeds", type=int, default=4, help="number of models: seeds 0..N-1")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=4,
+        help="N, the number of seeds: every combination of --hparam values is trained "
+        "with the seeds S, S+1, ..., S+N-1, S being --seed (default 4)",
+    )
     p.add_argument(
         "--layers", default=None, help="hidden sizes, e.g. 500,500 (default: the preset's)"
     )
@@ -35,8 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=V1,V2,...",
-        help="one value per model for rho, beta, l1, contractive, weight_decay, "
-        "noise_level, pretrain_learning_rate or finetune_learning_rate (repeatable)",
+        help="values to try for NAME: rho, beta, l1, contractive, weight_decay or "
+        "noise_level (of every pretraining layer), pretrain_learning_rate or "
+        "finetune_learning_rate. Repeat it for several names: every combination of "
+        "their values is trained with every seed, and the table has one row per "
+        "combination (default: none, the preset's values)",
     )
     p.add_argument("--study", default=None, help="'pretraining': also train without it")
     p.add_argument(
@@ -59,23 +90,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"--layers={flags.layers}: not a list of integers") from None
             base = config.layers[0]
             layers = tuple(dataclasses.replace(base, features=n) for n in sizes)
-            config = config.replace(layers=layers)
-        hparams = {}
-        for item in flags.hparam:
-            name, _, values = item.partition("=")
-            try:
-                hparams[name] = [float(v) for v in values.split(",")]
-            except ValueError:
-                raise UserError(f"--hparam={item}: expected NAME=V1,V2,...") from None
-            if len(hparams[name]) != flags.seeds:
-                raise UserError(
-                    f"--hparam={item}: {len(hparams[name])} values for --seeds={flags.seeds}"
-                )
+            flag = f"--layers={flags.layers}"
+            config = cli.checked(flag, lambda: config.replace(layers=layers).validate())
+        last = config.seed + flags.seeds - 1  # the seeds are --seed, ..., last
+        flag = f"--seeds={flags.seeds}"
+        if flags.seed is not None:
+            flag = f"--seed={flags.seed} {flag}"
+        cli.checked(flag, config.replace(seed=last).validate)
         run_sweep(
             config,
             flags.workdir,
-            seeds=list(range(flags.seeds)),
-            hparams=hparams or None,
+            seeds=list(range(config.seed, last + 1)),
+            hparams=parse_hparams(flags.hparam, config) or None,
             study=flags.study,
             compare_separate=flags.compare_separate,
             data=cli.data_spec(flags),

@@ -14,9 +14,11 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from sae_jax.config import PRESETS, get_preset
+from sae_jax.config import PRESETS, Config, ConfigError, get_preset
+
+T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
@@ -129,11 +131,25 @@ def data_spec(flags: argparse.Namespace):
     )
 
 
-def start(flags: argparse.Namespace):
+def checked(flag: str, check: Callable[[], T]) -> T:
+    """``check()``, with a ``ConfigError`` turned into a ``UserError`` naming ``flag``.
+
+    ``flag`` is what the user wrote, e.g. ``--seed=-1``; the message keeps the
+    field's name too: ``--seed=-1: seed must be an integer in [0, 4294967296)...``.
+    """
+    from sae_jax.experiment import UserError
+
+    try:
+        return check()
+    except ConfigError as e:
+        raise UserError(f"{flag}: {e}") from None
+
+
+def start(flags: argparse.Namespace) -> Config:
     """Select the platform (joining a multi-host run first with ``--distributed``) and
     return the preset named by ``--config`` with ``--seed``, ``--epochs`` and
-    ``--finetune_lr`` applied."""
-    from sae_jax.experiment import UserError, enable_compilation_cache, select_platform
+    ``--finetune_lr`` applied, each checked by ``Config.validate``."""
+    from sae_jax.experiment import enable_compilation_cache, select_platform
 
     distributed = None
     if flags.distributed:
@@ -147,16 +163,15 @@ def start(flags: argparse.Namespace):
         enable_compilation_cache(flags.compilation_cache)
     config = get_preset(flags.config)
     if flags.seed is not None:
-        config = config.replace(seed=flags.seed)
+        flag = f"--seed={flags.seed}"
+        config = checked(flag, lambda: config.replace(seed=flags.seed).validate())
     if flags.epochs is not None:
-        if flags.epochs < 0:
-            raise UserError(f"--epochs={flags.epochs}: must be >= 0")
-        config = config.with_epochs(flags.epochs)
+        flag = f"--epochs={flags.epochs}"
+        config = checked(flag, lambda: config.with_epochs(flags.epochs).validate())
     if flags.finetune_lr is not None:
-        if not flags.finetune_lr > 0:  # also refuses nan
-            raise UserError(f"--finetune_lr={flags.finetune_lr}: must be > 0")
+        flag = f"--finetune_lr={flags.finetune_lr}"
         optimizer = dataclasses.replace(config.finetune_optimizer, learning_rate=flags.finetune_lr)
-        config = config.replace(finetune_optimizer=optimizer)
+        config = checked(flag, lambda: config.replace(finetune_optimizer=optimizer).validate())
     return config
 
 

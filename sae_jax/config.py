@@ -8,6 +8,7 @@ the field, before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +131,8 @@ class Config:
         Returns:
           ``self``, so calls can be chained.
         """
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**32):
+            raise ConfigError(f"seed must be an integer in [0, {2**32}), got {self.seed!r}")
         _positive_int("input_features", self.input_features)
         _positive_int("num_classes", self.num_classes)
         _positive_int("batch_size", self.batch_size)
@@ -168,23 +171,35 @@ class Config:
         return self
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _non_negative_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+def _finite(name: str, value: Any) -> None:
+    """Refuse anything but an int or a finite float (inf and nan included)."""
+    if not (_is_int(value) or (isinstance(value, float) and math.isfinite(value))):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
 def _non_negative(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not value >= 0:
+    _finite(name, value)
+    if value < 0:
         raise ConfigError(f"{name} must be >= 0, got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or not value > 0:
+    _finite(name, value)
+    if value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value!r}")
 
 

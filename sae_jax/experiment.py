@@ -32,7 +32,15 @@ from sae_jax.files import WorkdirLock, make_workdir, stopped, user_path, write_t
 from sae_jax.models import to_float
 from sae_jax.parallel import default_mesh, initialize_distributed
 from sae_jax.progress import Progress
-from sae_jax.recipes import PipelineResult, evaluate, model_config, run_pipeline, sweep
+from sae_jax.recipes import (
+    SWEEP_NAMES,
+    PipelineResult,
+    evaluate,
+    grid,
+    model_config,
+    run_pipeline,
+    sweep,
+)
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -313,9 +321,61 @@ def evaluate_saved(
     return metrics
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+def check_models(
+    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None = None
+) -> list[Config]:
+    """The validated config of each model of a sweep (``seeds`` and ``hparams`` as
+    ``recipes.sweep`` takes them: one entry per model), see ``model_config``.
+
+    Raises:
+      ConfigError: for a name not in ``SWEEP_NAMES``, and for the first model whose
+        config does not validate; the message names the field.
+    """
+    for name in hparams or {}:
+        if name not in SWEEP_NAMES:
+            raise ConfigError(f"cannot sweep {name!r}; choose from {', '.join(SWEEP_NAMES)}")
+    return [model_config(config, seeds, hparams, i).validate() for i in range(len(seeds))]
+
+
+def _test_error(accuracy: list[float]) -> dict[str, float]:
+    """The mean and sample standard deviation (0 for one model) of the test error."""
+    errors = 1.0 - np.asarray(accuracy, np.float64)
+    std = float(errors.std(ddof=1)) if len(errors) > 1 else 0.0
+    return {"test_error_mean": float(errors.mean()), "test_error_std": std}
+
+
+def _per_point(
+    points: list[dict[str, float]], seeds: list[int], accuracy: list[float]
+) -> list[dict[str, Any]]:
+    """The models of each grid point (value-major: ``len(seeds)`` in a row)."""
+    n = len(seeds)
+    return [
+        {"hparams": point, "seeds": list(seeds), "test_accuracy": accuracy[p * n : (p + 1) * n]}
+        | _test_error(accuracy[p * n : (p + 1) * n])
+        for p, point in enumerate(points)
+    ]
+
+
+def _log_table(runs: list[dict[str, Any]], names: list[str], log: Callable[[str], None]) -> None:
+    """One markdown row per grid point and pretraining choice, then the separate runs."""
+    columns = ["pretraining", *names, "test error (mean +- sample sd over seeds)", "per seed"]
+    log(f"| {' | '.join(columns)} | sweep wall (s) |")
+    log("| --- " * (len(columns) + 1) + "|")
+    for run in runs:
+        for point in run["points"]:
+            cells = ["yes" if run["pretrain"] else "no"]
+            cells += [f"{point['hparams'][name]:g}" for name in names]
+            cells.append(f"{point['test_error_mean']:.4f} +- {point['test_error_std']:.4f}")
+            cells.append(" ".join(f"{1 - a:.4f}" for a in point["test_accuracy"]))
+            log(f"| {' | '.join(cells)} | {run['wall_s']:.1f} |")
+    for run in runs:
+        if "separate_wall_s" in run:
+            log(
+                f"{'with' if run['pretrain'] else 'without'} pretraining: one sweep "
+                f"{run['wall_s']:.1f}s vs {len(run['test_accuracy'])} separate runs "
+                f"{run['separate_wall_s']:.1f}s: separate/sweep = "
+                f"{run['separate_over_sweep']:.2f}"
+            )
 
 
 def run_sweep(
@@ -329,7 +389,12 @@ def run_sweep(
     data: DataSpec = DEFAULT_DATA,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train one model per seed in one compiled program per stage; write ``sweep.json``.
+    """Train a grid of models in one compiled program per stage; write ``sweep.json``.
+
+    Every combination of the ``hparams`` values (a list per name in ``SWEEP_NAMES``)
+    is trained with every seed, value-major (see ``recipes.grid``); every model's
+    config is checked before the data is loaded. Prints one row per combination:
+    the mean and sample standard deviation of the test error over the seeds.
 
     Args:
       study: ``"pretraining"`` also trains the same models without pretraining and
@@ -338,18 +403,24 @@ def run_sweep(
         time of both ways and their ratio.
 
     Returns:
-      ``{"runs": [{"pretrain", "test_accuracy": [...], "test_error_mean", ...,
-      "wall_s"}], ...}``.
+      ``{"seeds", "hparams", "model_seeds", "model_hparams" (what ``sweep`` was
+      given), "runs": [{"pretrain", "test_accuracy": [one per model],
+      "test_error_mean", "test_error_std" (over all its models), "wall_s",
+      "points": [{"hparams", "seeds", "test_accuracy", "test_error_mean",
+      "test_error_std"}]}], ...}``.
     """
     if study not in (None, "pretraining"):
         raise UserError(f"--study={study}: the only study is 'pretraining'")
+    model_seeds, model_hparams, points = grid(seeds, hparams)
+    model_configs = check_models(config, model_seeds, model_hparams)
     workdir, mnist = _prepare(config, workdir, data, log)
     x_train, x_test = mnist.train_images, mnist.test_images
     train = (jnp.asarray(x_train), jnp.asarray(mnist.train_labels))
     test = (jnp.asarray(x_test), jnp.asarray(mnist.test_labels))
     log(
-        f"{config.name}: {len(seeds)} models at once, {len(x_train)} training / "
-        f"{len(x_test)} test images, layers {config.layer_sizes}"
+        f"{config.name}: {len(model_seeds)} models at once ({len(points)} grid points x "
+        f"{len(seeds)} seeds), {len(x_train)} training / {len(x_test)} test images, "
+        f"layers {config.layer_sizes}"
     )
 
     def on_epoch(stage: str, epoch: int, metrics: dict[str, Any], seconds: float) -> None:
@@ -362,59 +433,39 @@ def run_sweep(
     for pretrain in (True, False) if study == "pretraining" else (True,):
         log(f"-- {'with' if pretrain else 'without'} pretraining")
         start = time.perf_counter()
-        result = sweep(
+        accuracy = sweep(
             config,
             train,
             test,
-            seeds=seeds,
-            hparams=hparams,
+            seeds=model_seeds,
+            hparams=model_hparams or None,
             pretrain=pretrain,
             on_epoch=on_epoch,
-        )
-        errors = [1.0 - a for a in result.test["accuracy"]]
-        mean, std = _mean_std(errors)
-        runs.append(
-            {
-                "pretrain": pretrain,
-                "test_accuracy": result.test["accuracy"],
-                "test_error_mean": mean,
-                "test_error_std": std,
-                "wall_s": time.perf_counter() - start,
-            }
-        )
+        ).test["accuracy"]
+        wall = time.perf_counter() - start
+        run = {"pretrain": pretrain, "test_accuracy": accuracy, **_test_error(accuracy)}
+        run.update(wall_s=wall, points=_per_point(points, seeds, accuracy))
         if compare_separate:
             start = time.perf_counter()
             alone = [
-                run_pipeline(
-                    model_config(config, seeds, hparams, i), train, test, pretrain=pretrain
-                ).test["accuracy"]
-                for i in range(len(seeds))
+                run_pipeline(model, train, test, pretrain=pretrain).test["accuracy"]
+                for model in model_configs
             ]
-            runs[-1]["separate_wall_s"] = time.perf_counter() - start
-            runs[-1]["separate_test_accuracy"] = alone
-            runs[-1]["separate_over_sweep"] = runs[-1]["separate_wall_s"] / runs[-1]["wall_s"]
+            run["separate_wall_s"] = time.perf_counter() - start
+            run["separate_test_accuracy"] = alone
+            run["separate_over_sweep"] = run["separate_wall_s"] / wall
+        runs.append(run)
     summary = {
         "config": config_to_json(config),
-        "seeds": seeds,
+        "seeds": list(seeds),
         "hparams": hparams or {},
+        "model_seeds": model_seeds,
+        "model_hparams": model_hparams,
         "runs": runs,
         "platform": jax.default_backend(),
         "versions": {"jax": jax.__version__},
     }
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(workdir / "sweep.json", summary)
-    log("| pretraining | test error (mean +- std over seeds) | per seed | sweep wall (s) |")
-    log("| --- | --- | --- | --- |")
-    for run in runs:
-        per_seed = " ".join(f"{1 - a:.4f}" for a in run["test_accuracy"])
-        log(
-            f"| {'yes' if run['pretrain'] else 'no'} | {run['test_error_mean']:.4f} +- "
-            f"{run['test_error_std']:.4f} | {per_seed} | {run['wall_s']:.1f} |"
-        )
-        if "separate_wall_s" in run:
-            log(
-                f"one sweep {run['wall_s']:.1f}s vs {len(seeds)} separate runs "
-                f"{run['separate_wall_s']:.1f}s: separate/sweep = "
-                f"{run['separate_over_sweep']:.2f}"
-            )
+    _log_table(runs, list(hparams or {}), log)
     return summary

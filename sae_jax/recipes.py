@@ -8,6 +8,7 @@ floating point.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ StageCallback = Callable[[str, int, dict[str, float], float], None]
 
 
 SWEEPABLE = ("rho", "beta", "l1", "contractive", "weight_decay", "noise_level")
+# What a sweep's ``hparams`` may name: the loss terms above and two learning rates.
+SWEEP_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate")
 
 
 def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
@@ -454,7 +457,7 @@ def run_pipeline(
     if models is not None and validation is not None:
         raise ValueError("a sweep (seeds) takes no validation set")
     for name, values in hparams.items():
-        if name not in (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate"):
+        if name not in SWEEP_NAMES:
             raise ValueError(f"cannot sweep {name!r}")
         if len(values) != models:
             raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
@@ -584,7 +587,8 @@ def sweep(
 
     Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
     i), ...)`` trains alone (up to float rounding): its own seed, its own
-    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``).
+    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
+    ``grid`` makes them for every combination of values with every seed).
     Metrics and test results are lists with one value per model.
     """
     return run_pipeline(
@@ -619,3 +623,25 @@ def model_config(
             config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
         )
     return config.replace(**changes)
+
+
+def grid(
+    seeds: list[int], hparams: dict[str, list[float]] | None = None
+) -> tuple[list[int], dict[str, list[float]], list[dict[str, float]]]:
+    """Every combination of ``hparams``' values with every seed, as per-model lists.
+
+    The combinations (grid points) come in ``itertools.product`` order, the first
+    name varying slowest. Models are value-major: all seeds of the first point
+    first, so model ``k`` is point ``k // len(seeds)`` with seed
+    ``seeds[k % len(seeds)]``. Without ``hparams`` there is one point, ``{}``.
+
+    Returns:
+      ``(model_seeds, model_hparams, points)``: the ``seeds`` and ``hparams`` to
+      pass to ``sweep`` (and ``model_config``), and the points as dicts.
+    """
+    hparams = hparams or {}
+    combinations = itertools.product(*hparams.values())
+    points = [dict(zip(hparams, values, strict=True)) for values in combinations]
+    model_seeds = [seed for _ in points for seed in seeds]
+    model_hparams = {name: [p[name] for p in points for _ in seeds] for name in hparams}
+    return model_seeds, model_hparams, points

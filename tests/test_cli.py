@@ -3,6 +3,7 @@
 import json
 import time
 
+import numpy as np
 import pytest
 from conftest import run_script
 
@@ -53,9 +54,22 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
     "flags,message",
     [
         (["--epochs=two"], "argument --epochs: invalid int value: 'two'"),
-        (["--epochs=-1"], "--epochs=-1: must be >= 0"),
-        (["--finetune_lr=0"], "--finetune_lr=0.0: must be > 0"),
-        (["--finetune_lr=nan"], "--finetune_lr=nan: must be > 0"),
+        (["--epochs=-1"], "--epochs=-1: epochs must be >= 0, got -1"),
+        (["--finetune_lr=0"], "--finetune_lr=0.0: finetune_optimizer.learning_rate must be > 0"),
+        (["--finetune_lr=-1"], "--finetune_lr=-1.0: finetune_optimizer.learning_rate must be > 0"),
+        (
+            ["--finetune_lr=nan"],
+            "--finetune_lr=nan: finetune_optimizer.learning_rate must be a finite number, got nan",
+        ),
+        (
+            ["--finetune_lr=inf"],
+            "--finetune_lr=inf: finetune_optimizer.learning_rate must be a finite number, got inf",
+        ),
+        (["--seed=-1"], "--seed=-1: seed must be an integer in [0, 4294967296), got -1"),
+        (
+            ["--seed=4294967296"],
+            "--seed=4294967296: seed must be an integer in [0, 4294967296), got 4294967296",
+        ),
         (["--config=sead"], "unknown preset 'sead'"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
         (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
@@ -136,16 +150,40 @@ def test_no_network_is_one_line_and_fast(tmp_path, source):
     "flags,message",
     [
         (["--seeds=0"], "--seeds=0: must be >= 1"),
-        (["--seeds=2", "--hparam=beta=1"], "--hparam=beta=1: 1 values for --seeds=2"),
         (["--seeds=2", "--hparam=beta=x,y"], "--hparam=beta=x,y: expected NAME=V1,V2,..."),
         (["--layers=a,b"], "--layers=a,b: not a list of integers"),
+        (["--layers=0,8"], "--layers=0,8: layers[0].features must be a positive integer, got 0"),
         (["--study=other"], "--study=other: the only study is 'pretraining'"),
+        (
+            ["--hparam=momentum=0.1,0.2"],
+            "--hparam=momentum=0.1,0.2: cannot sweep 'momentum'; choose from rho, beta,",
+        ),
+        (["--hparam=beta=-1,2"], "--hparam=beta=-1,2: layers[0].beta must be >= 0, got -1.0"),
+        (["--hparam=rho=0,0.5"], "--hparam=rho=0,0.5: layers[0].rho must be in (0, 1), got 0.0"),
+        (["--hparam=rho=1.5"], "--hparam=rho=1.5: layers[0].rho must be in (0, 1), got 1.5"),
+        (
+            ["--hparam=finetune_learning_rate=1e-3,inf"],
+            "--hparam=finetune_learning_rate=1e-3,inf: finetune_optimizer.learning_rate must be "
+            "a finite number, got inf",
+        ),
+        (
+            ["--hparam=beta=1", "--hparam=beta=2"],
+            "--hparam=beta=2: beta is already swept by --hparam=beta=1",
+        ),
+        (
+            ["--seed=4294967295", "--seeds=2"],
+            "--seed=4294967295 --seeds=2: seed must be an integer in [0, 4294967296), "
+            "got 4294967296",
+        ),
     ],
 )
 def test_sweep_user_mistakes(flags, message, tmp_path):
-    proc = run_script("sweep", "--config=tiny", f"--workdir={tmp_path}", *flags)
+    proc = run_script("sweep", "--config=tiny", f"--workdir={tmp_path / 'w'}", *flags)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert message in proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "w").exists()
+    assert "MNIST:" not in proc.stdout  # refused before any data was looked for
 
 
 def test_sweep_study_writes_a_table(tmp_path):
@@ -164,6 +202,42 @@ def test_sweep_study_writes_a_table(tmp_path):
     assert [r["pretrain"] for r in summary["runs"]] == [True, False]
     assert all(len(r["test_accuracy"]) == 2 for r in summary["runs"])
     assert [layer["features"] for layer in summary["config"]["layers"]] == [32, 16]
+
+
+def _row_cells(line):
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_sweep_is_a_grid_of_values_and_seeds(tmp_path):
+    proc = run_script(
+        "sweep",
+        "--config=tiny",
+        "--epochs=1",
+        "--seeds=2",
+        "--hparam=beta=0.5,2",
+        "--seed=5",
+        "--layers=16,8",
+        f"--workdir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["seeds"] == [5, 6] and summary["hparams"] == {"beta": [0.5, 2.0]}
+    assert summary["model_seeds"] == [5, 6, 5, 6]  # value-major: both seeds of beta 0.5 first
+    assert summary["model_hparams"] == {"beta": [0.5, 0.5, 2.0, 2.0]}
+    (run,) = summary["runs"]
+    assert run["pretrain"] and len(run["test_accuracy"]) == 4
+    assert [p["hparams"] for p in run["points"]] == [{"beta": 0.5}, {"beta": 2.0}]
+    assert all(p["seeds"] == [5, 6] for p in run["points"])
+    assert [a for p in run["points"] for a in p["test_accuracy"]] == run["test_accuracy"]
+    rows = [_row_cells(line) for line in proc.stdout.splitlines() if line.startswith("| yes |")]
+    assert [row[1] for row in rows] == ["0.5", "2"]  # one row per beta value
+    betas = np.asarray(summary["model_hparams"]["beta"])
+    for row, beta in zip(rows, (0.5, 2.0), strict=True):
+        errors = 1.0 - np.asarray(run["test_accuracy"])[betas == beta]
+        mean, sd = (float(v) for v in row[2].split("+-"))
+        assert mean == pytest.approx(errors.mean(), abs=1e-4)
+        assert sd == pytest.approx(errors.std(ddof=1), abs=1e-4)
+        assert row[3] == " ".join(f"{e:.4f}" for e in errors)
 
 
 def test_compilation_cache_is_filled_and_can_be_turned_off(tmp_path):

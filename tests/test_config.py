@@ -1,6 +1,7 @@
 """Presets and validation."""
 
 import dataclasses
+import math
 
 import pytest
 
@@ -40,6 +41,16 @@ def _with_layer(**changes):
     return c.replace(layers=(dataclasses.replace(c.layers[0], **changes), *c.layers[1:]))
 
 
+def _with_finetune_lr(rate):
+    c = tiny()
+    return c.replace(
+        finetune_optimizer=dataclasses.replace(c.finetune_optimizer, learning_rate=rate)
+    )
+
+
+SEED_RANGE = r"seed must be an integer in \[0, 4294967296\), got "
+
+
 @pytest.mark.parametrize(
     "config,message",
     [
@@ -56,19 +67,35 @@ def _with_layer(**changes):
         (tiny().replace(layers=()), r"layers must hold at least one layer"),
         (tiny().replace(finetune_patience=0), r"finetune_patience must be a positive integer"),
         (_with_layer(reconstruction_scale=0.0), r"layers\[0\].reconstruction_scale must be > 0"),
+        (_with_finetune_lr(-1.0), r"finetune_optimizer.learning_rate must be > 0, got -1.0"),
         (
-            tiny().replace(
-                finetune_optimizer=dataclasses.replace(
-                    tiny().finetune_optimizer, learning_rate=-1.0
-                )
-            ),
-            r"finetune_optimizer.learning_rate must be > 0",
+            _with_finetune_lr(math.inf),
+            r"finetune_optimizer.learning_rate must be a finite number, got inf",
         ),
+        (
+            _with_finetune_lr(math.nan),
+            r"finetune_optimizer.learning_rate must be a finite number, got nan",
+        ),
+        (
+            _with_layer(
+                optimizer=dataclasses.replace(tiny().layers[0].optimizer, learning_rate=math.inf)
+            ),
+            r"layers\[0\].optimizer.learning_rate must be a finite number, got inf",
+        ),
+        (_with_layer(beta=math.inf), r"layers\[0\].beta must be a finite number, got inf"),
+        (tiny().replace(seed=-1), SEED_RANGE + "-1$"),
+        (tiny().replace(seed=2**32), SEED_RANGE + "4294967296$"),
+        (tiny().replace(seed=1.5), SEED_RANGE + "1.5$"),
     ],
 )
 def test_invalid_values_are_refused_with_their_name(config, message):
     with pytest.raises(ConfigError, match=message):
         config.validate()
+
+
+def test_seed_range_ends_are_accepted():
+    assert tiny().replace(seed=0).validate().seed == 0
+    assert tiny().replace(seed=2**32 - 1).validate().seed == 2**32 - 1
 
 
 def test_batch_larger_than_data():

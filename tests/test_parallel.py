@@ -12,7 +12,7 @@ from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
 from sae_jax.config import ADAM, LayerConfig
-from sae_jax.recipes import model_config, run_pipeline
+from sae_jax.recipes import grid, model_config, run_pipeline
 
 SHARDED = textwrap.dedent("""
     import os
@@ -136,3 +136,18 @@ def test_sweep_arguments_are_checked():
         run_pipeline(config, train, seeds=[0, 1], hparams={"beta": [1, 2, 3]})
     with pytest.raises(ValueError, match="hparams need seeds"):
         run_pipeline(config, train, hparams={"beta": [1.0]})
+
+
+def test_grid_is_every_combination_with_every_seed_value_major():
+    assert grid([3, 4]) == ([3, 4], {}, [{}])
+    assert grid([3, 4], {}) == ([3, 4], {}, [{}])
+    seeds, hparams, points = grid([3, 4], {"beta": [1.0, 2.0, 3.0]})
+    assert seeds == [3, 4, 3, 4, 3, 4]
+    assert hparams == {"beta": [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]}
+    assert points == [{"beta": 1.0}, {"beta": 2.0}, {"beta": 3.0}]
+    seeds, hparams, points = grid([0, 1], {"beta": [1.0, 2.0], "rho": [0.1, 0.2, 0.3]})
+    assert len(seeds) == 12 and all(len(v) == 12 for v in hparams.values())
+    assert points == [{"beta": b, "rho": r} for b in (1.0, 2.0) for r in (0.1, 0.2, 0.3)]
+    for k, seed in enumerate(seeds):  # model k: point k // len(seeds), seed k % len(seeds)
+        assert seed == [0, 1][k % 2]
+        assert {name: v[k] for name, v in hparams.items()} == points[k // 2]
