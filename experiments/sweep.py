@@ -1,7 +1,6 @@
-"""Many models in one compiled program: seeds and hyperparameters vmapped together.
-
-This file is intentionally kept short: it parses flags and calls
-``sae_jax.experiment.run_sweep``.
+"""Many models in one compiled program: a grid of hyperparameter values times seeds,
+trained together (vmapped), one table row per grid point; the results go to
+<workdir>/sweep.json. Sweeps keep no checkpoints.
 
 Does unsupervised pretraining help? (Erhan et al., 2010), 5 seeds with and 5
 without pretraining:
@@ -13,6 +12,8 @@ A sweep of the KL weight: 4 values x 3 seeds, 12 models, one table row per value
 
   python experiments/sweep.py --config=tiny --seeds=3 --hparam=beta=0.5,1,2,3
 """
+
+# Flags only: the sweep itself is sae_jax.sweeps.run_sweep.
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from sae_jax.config import Config
 
 def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
     """``--hparam`` flags as ``{name: values}``, each value checked on ``config``."""
-    from sae_jax.experiment import UserError, check_models
+    from sae_jax.experiment import UserError
+    from sae_jax.sweeps import check_models
 
     hparams: dict[str, list[float]] = {}
     given: dict[str, str] = {}
@@ -47,13 +49,17 @@ def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__)
-    p.add_argument("--workdir", default="checkpoints/sweep", help="where sweep.json goes")
+    p.add_argument(
+        "--workdir",
+        default="checkpoints/sweep",
+        help="folder for sweep.json (default: checkpoints/sweep)",
+    )
     p.add_argument(
         "--seeds",
         type=int,
         default=4,
         help="N, the number of seeds: every combination of --hparam values is trained "
-        "with the seeds S, S+1, ..., S+N-1, S being --seed (default 4)",
+        "with the seeds S, S+1, ..., S+N-1, S being --seed (default: 4)",
     )
     p.add_argument(
         "--layers", default=None, help="hidden sizes, e.g. 500,500 (default: the preset's)"
@@ -69,16 +75,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "their values is trained with every seed, and the table has one row per "
         "combination (default: none, the preset's values)",
     )
-    p.add_argument("--study", default=None, help="'pretraining': also train without it")
+    p.add_argument(
+        "--study",
+        default=None,
+        help="'pretraining': also train every model without pretraining (default: none)",
+    )
     p.add_argument(
         "--compare_separate",
         action="store_true",
-        help="also train the models one after another and report both times",
+        help="also train the models one after another and report both times (default: off)",
     )
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.experiment import UserError, run_sweep
+        from sae_jax.experiment import UserError
+        from sae_jax.sweeps import run_sweep
 
         config = cli.start(flags)
         if flags.seeds < 1:
@@ -105,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             study=flags.study,
             compare_separate=flags.compare_separate,
             data=cli.data_spec(flags),
+            wait=flags.wait,
             log=cli.log,
         )
 

@@ -33,13 +33,9 @@ from sae_jax.models import to_float
 from sae_jax.parallel import default_mesh, initialize_distributed
 from sae_jax.progress import Progress
 from sae_jax.recipes import (
-    SWEEP_NAMES,
     PipelineResult,
     evaluate,
-    grid,
-    model_config,
     run_pipeline,
-    sweep,
 )
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -113,7 +109,7 @@ def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> Mnist:
     return mnist
 
 
-def _prepare(
+def prepare(
     config: Config, workdir: str | os.PathLike[str], data: DataSpec, log: Callable[[str], None]
 ) -> tuple[Path, Mnist]:
     """Check the config and the workdir, then load the data (before anything compiles)."""
@@ -126,6 +122,15 @@ def _prepare(
     mnist = _load(config, data, log)
     config.validate(num_train=len(mnist.train_images))
     return workdir, mnist
+
+
+def hold_workdir(
+    workdir: Path, *, wait: bool, log: Callable[[str], None]
+) -> WorkdirLock | nullcontext:
+    """Create ``workdir`` and hold its lock for the run (process 0 of a multi-host run
+    holds it for all): a context manager."""
+    make_workdir(workdir)
+    return WorkdirLock(workdir, wait=wait, log=log) if jax.process_index() == 0 else nullcontext()
 
 
 def run_mnist(
@@ -174,10 +179,8 @@ def run_mnist(
       Stopped: on SIGINT (or SIGTERM, see ``files.stop_on_sigterm``), saying where.
     """
     start = time.perf_counter()
-    workdir, mnist = _prepare(config, workdir, data, log)
-    make_workdir(workdir)
-    lock = WorkdirLock(workdir, wait=wait, log=log) if jax.process_index() == 0 else nullcontext()
-    with lock:
+    workdir, mnist = prepare(config, workdir, data, log)
+    with hold_workdir(workdir, wait=wait, log=log):
         options = None if pretrain else {"pretrain": False}
         store = RunStore(workdir, config, restart=restart, log=log, options=options)
         try:
@@ -319,153 +322,3 @@ def evaluate_saved(
         f"on {len(x)} test images"
     )
     return metrics
-
-
-def check_models(
-    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None = None
-) -> list[Config]:
-    """The validated config of each model of a sweep (``seeds`` and ``hparams`` as
-    ``recipes.sweep`` takes them: one entry per model), see ``model_config``.
-
-    Raises:
-      ConfigError: for a name not in ``SWEEP_NAMES``, and for the first model whose
-        config does not validate; the message names the field.
-    """
-    for name in hparams or {}:
-        if name not in SWEEP_NAMES:
-            raise ConfigError(f"cannot sweep {name!r}; choose from {', '.join(SWEEP_NAMES)}")
-    return [model_config(config, seeds, hparams, i).validate() for i in range(len(seeds))]
-
-
-def _test_error(accuracy: list[float]) -> dict[str, float]:
-    """The mean and sample standard deviation (0 for one model) of the test error."""
-    errors = 1.0 - np.asarray(accuracy, np.float64)
-    std = float(errors.std(ddof=1)) if len(errors) > 1 else 0.0
-    return {"test_error_mean": float(errors.mean()), "test_error_std": std}
-
-
-def _per_point(
-    points: list[dict[str, float]], seeds: list[int], accuracy: list[float]
-) -> list[dict[str, Any]]:
-    """The models of each grid point (value-major: ``len(seeds)`` in a row)."""
-    n = len(seeds)
-    return [
-        {"hparams": point, "seeds": list(seeds), "test_accuracy": accuracy[p * n : (p + 1) * n]}
-        | _test_error(accuracy[p * n : (p + 1) * n])
-        for p, point in enumerate(points)
-    ]
-
-
-def _log_table(runs: list[dict[str, Any]], names: list[str], log: Callable[[str], None]) -> None:
-    """One markdown row per grid point and pretraining choice, then the separate runs."""
-    columns = ["pretraining", *names, "test error (mean +- sample sd over seeds)", "per seed"]
-    log(f"| {' | '.join(columns)} | sweep wall (s) |")
-    log("| --- " * (len(columns) + 1) + "|")
-    for run in runs:
-        for point in run["points"]:
-            cells = ["yes" if run["pretrain"] else "no"]
-            cells += [f"{point['hparams'][name]:g}" for name in names]
-            cells.append(f"{point['test_error_mean']:.4f} +- {point['test_error_std']:.4f}")
-            cells.append(" ".join(f"{1 - a:.4f}" for a in point["test_accuracy"]))
-            log(f"| {' | '.join(cells)} | {run['wall_s']:.1f} |")
-    for run in runs:
-        if "separate_wall_s" in run:
-            log(
-                f"{'with' if run['pretrain'] else 'without'} pretraining: one sweep "
-                f"{run['wall_s']:.1f}s vs {len(run['test_accuracy'])} separate runs "
-                f"{run['separate_wall_s']:.1f}s: separate/sweep = "
-                f"{run['separate_over_sweep']:.2f}"
-            )
-
-
-def run_sweep(
-    config: Config,
-    workdir: str | os.PathLike[str],
-    *,
-    seeds: list[int],
-    hparams: dict[str, list[float]] | None = None,
-    study: str | None = None,
-    compare_separate: bool = False,
-    data: DataSpec = DEFAULT_DATA,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Train a grid of models in one compiled program per stage; write ``sweep.json``.
-
-    Every combination of the ``hparams`` values (a list per name in ``SWEEP_NAMES``)
-    is trained with every seed, value-major (see ``recipes.grid``); every model's
-    config is checked before the data is loaded. Prints one row per combination:
-    the mean and sample standard deviation of the test error over the seeds.
-
-    Args:
-      study: ``"pretraining"`` also trains the same models without pretraining and
-        reports the test error of both (Erhan et al., 2010).
-      compare_separate: also train the models one after another, and report the
-        time of both ways and their ratio.
-
-    Returns:
-      ``{"seeds", "hparams", "model_seeds", "model_hparams" (what ``sweep`` was
-      given), "runs": [{"pretrain", "test_accuracy": [one per model],
-      "test_error_mean", "test_error_std" (over all its models), "wall_s",
-      "points": [{"hparams", "seeds", "test_accuracy", "test_error_mean",
-      "test_error_std"}]}], ...}``.
-    """
-    if study not in (None, "pretraining"):
-        raise UserError(f"--study={study}: the only study is 'pretraining'")
-    model_seeds, model_hparams, points = grid(seeds, hparams)
-    model_configs = check_models(config, model_seeds, model_hparams)
-    workdir, mnist = _prepare(config, workdir, data, log)
-    x_train, x_test = mnist.train_images, mnist.test_images
-    train = (jnp.asarray(x_train), jnp.asarray(mnist.train_labels))
-    test = (jnp.asarray(x_test), jnp.asarray(mnist.test_labels))
-    log(
-        f"{config.name}: {len(model_seeds)} models at once ({len(points)} grid points x "
-        f"{len(seeds)} seeds), {len(x_train)} training / {len(x_test)} test images, "
-        f"layers {config.layer_sizes}"
-    )
-
-    def on_epoch(stage: str, epoch: int, metrics: dict[str, Any], seconds: float) -> None:
-        line = f"{stage:<10} epoch {epoch:>3} mean loss {np.mean(metrics['loss']):.6g}"
-        if "test_accuracy" in metrics:
-            line += f" mean test_accuracy {np.mean(metrics['test_accuracy']):.4f}"
-        log(f"{line} {seconds:.2f}s")
-
-    runs = []
-    for pretrain in (True, False) if study == "pretraining" else (True,):
-        log(f"-- {'with' if pretrain else 'without'} pretraining")
-        start = time.perf_counter()
-        accuracy = sweep(
-            config,
-            train,
-            test,
-            seeds=model_seeds,
-            hparams=model_hparams or None,
-            pretrain=pretrain,
-            on_epoch=on_epoch,
-        ).test["accuracy"]
-        wall = time.perf_counter() - start
-        run = {"pretrain": pretrain, "test_accuracy": accuracy, **_test_error(accuracy)}
-        run.update(wall_s=wall, points=_per_point(points, seeds, accuracy))
-        if compare_separate:
-            start = time.perf_counter()
-            alone = [
-                run_pipeline(model, train, test, pretrain=pretrain).test["accuracy"]
-                for model in model_configs
-            ]
-            run["separate_wall_s"] = time.perf_counter() - start
-            run["separate_test_accuracy"] = alone
-            run["separate_over_sweep"] = run["separate_wall_s"] / wall
-        runs.append(run)
-    summary = {
-        "config": config_to_json(config),
-        "seeds": list(seeds),
-        "hparams": hparams or {},
-        "model_seeds": model_seeds,
-        "model_hparams": model_hparams,
-        "runs": runs,
-        "platform": jax.default_backend(),
-        "versions": {"jax": jax.__version__},
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(workdir / "sweep.json", summary)
-    _log_table(runs, list(hparams or {}), log)
-    return summary

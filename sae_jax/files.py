@@ -263,8 +263,10 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def stopped(e: KeyboardInterrupt, where: str) -> Stopped:
-    """The ``Stopped`` to raise for ``e``: which signal, ``where``, and how to resume."""
+RESUME = "run the same command again to resume"
+
+
+def stopped(e: KeyboardInterrupt, where: str, advice: str = RESUME) -> Stopped:
+    """The ``Stopped`` to raise for ``e``: which signal, ``where``, and what to do."""
     signum = getattr(e, "signum", signal.SIGINT)
-    name = signal.Signals(signum).name
-    return Stopped(f"stopped by {name} {where}; run the same command again to resume", signum)
+    return Stopped(f"stopped by {signal.Signals(signum).name} {where}; {advice}", signum)
