@@ -319,7 +319,9 @@ class RunStore:
                 step_dir = directory / str(step)
                 problem = manifest_problem(self.workdir, step_dir)
                 if problem is None:
-                    return _restore_intact(manager, step, template, step_dir)
+                    tree, meta = _restore_intact(manager, step, template, step_dir)
+                    self._check_saved_config(meta, step_dir)
+                    return tree, meta
                 target = self._move_aside(step_dir)
                 manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
                 self.log(
@@ -330,6 +332,15 @@ class RunStore:
             return None
         finally:
             manager.close()
+
+    def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
+        """Refuse a checkpoint saved under another config (config.json replaced)."""
+        diffs = config_differences(meta.get("config", self._config), self._config)
+        if diffs:
+            raise CheckpointError(
+                f"{step_dir} was saved by a run with another config ({'; '.join(diffs)}); "
+                f"use another --workdir, or --restart to discard that run"
+            )
 
     def _move_aside(self, path: Path) -> Path:
         target_dir = self.workdir / "damaged"

@@ -186,7 +186,7 @@ def run_command(body: Callable[[], Any]) -> int:
     from sae_jax.data import DataError
     from sae_jax.engine import NonFiniteLossError
     from sae_jax.experiment import UserError
-    from sae_jax.files import CheckpointError, os_error_line, stop_on_sigterm
+    from sae_jax.files import RESUME, CheckpointError, os_error_line, stop_on_sigterm
 
     stop_on_sigterm()
     # Storage libraries log their failures from worker threads; we report them once.
@@ -202,7 +202,7 @@ def run_command(body: Callable[[], Any]) -> int:
         message, status = os_error_line(e), 1
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        message = str(e) or "stopped by SIGINT; run the same command again to resume"
+        message = str(e) or f"stopped by SIGINT; {RESUME}"
         status = 128 + signum
     print(f"error: {message}", file=sys.stderr)
     # Writes abandoned by the failure may still be pending in background coroutines;

@@ -246,6 +246,9 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(s)
 
 
+RESUME = "run the same command again to resume"
+
+
 class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped a run; the message says where, ``signum`` which."""
 
@@ -258,12 +261,9 @@ def stop_on_sigterm() -> None:
     """Make SIGTERM (what schedulers and Colab send) stop the run as Ctrl-C does."""
 
     def handler(signum: int, frame: Any) -> None:
-        raise Stopped("stopped by SIGTERM", signum)
+        raise Stopped(f"stopped by SIGTERM; {RESUME}", signum)
 
     signal.signal(signal.SIGTERM, handler)
-
-
-RESUME = "run the same command again to resume"
 
 
 def stopped(e: KeyboardInterrupt, where: str, advice: str = RESUME) -> Stopped:

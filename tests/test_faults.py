@@ -136,7 +136,7 @@ def test_a_workdir_that_cannot_be_a_folder_is_a_user_mistake(tmp_path, where):
 
 
 def test_a_file_size_limit_ends_in_one_line_and_the_run_goes_on(tmp_path):
-    flags = ["--config=tiny", "--no_figures", "--compilation_cache=off", f"--workdir={tmp_path}"]
+    flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={tmp_path}"]
     line = _one_line(_mnist(*flags, shell_prefix="ulimit -f 300"), 1)  # 300 kB per file
     assert line.startswith(f"error: cannot save the checkpoint {tmp_path}/")
     assert line.endswith(": File too large")
@@ -158,7 +158,7 @@ def tmpfs(tmp_path):
 
 
 def test_a_full_disk_ends_in_one_line_and_keeps_what_was_saved(tmpfs):
-    flags = ["--config=tiny", "--no_figures", f"--workdir={tmpfs / 'w'}"]
+    flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={tmpfs / 'w'}"]
     line = _one_line(_mnist(*flags), 1)
     assert line.startswith(f"error: cannot save the checkpoint {tmpfs}/w/checkpoints/pretrain_1/")
     assert line.endswith(": No space left on device")
@@ -179,7 +179,7 @@ def test_a_read_only_workdir_is_refused_but_can_be_evaluated(tmpfs, finished):
     assert proc.returncode == 0 and "test_accuracy" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("content", ["", '{"name": "tin', "[]", '{"name": "tiny"}'])
+@pytest.mark.parametrize("content", ['{"name": "tin', "[]", '{"name": "tiny"}'])
 def test_a_damaged_config_json_is_named(run_copy, content):
     config = run_copy / "config.json"
     config.write_text(content)
@@ -217,7 +217,7 @@ def test_an_intact_checkpoint_that_cannot_be_read_is_never_moved(run_copy):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_run_in_one_line_and_it_resumes(tmp_path, signum):
-    flags = ["--config=tiny", "--epochs=30", "--no_figures", f"--workdir={tmp_path}"]
+    flags = ["--config=tiny", "--epochs=8", "--no_figures", f"--workdir={tmp_path}"]
     proc = subprocess.Popen(
         [sys.executable, SCRIPT, *flags],
         stdout=subprocess.PIPE,
@@ -226,7 +226,7 @@ def test_a_signal_stops_the_run_in_one_line_and_it_resumes(tmp_path, signum):
         cwd=REPO,
     )
     for line in proc.stdout:
-        if line.startswith("pretrain_2 epoch   2/30"):
+        if line.startswith("pretrain_2 epoch   2/8"):
             proc.send_signal(signum)
             break
     out, err = proc.communicate(timeout=120)
@@ -250,3 +250,12 @@ def test_help_speaks_to_users_and_shows_defaults():
         for option in options:
             if not option.startswith("h, --help"):
                 assert "default" in option, f"{name}.py: -{option}"
+
+
+def test_checkpoints_of_another_config_are_refused_without_config_json(run_copy):
+    (run_copy / "config.json").unlink()
+    proc = _mnist("--config=tiny", "--epochs=2", "--no_figures", f"--workdir={run_copy}")
+    line = _one_line(proc, 2)
+    assert line.startswith(f"error: {run_copy}/frozen/pretrain_1/0 was saved by a run with ")
+    assert "another config (finetune_epochs: 1 -> 2;" in line
+    assert not (run_copy / "damaged").exists()
