@@ -189,8 +189,10 @@ def run_command(body: Callable[[], Any]) -> int:
     from sae_jax.files import RESUME, CheckpointError, os_error_line, stop_on_sigterm
 
     stop_on_sigterm()
-    # Storage libraries log their failures from worker threads; we report them once.
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    # Storage libraries log their failures from worker threads and abandoned tasks;
+    # the failure is reported once, below.
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         body()
         return 0

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 
-from sae_jax.checkpoint import load_model
+from sae_jax.checkpoint import RunStore, load_model
+from sae_jax.config import tiny
 from sae_jax.data import load_sample
 from sae_jax.files import CheckpointError, WorkdirLock, file_manifest
 
@@ -183,11 +184,18 @@ def test_a_read_only_workdir_is_refused_but_can_be_evaluated(tmpfs, finished):
 def test_a_damaged_config_json_is_named(run_copy, content):
     config = run_copy / "config.json"
     config.write_text(content)
-    for flags in ([*TINY, f"--workdir={run_copy}"], ["--eval_only", f"--workdir={run_copy}"]):
-        line = _one_line(_mnist(*flags), 2)
-        assert line.startswith(f"error: {config}: "), line
+    with pytest.raises(CheckpointError, match=f"^{config}: .*; --restart discards the run$"):
+        RunStore(run_copy, tiny().with_epochs(1), log=print)
     with pytest.raises(CheckpointError, match=f"^{config}: "):
         load_model(run_copy)
+
+
+def test_a_damaged_config_json_is_one_line_for_a_rerun_and_eval_only(run_copy):
+    config = run_copy / "config.json"
+    config.write_text(config.read_text()[:100])  # truncated
+    for flags in ([*TINY, f"--workdir={run_copy}"], ["--eval_only", f"--workdir={run_copy}"]):
+        line = _one_line(_mnist(*flags), 2)
+        assert line.startswith(f"error: {config}: the run's config is damaged (not JSON: "), line
 
 
 def test_a_damaged_manifest_condemns_only_its_checkpoint(run_copy):
