@@ -63,10 +63,10 @@ def manifest_problem(workdir: Path, step_dir: Path) -> str | None:
         return "it has no manifest (the run stopped while saving it)"
     try:
         expected = read_json(manifest, "manifest")
-        if not isinstance(expected, dict):
-            raise CheckpointError(f"{manifest}: the manifest is damaged (not a JSON object)")
     except CheckpointError as e:
         return str(e)
+    if not isinstance(expected, dict):
+        return f"{manifest}: the manifest is damaged (not a JSON object)"
     actual = file_manifest(step_dir)
     for name, entry in expected.items():
         if not (isinstance(entry, list) and len(entry) == 2):
