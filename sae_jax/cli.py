@@ -207,9 +207,6 @@ def run_command(body: Callable[[], Any]) -> int:
         message = str(e) or f"stopped by SIGINT; {RESUME}"
         status = 128 + signum
     print(f"error: {message}", file=sys.stderr)
-    # Writes abandoned by the failure may still be pending in background coroutines;
-    # their complaints at exit would only repeat this line.
-    sys.unraisablehook = lambda unraisable: None
     return status
 
 
