@@ -33,6 +33,7 @@ from sae_jax.config import Config, LayerConfig, OptimizerConfig
 from sae_jax.engine import Params, TrainState
 from sae_jax.files import (
     CheckpointError,
+    exception_line,
     failed_writes_quiet,
     file_manifest,
     make_workdir,
@@ -369,10 +370,9 @@ def _restore_intact(
     try:
         return _restore(manager, step, template)
     except Exception as e:  # orbax and tensorstore raise many kinds
-        text = str(e).strip()
-        reason = f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
         raise CheckpointError(
-            f"{step_dir}: cannot restore it although its files are intact ({reason}); "
+            f"{step_dir}: cannot restore it although its files are intact "
+            f"({exception_line(e)}); "
             f"it was left in place"
         ) from None
 

@@ -124,12 +124,17 @@ def storage_error(what: str, e: BaseException) -> OSError:
     (tensorstore reports an OS error as text ending in ``[os_error_code='28']``)."""
     if isinstance(e, OSError):
         return OSError(e.errno, f"{what}: {os_error_line(e)}")
-    text = str(e).strip()
-    code = re.search(r"os_error_code='(\d+)'", text)
+    code = re.search(r"os_error_code='(\d+)'", str(e))
     if code:
         return OSError(int(code.group(1)), f"{what}: {os.strerror(int(code.group(1)))}")
-    first = text.splitlines()[0][:200] if text else ""
-    return OSError(errno.EIO, f"{what}: {type(e).__name__}: {first}")
+    return OSError(errno.EIO, f"{what}: {exception_line(e)}")
+
+
+def exception_line(e: BaseException) -> str:
+    """``TypeName: first line of the message`` (at most 200 characters of it), for
+    libraries whose messages run over many lines."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def _abandoned_write(unraisable: Any) -> bool:
