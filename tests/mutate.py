@@ -1,0 +1,407 @@
+"""Mutation testing: plant one small bug at a time in a module and see whether the tests
+catch it.
+
+    python tests/mutate.py sae_jax/losses.py [sae_jax/engine.py ...] [--jobs=2]
+
+Each mutant changes one expression or statement of a module (an arithmetic or
+comparison operator swapped, ``and``/``or`` swapped, a ``not`` or unary minus dropped,
+a number made one larger, ``True``/``False`` swapped, a statement that is a call
+replaced by ``pass``). Docstrings, other strings, annotations and lines marked
+``# pragma: no mutate`` are left alone.
+
+One run first executes the test files once with every line of the target modules
+traced (in the test processes and in the scripts they start) to learn which tests run
+which line. Each mutant is then written into a private copy of the repository and
+only the tests that run its line are run, fastest first, stopping at the first
+failure. A mutant is *killed* when a test fails (or the tests time out), and
+*survives* when they all pass or when no test runs its line. The report lists every
+survivor; ``--json`` keeps all results.
+
+Without ``--tests`` the test files come from ``TESTS`` below (a module's own tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The fast tests of each module: those that exercise it directly.
+TESTS = {
+    "losses": ["test_losses.py", "test_engine.py"],
+    "corruption": ["test_corruption.py", "test_engine.py"],
+    "engine": ["test_engine.py", "test_parallel.py", "test_pipeline.py"],
+    "recipes": ["test_pipeline.py", "test_parallel.py", "test_checkpoint.py", "test_cli.py"],
+    "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
+}
+COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
+
+_SWAP = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Div, ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult,
+    ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd, ast.LShift: ast.RShift,
+    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+    ast.In: ast.NotIn, ast.NotIn: ast.In, ast.And: ast.Or, ast.Or: ast.And,
+}  # fmt: skip
+
+
+@dataclass
+class Mutant:
+    """One planted bug: the source segment from ``start`` to ``end`` (line, column)
+    replaced by ``text``."""
+
+    module: str
+    line: int
+    start: tuple[int, int]
+    end: tuple[int, int]
+    before: str
+    text: str
+    outcome: str = ""
+    seconds: float = 0.0
+
+    def apply(self, source: str) -> str:
+        lines = source.splitlines(keepends=True)
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line.encode()))
+        data = source.encode()
+        a = offsets[self.start[0] - 1] + self.start[1]
+        b = offsets[self.end[0] - 1] + self.end[1]
+        return (data[:a] + self.text.encode() + data[b:]).decode()
+
+
+# --------------------------------------------------------------------------- mutants
+
+
+def _skipped_nodes(tree: ast.Module) -> set[int]:
+    """ids of nodes never mutated: docstrings, annotations, f-strings, ``__all__``."""
+    skip = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            skip.append(first)  # a docstring (or a bare constant, which does nothing)
+        if isinstance(node, ast.arg | ast.AnnAssign) and node.annotation is not None:
+            skip.append(node.annotation)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.returns:
+            skip.append(node.returns)
+        if isinstance(node, ast.JoinedStr):
+            skip.append(node)
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+        ):
+            skip.append(node)
+    return {id(sub) for node in skip for sub in ast.walk(node)}
+
+
+def _variants(node: ast.AST) -> list[ast.AST]:
+    """The mutated copies of one node (an empty list for most nodes)."""
+
+    def changed(**fields):
+        new = type(node)(**{f: getattr(node, f) for f in node._fields})
+        for name, value in fields.items():
+            setattr(new, name, value)
+        return new
+
+    if isinstance(node, ast.BinOp | ast.AugAssign) and type(node.op) in _SWAP:
+        return [changed(op=_SWAP[type(node.op)]())]
+    if isinstance(node, ast.BoolOp):
+        return [changed(op=_SWAP[type(node.op)]())]
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _SWAP:
+        return [changed(ops=[_SWAP[type(node.ops[0])]()])]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.USub):
+        return [node.operand]
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
+        value = (not node.value) if isinstance(node.value, bool) else node.value + 1
+        return [ast.Constant(value)]
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        return [ast.Pass()]
+    return []
+
+
+def mutants(path: Path) -> list[Mutant]:
+    """Every mutant of the module at ``path``, in source order."""
+    source = path.read_text()
+    lines = source.splitlines()
+    tree = ast.parse(source)
+    skip = _skipped_nodes(tree)
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip or not hasattr(node, "end_lineno"):
+            continue
+        if "pragma: no mutate" in lines[node.lineno - 1]:
+            continue
+        for variant in _variants(node):
+            text = ast.unparse(variant)
+            if not isinstance(node, ast.stmt):
+                text = f"({text})"
+            found.append(
+                Mutant(
+                    module=path.stem,
+                    line=node.lineno,
+                    start=(node.lineno, node.col_offset),  # columns are UTF-8 byte offsets
+                    end=(node.end_lineno, node.end_col_offset),
+                    before=ast.get_source_segment(source, node).split("\n")[0],
+                    text=text,
+                )
+            )
+    return sorted(found, key=lambda m: (m.start, m.end))
+
+
+# --------------------------------------------------------------------------- tracing
+# The tracer runs inside the test processes: loaded with ``-p mutate`` by pytest, and by
+# a ``sitecustomize`` in every Python process those tests start.
+
+_HITS: set[tuple[str, int]] = set()
+
+
+def _start_tracing(targets: set[str]) -> None:
+    import threading
+
+    def local(frame, event, arg):
+        if event == "line":
+            _HITS.add((frame.f_code.co_filename, frame.f_lineno))
+        return local
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_filename in targets:
+            _HITS.add((frame.f_code.co_filename, frame.f_lineno))
+            return local
+        return None
+
+    sys.settrace(on_call)
+    threading.settrace(on_call)
+
+
+def _take_hits() -> dict[str, list[int]]:
+    hits: dict[str, list[int]] = {}
+    for name, line in sorted(_HITS):
+        hits.setdefault(name, []).append(line)
+    _HITS.clear()
+    return hits
+
+
+def trace_subprocess() -> None:
+    """Called from ``sitecustomize``: trace this process, write its lines at exit."""
+    import atexit
+
+    out = os.environ.get("SAE_JAX_MUTATE_HITS")
+    if not out:
+        return
+    _start_tracing(set(json.loads(os.environ["SAE_JAX_MUTATE_TARGETS"])))
+
+    def dump():
+        with open(f"{out}.{os.getpid()}", "w") as f:
+            json.dump(_take_hits(), f)
+
+    atexit.register(dump)
+
+
+def pytest_configure(config) -> None:
+    _start_tracing(set(json.loads(os.environ["SAE_JAX_MUTATE_TARGETS"])))
+
+
+def _write_record(name: str, record: dict) -> None:
+    out = Path(os.environ["SAE_JAX_MUTATE_OUT"])
+    with open(out / f"{os.getpid()}-{name}.json", "w") as f:
+        json.dump(record, f)
+
+
+def pytest_collection_finish(session) -> None:
+    # Lines run at import (definitions, defaults, constants) matter to every test.
+    _write_record("import", {"test": "*", "seconds": 0.0, "lines": _take_hits()})
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()  # each test traces what it runs, not a cache
+    _take_hits()
+    out = Path(os.environ["SAE_JAX_MUTATE_OUT"]) / f"{os.getpid()}-{abs(hash(item.nodeid))}"
+    os.environ["SAE_JAX_MUTATE_HITS"] = str(out)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    lines = _take_hits()
+    for part in out.parent.glob(out.name + ".*"):
+        for name, more in json.loads(part.read_text()).items():
+            lines[name] = sorted(set(lines.get(name, [])) | set(more))
+        part.unlink()
+    _write_record(out.name.split("-")[1], {"test": item.nodeid, "seconds": seconds, "lines": lines})
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _copy_repo(root: Path) -> Path:
+    """A private copy of the repository at ``root/repo``, with ``../shared`` beside it."""
+    repo = root / "repo"
+    repo.mkdir(parents=True)
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, repo / name)
+    if (REPO.parent / "shared").exists():
+        (root / "shared").symlink_to(REPO.parent / "shared")
+    return repo
+
+
+def _env(repo: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def map_lines(repo: Path, modules: list[str], tests: list[str], jobs: int) -> dict:
+    """Run ``tests`` once with the modules' lines traced.
+
+    Returns ``{module: {line: {test: seconds}}}``; lines run at import map to every
+    test that runs any line of the module.
+    """
+    out = repo.parent / "hits"
+    out.mkdir()
+    site = repo.parent / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(repo / 'tests')!r})\n"
+        "import mutate\nmutate.trace_subprocess()\n"
+    )
+    targets = {m: str(repo / "sae_jax" / f"{m}.py") for m in modules}
+    env = _env(repo, SAE_JAX_MUTATE_TARGETS=json.dumps(sorted(targets.values())))
+    env["SAE_JAX_MUTATE_OUT"] = str(out)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(repo / "tests"), env["PYTHONPATH"]])
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "mutate", "-p", "no:cacheprovider"]
+    cmd += ["-n", str(jobs), "--dist", "loadfile"] if jobs > 1 else ["-p", "no:xdist"]
+    proc = subprocess.run([*cmd, *tests], cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"the tests fail before any mutation:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    by_module: dict = {m: {} for m in modules}
+    imported: dict = {m: set() for m in modules}
+    for path in out.glob("*.json"):
+        record = json.loads(path.read_text())
+        for m, file in targets.items():
+            for line in record["lines"].get(file, []):
+                if record["test"] == "*":
+                    imported[m].add(line)
+                else:
+                    by_module[m].setdefault(line, {})[record["test"]] = record["seconds"]
+    for m in modules:
+        users = {t: s for tests_of_line in by_module[m].values() for t, s in tests_of_line.items()}
+        for line in imported[m]:
+            by_module[m][line] = {**users, **by_module[m].get(line, {})}
+    return by_module
+
+
+def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float]) -> None:
+    """Plant ``mutant`` in ``repo``, run ``tests`` (fastest first) and set its outcome."""
+    if not tests:
+        mutant.outcome = "survived (no test runs this line)"
+        return
+    path = repo / "sae_jax" / f"{mutant.module}.py"
+    original = path.read_text()
+    path.write_text(mutant.apply(original))
+    order = sorted(tests, key=tests.get)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    cmd += ["-p", "no:xdist", *order]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=repo, env=_env(repo), capture_output=True, text=True,
+            timeout=120 + 3 * sum(tests.values()),
+        )  # fmt: skip
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    finally:
+        path.write_text(original)
+    mutant.seconds = time.perf_counter() - start
+    if code == 0:
+        mutant.outcome = "survived"
+    elif code in (1, 2, "timeout"):
+        mutant.outcome = "killed" if code != "timeout" else "killed (timeout)"
+    else:
+        mutant.outcome = f"error (pytest exit {code}): {proc.stdout[-500:]}"
+
+
+def report(found: list[Mutant]) -> str:
+    """Per module: mutants, killed, survived, then every survivor."""
+    rows = [
+        "| module | mutants | killed | survived | killed % |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for module in dict.fromkeys(m.module for m in found):
+        ours = [m for m in found if m.module == module]
+        killed = sum(m.outcome.startswith("killed") for m in ours)
+        rows.append(
+            f"| {module} | {len(ours)} | {killed} | {len(ours) - killed} "
+            f"| {100 * killed / len(ours):.1f} |"
+        )
+    survivors = [m for m in found if not m.outcome.startswith("killed")]
+    rows += ["", f"{len(survivors)} survivor(s):"]
+    rows += [
+        f"  {m.module}.py:{m.line}: {m.before!r} -> {m.text!r}  [{m.outcome}]" for m in survivors
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="+", help="modules of sae_jax: names or paths")
+    parser.add_argument("--tests", nargs="+", help="test files (default: TESTS of each module)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    parser.add_argument("--lines", help="only mutants on lines A-B, e.g. 120-180")
+    parser.add_argument("--json", type=Path, help="write every mutant and its outcome here")
+    args = parser.parse_args(argv)
+    modules = [Path(m).stem for m in args.modules]
+    for m in modules:
+        if not (REPO / "sae_jax" / f"{m}.py").is_file():
+            parser.error(f"no module sae_jax/{m}.py")
+    files = args.tests or sorted({t for m in modules for t in TESTS.get(m, [f"test_{m}.py"])})
+    tests = [t if "/" in t else f"tests/{t}" for t in files]
+    found = [mut for m in modules for mut in mutants(REPO / "sae_jax" / f"{m}.py")]
+    if args.lines:
+        low, high = (int(x) for x in args.lines.split("-"))
+        found = [m for m in found if low <= m.line <= high]
+    with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
+        copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
+        start = time.perf_counter()
+        lines = map_lines(copies[0], modules, tests, args.jobs)
+        print(f"{len(found)} mutants; tests mapped to lines in {time.perf_counter() - start:.0f} s")
+        free = list(copies)
+
+        def work(mutant: Mutant) -> Mutant:
+            repo = free.pop()
+            try:
+                run_mutant(mutant, repo, lines[mutant.module].get(mutant.line, {}))
+            finally:
+                free.append(repo)
+            return mutant
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for i, m in enumerate(pool.map(work, found), 1):
+                print(f"[{i}/{len(found)}] {m.module}.py:{m.line} {m.text!r}: {m.outcome} "
+                      f"({m.seconds:.0f} s)", flush=True)  # fmt: skip
+    print(report(found))
+    if args.json:
+        args.json.write_text(json.dumps([vars(m) for m in found], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
