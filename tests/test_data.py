@@ -1,9 +1,11 @@
 """MNIST loading: IDX parsing and its damage cases, downloads from a local server,
-tensorflow-datasets, the bundled sample, and the real files."""
+tensorflow-datasets, the bundled sample, and the real files (where present)."""
 
 import gzip
+import hashlib
 import shutil
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+from conftest import MNIST_NAMES
 
 from sae_jax import data
 from sae_jax.data import DataError, load_idx_dir, load_mnist, read_idx, write_idx
@@ -55,12 +58,70 @@ def test_idx_round_trip(tmp_path, array, gz):
     np.testing.assert_array_equal(got, array)
 
 
-def test_idx_dir_round_trip_raw_and_gz(tmp_path):
-    for gz in (True, False):
-        folder = _fake_mnist_dir(tmp_path / str(gz), gz=gz)
-        m = load_idx_dir(folder, verify=False)
-        assert m.train_images.shape == (6, 28, 28) and m.test_labels.shape == (4,)
-        assert m.train_images.dtype == np.uint8 == m.train_labels.dtype
+# The IDX format spelled out by hand: magic number 0x0000TTNN (TT: type code, NN: the
+# number of dimensions), the dimensions as big-endian uint32, the data big-endian.
+_UINT8_IMAGES = np.arange(2 * 28 * 28, dtype=np.uint64).reshape(2, 28, 28).astype(np.uint8)
+_HAND_BUILT_IDX = [
+    (_UINT8_IMAGES, struct.pack(">IIII", 0x00000803, 2, 28, 28) + _UINT8_IMAGES.tobytes()),
+    (
+        np.array([5, 0, 4, 1, 9], np.uint8),
+        struct.pack(">II", 0x00000801, 5) + bytes([5, 0, 4, 1, 9]),
+    ),
+    (
+        np.array([[1, -2], [300, -70000]], np.int32),
+        struct.pack(">III", 0x00000C02, 2, 2) + struct.pack(">4i", 1, -2, 300, -70000),
+    ),
+    (
+        np.array([0.5, -1.25, 3e10], np.float32),
+        struct.pack(">II", 0x00000D01, 3) + struct.pack(">3f", 0.5, -1.25, 3e10),
+    ),
+]
+_HAND_BUILT_IDS = ["uint8-images", "uint8-labels", "int32", "float32"]
+
+
+@pytest.mark.parametrize("array,expected", _HAND_BUILT_IDX, ids=_HAND_BUILT_IDS)
+def test_write_idx_writes_the_format_byte_for_byte(tmp_path, array, expected):
+    write_idx(tmp_path / "x.idx", array)
+    assert (tmp_path / "x.idx").read_bytes() == expected
+    write_idx(tmp_path / "x.idx.gz", array)
+    compressed = (tmp_path / "x.idx.gz").read_bytes()
+    assert compressed[:2] == b"\x1f\x8b" and gzip.decompress(compressed) == expected
+
+
+@pytest.mark.parametrize("array,expected", _HAND_BUILT_IDX, ids=_HAND_BUILT_IDS)
+def test_read_idx_reads_hand_built_files(tmp_path, array, expected):
+    (tmp_path / "x.idx").write_bytes(expected)
+    (tmp_path / "x.idx.gz").write_bytes(gzip.compress(expected))
+    content_hash = hashlib.sha256(expected).hexdigest()  # of the uncompressed bytes
+    for name in ("x.idx", "x.idx.gz"):
+        got = read_idx(tmp_path / name, content_hash)
+        assert got.dtype == array.dtype and got.dtype.isnative
+        np.testing.assert_array_equal(got, array)
+    with pytest.raises(
+        DataError, match=rf"x.idx.gz: sha256 of the uncompressed content is {content_hash}"
+    ):
+        read_idx(tmp_path / "x.idx.gz", "0" * 64)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_dir_reads_hand_built_files(tmp_path, monkeypatch, synthetic_mnist, gz):
+    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    m = load_idx_dir(synthetic_mnist.write(tmp_path, gz=gz))  # verified with their own hashes
+    for key, want in synthetic_mnist.arrays.items():
+        np.testing.assert_array_equal(getattr(m, key), want, err_msg=key)
+        assert getattr(m, key).dtype == np.uint8
+
+
+def test_idx_dir_with_raw_and_gzipped_files_mixed(tmp_path, monkeypatch, synthetic_mnist):
+    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    for name, raw in synthetic_mnist.raw.items():
+        if name.startswith("t10k"):
+            (tmp_path / name).write_bytes(raw)
+        else:
+            (tmp_path / f"{name}.gz").write_bytes(gzip.compress(raw))
+    m = load_idx_dir(tmp_path)
+    for key, want in synthetic_mnist.arrays.items():
+        np.testing.assert_array_equal(getattr(m, key), want, err_msg=key)
 
 
 def _damaged(tmp_path, name, raw):
@@ -150,11 +211,18 @@ def test_missing_file_and_folder(tmp_path):
 
 
 def test_real_mnist_files(mnist_dir):
-    m = load_idx_dir(mnist_dir)  # verifies the canonical hashes
+    contents = {
+        name: gzip.decompress((mnist_dir / f"{name}.gz").read_bytes())
+        for name in MNIST_NAMES.values()
+    }
+    real = {name: hashlib.sha256(raw).hexdigest() for name, raw in contents.items()}
+    assert real == data.CANONICAL_SHA256
+    m = load_idx_dir(mnist_dir, verify=False)  # the hashes are checked above
     assert m.train_images.shape == (60000, 28, 28) and m.test_images.shape == (10000, 28, 28)
     assert m.train_labels.shape == (60000,) and m.test_labels.shape == (10000,)
-    x = m.train_images.astype(np.float64) / 255
-    assert round(x.mean(), 4) == 0.1307 and round(x.std(), 4) == 0.3081
+    x = m.train_images
+    assert round(x.mean(dtype=np.float64) / 255, 4) == 0.1307
+    assert round(x.std(dtype=np.float64) / 255, 4) == 0.3081
     assert list(m.train_labels[:5]) == [5, 0, 4, 1, 9]
     assert list(m.test_labels[:5]) == [7, 2, 1, 0, 4]
 
