@@ -10,11 +10,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import MNIST_NAMES
+from conftest import MNIST_NAMES, make_synthetic_mnist
 
 from sae_jax import data
 from sae_jax.data import DataError, load_idx_dir, load_mnist, read_idx, write_idx
@@ -242,11 +243,14 @@ def test_bundled_sample_is_the_head_of_real_mnist(mnist_dir):
 class _Handler(BaseHTTPRequestHandler):
     files: ClassVar[dict[str, bytes]] = {}
     truncate = False
+    status = 200  # any other: every request is answered with this error
+    requests: ClassVar[list[str]] = []
 
     def do_GET(self):
+        self.requests.append(self.path)
         body = self.files.get(self.path.rsplit("/", 1)[-1])
-        if body is None:
-            self.send_error(404)
+        if self.status != 200 or body is None:
+            self.send_error(404 if self.status == 200 else self.status)
             return
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -259,19 +263,33 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(mnist_dir):
-    """A local HTTP server serving copies of the real files; yields (handler class, url)."""
+def server(monkeypatch):
+    """A local HTTP server serving synthetic MNIST ``.gz`` files whose own hashes stand
+    in for the canonical ones; yields its handler class (``files``, ``truncate``,
+    ``status``, ``requests``), its ``url`` and the ``mnist`` it serves."""
+    mnist = make_synthetic_mnist(n_train=160)  # a training-image file of over 100 kB
+    monkeypatch.setattr(data, "CANONICAL_SHA256", mnist.sha256)
     handler = type(
         "Handler",
         (_Handler,),
-        {"files": {p.name: p.read_bytes() for p in mnist_dir.glob("*.gz")}, "truncate": False},
+        {"files": mnist.gz(), "truncate": False, "status": 200, "requests": []},
     )
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
-    yield handler, f"http://127.0.0.1:{httpd.server_address[1]}/mnist/"
+    yield SimpleNamespace(
+        handler=handler, url=f"http://127.0.0.1:{httpd.server_address[1]}/mnist/", mnist=mnist
+    )
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The seconds the download back-off asks to sleep, recorded instead of slept."""
+    asked = []
+    monkeypatch.setattr(data.time, "sleep", asked.append)
+    return asked
 
 
 def _cache_files(cache: Path):
@@ -279,76 +297,106 @@ def _cache_files(cache: Path):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+def _refused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    return f"http://127.0.0.1:{port}/"
+
+
 def test_download_happy_path_through_env_vars(server, tmp_path, monkeypatch, capsys):
-    _, url = server
-    monkeypatch.setenv("SAE_JAX_MNIST_MIRROR", url)
+    monkeypatch.setenv("SAE_JAX_MNIST_MIRROR", server.url)
     monkeypatch.setenv("SAE_JAX_CACHE_DIR", str(tmp_path / "cache"))
     logs = []
     m = load_mnist("download", log=logs.append)
     progress = capsys.readouterr().err.splitlines()  # not a terminal: one line per file
+    files = server.handler.files
+    assert 100_000 <= len(files["train-images-idx3-ubyte.gz"]) < 150_000
     assert progress == [
-        "  downloaded train-images-idx3-ubyte.gz (9.6 MB)",
-        "  downloaded train-labels-idx1-ubyte.gz (28.9 kB)",
-        "  downloaded t10k-images-idx3-ubyte.gz (1.6 MB)",
-        "  downloaded t10k-labels-idx1-ubyte.gz (4.5 kB)",
+        "  downloaded train-images-idx3-ubyte.gz (0.1 MB)",
+        *(
+            f"  downloaded {name} ({len(files[name]) / 1000:.1f} kB)"
+            for name in (
+                "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz",
+            )
+        ),
     ]
-    assert m.train_images.shape == (60000, 28, 28) and list(m.test_labels[:3]) == [7, 2, 1]
-    assert _cache_files(tmp_path / "cache") == sorted(f"{s}.gz" for s in data.MNIST_FILES.values())
-    assert "cache" in logs[-1]
+    for key, want in server.mnist.arrays.items():
+        np.testing.assert_array_equal(getattr(m, key), want, err_msg=key)
+    cache = tmp_path / "cache" / "mnist"
+    assert _cache_files(tmp_path / "cache") == sorted(files)
+    assert all((cache / name).read_bytes() == body for name, body in files.items())
+    assert logs == [f"MNIST: IDX files in the cache {cache} (downloaded where missing)"]
     # auto now finds the cache before trying the network
     logs.clear()
     load_mnist("auto", mirror="http://127.0.0.1:9/", log=logs.append)
-    assert logs == [f"MNIST: IDX files in {tmp_path / 'cache' / 'mnist'}"]
+    assert logs == [f"MNIST: IDX files in {cache}"]
+    assert len(server.handler.requests) == 4
 
 
 def test_download_of_corrupted_file_leaves_nothing(server, tmp_path):
-    handler, url = server
-    raw = bytearray(gzip.decompress(handler.files["train-labels-idx1-ubyte.gz"]))
-    raw[100] = (raw[100] + 1) % 10
-    handler.files = {**handler.files, "train-labels-idx1-ubyte.gz": gzip.compress(bytes(raw))}
+    name = "train-labels-idx1-ubyte"
+    raw = bytearray(server.mnist.raw[name])
+    raw[-1] = (raw[-1] + 1) % 10  # still a valid label file, but not the expected one
+    server.handler.files = {**server.handler.files, f"{name}.gz": gzip.compress(bytes(raw))}
     with pytest.raises(
         DataError,
-        match=r"train-labels-idx1-ubyte.gz: sha256 of the downloaded "
-        r"content is [0-9a-f]{64}, expected 65a50cbb",
+        match=rf"{name}.gz: sha256 of the downloaded content is [0-9a-f]{{64}}, "
+        rf"expected {server.mnist.sha256[name]}; nothing was saved",
     ):
-        data.download_mnist(tmp_path, url, progress=False, retries=1)
-    assert "train-labels-idx1-ubyte.gz" not in _cache_files(tmp_path)
-    assert not [n for n in _cache_files(tmp_path) if n.endswith(".part")]
+        data.download_mnist(tmp_path, server.url, progress=False, retries=1)
+    assert _cache_files(tmp_path) == ["train-images-idx3-ubyte.gz"]  # the one before it
+    # with verification off the same file is accepted
+    data.download_mnist(tmp_path, server.url, progress=False, retries=1, verify=False)
+    assert (tmp_path / "mnist" / f"{name}.gz").read_bytes() == gzip.compress(bytes(raw))
 
 
-def test_connection_closed_mid_file_leaves_no_partial_file(server, tmp_path):
-    handler, url = server
-    handler.truncate = True
-    with pytest.raises(DataError, match=r"cannot download .*train-images-idx3-ubyte.gz"):
-        data.download_mnist(tmp_path, url, progress=False, retries=2)
+def test_connection_closed_mid_file_leaves_no_partial_file(server, tmp_path, sleeps):
+    server.handler.truncate = True
+    with pytest.raises(
+        DataError,
+        match=r"cannot download .*train-images-idx3-ubyte.gz \(the connection closed "
+        r"\d+ bytes before the end of the file\)",
+    ):
+        data.download_mnist(tmp_path, server.url, progress=False, retries=2)
+    assert len(server.handler.requests) == 2 and sleeps == [0.5]
     assert _cache_files(tmp_path) == []
 
 
-def test_refused_port_fails_fast(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+def test_back_off_keeps_a_refused_download_under_two_seconds(tmp_path, sleeps):
+    # README: "With no network a download fails in under 2 seconds and says to use
+    # --data_dir": 3 attempts in all, waiting 0.5 s, then 1 s.
     start = time.perf_counter()
     with pytest.raises(DataError) as err:
         load_mnist(
             "download",
             cache_dir=tmp_path,
-            mirror=f"http://127.0.0.1:{port}/",
+            mirror=_refused_url(),
             progress=False,
             log=lambda s: None,
         )
-    assert time.perf_counter() - start < 5
+    attempts = time.perf_counter() - start  # without the sleeps
+    assert sleeps == [0.5, 1.0]
+    assert attempts + sum(sleeps) < 2
     assert "Connection refused" in str(err.value) and "--data_dir" in str(err.value)
     assert _cache_files(tmp_path) == []
 
 
-def test_404_is_not_retried(server, tmp_path):
-    handler, url = server
-    handler.files = {}
-    start = time.perf_counter()
+def test_server_errors_are_retried_with_the_same_back_off(server, tmp_path, sleeps):
+    server.handler.status = 503
+    with pytest.raises(DataError, match=r"HTTP 503"):
+        data.download_mnist(tmp_path, server.url, progress=False)
+    assert len(server.handler.requests) == 3 and sleeps == [0.5, 1.0]
+    assert _cache_files(tmp_path) == []
+
+
+def test_404_is_not_retried(server, tmp_path, sleeps):
+    server.handler.files = {}
     with pytest.raises(DataError, match=r"HTTP 404"):
-        data.download_mnist(tmp_path, url, progress=False)
-    assert time.perf_counter() - start < 0.4  # no back-off sleeps
+        data.download_mnist(tmp_path, server.url, progress=False)
+    assert server.handler.requests == ["/mnist/train-images-idx3-ubyte.gz"] and sleeps == []
 
 
 # --------------------------------------------------------------------------- sources
