@@ -3,7 +3,6 @@ tensorflow-datasets, the bundled sample, and the real files (where present)."""
 
 import gzip
 import hashlib
-import shutil
 import socket
 import struct
 import threading
@@ -402,14 +401,22 @@ def test_404_is_not_retried(server, tmp_path, sleeps):
 # --------------------------------------------------------------------------- sources
 
 
-def test_auto_prefers_data_dir_then_sample(tmp_path, mnist_dir):
+def test_auto_prefers_data_dir_then_sample(tmp_path, monkeypatch, synthetic_mnist):
+    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    folder = synthetic_mnist.write(tmp_path / "idx")
     logs = []
-    m = load_mnist("auto", mnist_dir, log=logs.append)
-    assert logs == [f"MNIST: IDX files in {mnist_dir}"] and len(m.train_images) == 60000
+    m = load_mnist("auto", folder, need=(1000, 500), log=logs.append)
+    assert logs == [f"MNIST: IDX files in {folder}"]
+    np.testing.assert_array_equal(m.test_images, synthetic_mnist.arrays["test_images"])
     logs.clear()
     m = load_mnist("auto", tmp_path / "empty", need=(1000, 500), log=logs.append)
-    assert logs[-1] == "MNIST: bundled sample mnist_sample.npz"
-    assert len(m.train_images) == 1000
+    assert logs == [
+        f"MNIST: no IDX files in {tmp_path / 'empty'}, looking elsewhere",
+        "MNIST: bundled sample mnist_sample.npz",
+    ]
+    assert (len(m.train_images), len(m.test_images)) == data.SAMPLE_SIZES == (1000, 500)
+    assert list(m.train_labels[:5]) == [5, 0, 4, 1, 9]  # the head of MNIST
+    assert list(m.test_labels[:5]) == [7, 2, 1, 0, 4]
 
 
 def test_unknown_source():
@@ -419,11 +426,33 @@ def test_unknown_source():
 
 def test_tfds_source_offline():
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=12):
+    with tfds.testing.mock_data(num_examples=12):  # its own random records
         m = load_mnist("tfds", log=lambda s: None)
     assert m.train_images.shape == (12, 28, 28) and m.train_images.dtype == np.uint8
     assert m.test_labels.shape == (12,) and m.test_labels.dtype == np.uint8
-    assert m.train_labels.max() <= 9
+    assert m.train_labels.max() <= 9 and m.source == "tensorflow-datasets"
+
+
+def test_tfds_train_and_test_splits_land_in_their_own_arrays():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    mnist = make_synthetic_mnist(n_train=5, n_test=3)  # tells the splits apart
+
+    def records(split):
+        images, labels = mnist.arrays[f"{split}_images"], mnist.arrays[f"{split}_labels"]
+        # as tensorflow-datasets' mnist gives them: image [28, 28, 1], label int64
+        return [
+            {"image": x[..., None], "label": np.int64(y)}
+            for x, y in zip(images, labels, strict=True)
+        ]
+
+    def as_data_source(builder, split, **kwargs):
+        return [records(str(s)) for s in split] if isinstance(split, list) else records(split)
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        m = load_mnist("tfds", log=lambda s: None)
+    for key, want in mnist.arrays.items():
+        np.testing.assert_array_equal(getattr(m, key), want, err_msg=key)
+        assert getattr(m, key).dtype == np.uint8
 
 
 def test_tfds_missing_is_a_data_error(monkeypatch):
@@ -440,15 +469,6 @@ def test_tfds_missing_is_a_data_error(monkeypatch):
     with pytest.raises(DataError, match=r"tensorflow-datasets is not installed"):
         data.load_tfds()
     assert not data.tfds_prepared()
-
-
-def test_copy_of_real_files_in_raw_form(mnist_dir, tmp_path):
-    for p in mnist_dir.glob("t10k-*.gz"):
-        (tmp_path / p.name[:-3]).write_bytes(gzip.decompress(p.read_bytes()))
-    for p in mnist_dir.glob("train-*.gz"):
-        shutil.copy(p, tmp_path / p.name)
-    m = load_idx_dir(tmp_path)
-    assert len(m.test_images) == 10000
 
 
 def test_data_paths_may_be_relative_or_start_with_home(tmp_path, monkeypatch):
