@@ -1,9 +1,13 @@
 """Shared test fixtures and paths."""
 
+import gzip
+import hashlib
 import os
+import struct
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,73 @@ def mnist_dir() -> Path:
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"no MNIST files at {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+# The canonical MNIST file names, spelled out here rather than taken from sae_jax.
+MNIST_NAMES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_bytes(array) -> bytes:
+    """The IDX bytes of a uint8 array, built from the format's definition without
+    sae_jax: the magic number 0x000008NN (0x08: unsigned bytes, NN: the number of
+    dimensions), each dimension as a big-endian uint32, then the bytes in C order."""
+    import numpy as np
+
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise TypeError(f"idx_bytes builds uint8 files only, not {array.dtype}")
+    dims = struct.pack(f">{array.ndim}I", *array.shape)
+    return struct.pack(">I", 0x00000800 | array.ndim) + dims + array.tobytes()
+
+
+@dataclass(frozen=True)
+class SyntheticMnist:
+    """Random MNIST-shaped data and its four IDX files, built without sae_jax."""
+
+    arrays: dict  # train_images, train_labels, test_images, test_labels (uint8)
+    raw: dict  # file name (no .gz) -> uncompressed IDX bytes
+    sha256: dict  # file name -> sha256 of raw: a stand-in for the canonical hashes
+
+    def gz(self) -> dict:
+        """The gzipped files: ``<name>.gz`` -> bytes."""
+        return {f"{name}.gz": gzip.compress(raw, mtime=0) for name, raw in self.raw.items()}
+
+    def write(self, folder: Path, gz: bool = True) -> Path:
+        """Write the four files into ``folder`` (made if missing), gzipped or raw."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = self.gz() if gz else self.raw
+        for name, body in files.items():
+            (folder / name).write_bytes(body)
+        return folder
+
+
+def make_synthetic_mnist(n_train: int = 6, n_test: int = 4, seed: int = 0) -> SyntheticMnist:
+    """``n_train`` and ``n_test`` random 28x28 uint8 images with labels in 0..9; the
+    test images are all below 128 and the training images all above, so the splits
+    cannot be mistaken for each other."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_images": rng.integers(128, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": rng.integers(0, 10, n_train).astype(np.uint8),
+        "test_images": rng.integers(0, 128, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+    raw = {MNIST_NAMES[key]: idx_bytes(array) for key, array in arrays.items()}
+    sha256 = {name: hashlib.sha256(body).hexdigest() for name, body in raw.items()}
+    return SyntheticMnist(arrays, raw, sha256)
+
+
+@pytest.fixture
+def synthetic_mnist() -> SyntheticMnist:
+    """``make_synthetic_mnist()``: 6 training and 4 test examples."""
+    return make_synthetic_mnist()
 
 
 def synthetic_digits(n: int, seed: int, features: int = 64, classes: int = 4):

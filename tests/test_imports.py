@@ -1,23 +1,51 @@
 """The pure layers import nothing heavy; the package's public face resolves."""
 
+import json
 import subprocess
 import sys
 
 import sae_jax
 
+# What ``import jax`` brings along: its dependencies, and the optional packages it
+# imports when installed (etils.epath, pygments for its debugger, typing_extensions
+# for its MLIR bindings, zstandard and filelock for its compilation cache).
+JAX_IMPORTS = {
+    "jax",
+    "jaxlib",
+    "numpy",
+    "ml_dtypes",
+    "opt_einsum",
+    "scipy",
+    "etils",
+    "pygments",
+    "typing_extensions",
+    "zstandard",
+    "filelock",
+}
+
 
 def test_losses_and_corruption_import_only_jax():
+    # Everything imported beyond the standard library must be on the list above.
     code = (
-        "import sys, sae_jax.losses, sae_jax.corruption\n"
-        "heavy = sorted({m.split('.')[0] for m in sys.modules}"
-        " & {'flax', 'orbax', 'tensorflow_datasets', 'tensorflow', 'optax'})\n"
-        "own = sorted(m for m in sys.modules if m.startswith('sae_jax.')"
-        " and m not in ('sae_jax.losses', 'sae_jax.corruption'))\n"
-        "print(heavy, own)\n"
-        "sys.exit(1 if heavy or own else 0)\n"
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        "import sae_jax.losses, sae_jax.corruption\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    new = json.loads(proc.stdout)
+    own = {m for m in new if m.startswith("sae_jax.")}
+    assert own == {"sae_jax.losses", "sae_jax.corruption"}
+    others = {m.partition(".")[0] for m in new if m != "sae_jax" and m not in own}
+    not_allowed = {
+        m
+        for m in others - set(sys.stdlib_module_names) - JAX_IMPORTS
+        # made by the interpreter and by Cython-compiled modules, not imported from disk
+        if not m.startswith(("_sysconfigdata_", "_cython_")) and m != "cython_runtime"
+    }
+    assert not not_allowed, f"sae_jax.losses or .corruption imports {sorted(not_allowed)}"
+    assert "jax" in others
 
 
 def test_public_names_resolve():
