@@ -227,9 +227,14 @@ def pytest_collection_finish(session) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        item.mutate_failed = True
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    if "jax" in sys.modules:
-        sys.modules["jax"].clear_caches()  # each test traces what it runs, not a cache
     _take_hits()
     out = Path(os.environ["SAE_JAX_MUTATE_OUT"]) / f"{os.getpid()}-{abs(hash(item.nodeid))}"
     os.environ["SAE_JAX_MUTATE_HITS"] = str(out)
@@ -241,7 +246,8 @@ def pytest_runtest_protocol(item, nextitem):
         for name, more in json.loads(part.read_text()).items():
             lines[name] = sorted(set(lines.get(name, [])) | set(more))
         part.unlink()
-    _write_record(out.name.split("-")[1], {"test": item.nodeid, "seconds": seconds, "lines": lines})
+    record = {"test": item.nodeid, "seconds": seconds, "lines": lines}
+    _write_record(out.name.split("-")[1], {**record, "failed": hasattr(item, "mutate_failed")})
 
 
 # --------------------------------------------------------------------------- running
@@ -289,12 +295,17 @@ def map_lines(repo: Path, modules: list[str], tests: list[str], jobs: int) -> di
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "mutate", "-p", "no:cacheprovider"]
     cmd += ["-n", str(jobs), "--dist", "loadfile"] if jobs > 1 else ["-p", "no:xdist"]
     proc = subprocess.run([*cmd, *tests], cwd=repo, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"the tests fail before any mutation:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    records = [json.loads(path.read_text()) for path in out.glob("*.json")]
+    failed = sorted(r["test"] for r in records if r.get("failed"))
+    if proc.returncode != 0 and not failed:
+        sys.exit(f"the tests cannot run:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    for test in failed:  # such a test would "kill" every mutant: it is left out
+        print(f"left out: {test} fails with its lines traced, before any mutation")
     by_module: dict = {m: {} for m in modules}
     imported: dict = {m: set() for m in modules}
-    for path in out.glob("*.json"):
-        record = json.loads(path.read_text())
+    for record in records:
+        if record.get("failed"):
+            continue
         for m, file in targets.items():
             for line in record["lines"].get(file, []):
                 if record["test"] == "*":
@@ -367,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
     parser.add_argument("--lines", help="only mutants on lines A-B, e.g. 120-180")
     parser.add_argument("--json", type=Path, help="write every mutant and its outcome here")
+    parser.add_argument(
+        "--retry",
+        type=Path,
+        help="only the survivors of this --json report, each against all the test files",
+    )
     args = parser.parse_args(argv)
     modules = [Path(m).stem for m in args.modules]
     for m in modules:
@@ -378,10 +394,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.lines:
         low, high = (int(x) for x in args.lines.split("-"))
         found = [m for m in found if low <= m.line <= high]
+    if args.retry:
+        before = json.loads(args.retry.read_text())
+        again = {(m["module"], m["line"], m["before"], m["text"]) for m in before}
+        again -= {(m["module"], m["line"], m["before"], m["text"]) for m in before
+                  if m["outcome"].startswith("killed")}  # fmt: skip
+        found = [m for m in found if (m.module, m.line, m.before, m.text) in again]
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
         copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
         start = time.perf_counter()
-        lines = map_lines(copies[0], modules, tests, args.jobs)
+        if args.retry:
+            every = dict.fromkeys(tests, 0.0)
+            lines = {m: dict.fromkeys(range(1, 100_000), every) for m in modules}
+        else:
+            lines = map_lines(copies[0], modules, tests, args.jobs)
         print(f"{len(found)} mutants; tests mapped to lines in {time.perf_counter() - start:.0f} s")
         free = list(copies)
 
