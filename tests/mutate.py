@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The fast tests of each module: those that exercise it directly.
 TESTS = {
-    "losses": ["test_losses.py", "test_engine.py"],
-    "corruption": ["test_corruption.py", "test_engine.py"],
-    "engine": ["test_engine.py", "test_parallel.py", "test_pipeline.py"],
-    "recipes": ["test_pipeline.py", "test_parallel.py", "test_checkpoint.py", "test_cli.py"],
+    "losses": ["test_losses.py", "test_models.py", "test_engine.py"],
+    "corruption": ["test_corruption.py", "test_models.py", "test_engine.py"],
+    "engine": ["test_engine.py", "test_pipeline.py", "test_parallel.py"],
+    "recipes": ["test_pipeline.py", "test_models.py", "test_parallel.py", "test_checkpoint.py"],
     "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
@@ -277,7 +277,7 @@ def _env(repo: Path, **extra: str) -> dict[str, str]:
 def map_lines(repo: Path, modules: list[str], tests: list[str], jobs: int) -> dict:
     """Run ``tests`` once with the modules' lines traced.
 
-    Returns ``{module: {line: {test: seconds}}}``; lines run at import map to every
+    Returns ``{module: {str(line): {test: seconds}}}``; lines run at import map to every
     test that runs any line of the module.
     """
     out = repo.parent / "hits"
@@ -311,25 +311,26 @@ def map_lines(repo: Path, modules: list[str], tests: list[str], jobs: int) -> di
                 if record["test"] == "*":
                     imported[m].add(line)
                 else:
-                    by_module[m].setdefault(line, {})[record["test"]] = record["seconds"]
+                    by_module[m].setdefault(str(line), {})[record["test"]] = record["seconds"]
     for m in modules:
         users = {t: s for tests_of_line in by_module[m].values() for t, s in tests_of_line.items()}
-        for line in imported[m]:
+        for line in map(str, imported[m]):
             by_module[m][line] = {**users, **by_module[m].get(line, {})}
     return by_module
 
 
-def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float]) -> None:
-    """Plant ``mutant`` in ``repo``, run ``tests`` (fastest first) and set its outcome."""
+def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float], skip: list[str]) -> None:
+    """Plant ``mutant`` in ``repo``, run ``tests`` (fastest first, not those in ``skip``)
+    and set its outcome."""
     if not tests:
-        mutant.outcome = "survived (no test runs this line)"
+        mutant.outcome = "survived (no fast test runs this line)"
         return
     path = repo / "sae_jax" / f"{mutant.module}.py"
     original = path.read_text()
     path.write_text(mutant.apply(original))
     order = sorted(tests, key=tests.get)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-    cmd += ["-p", "no:xdist", *order]
+    cmd += ["-p", "no:xdist", *order, *(f"--deselect={t}" for t in skip)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -379,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lines", help="only mutants on lines A-B, e.g. 120-180")
     parser.add_argument("--json", type=Path, help="write every mutant and its outcome here")
     parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="leave out the tests slower than this when traced (default 30)",
+    )
+    parser.add_argument(
+        "--map", type=Path, help="keep the map of lines to tests here and reuse it when present"
+    )
+    parser.add_argument(
         "--retry",
         type=Path,
         help="only the survivors of this --json report, each against all the test files",
@@ -403,18 +413,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
         copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
         start = time.perf_counter()
-        if args.retry:
-            every = dict.fromkeys(tests, 0.0)
-            lines = {m: dict.fromkeys(range(1, 100_000), every) for m in modules}
+        if args.map and args.map.exists():
+            lines = json.loads(args.map.read_text())
+        elif args.retry:
+            lines = {m: {} for m in modules}
         else:
             lines = map_lines(copies[0], modules, tests, args.jobs)
+            if args.map:
+                args.map.write_text(json.dumps(lines))
         print(f"{len(found)} mutants; tests mapped to lines in {time.perf_counter() - start:.0f} s")
+        known = {t: sec for m in lines.values() for run in m.values() for t, sec in run.items()}
+        slow = sorted(t for t, sec in known.items() if sec > args.max_seconds)
+        print(f"left out as slow (over {args.max_seconds:g} s traced): {len(slow)} tests")
+        if args.retry:  # whole files: the tests written since the map was made run too
+            every = dict.fromkeys(tests, 0.0)
+            lines = {m: {str(line): every for line in range(1, 5000)} for m in modules}
         free = list(copies)
 
         def work(mutant: Mutant) -> Mutant:
             repo = free.pop()
             try:
-                run_mutant(mutant, repo, lines[mutant.module].get(mutant.line, {}))
+                run = lines[mutant.module].get(str(mutant.line), {})
+                fast = {t: sec for t, sec in run.items() if sec <= args.max_seconds}
+                run_mutant(mutant, repo, fast, slow if args.retry else [])
             finally:
                 free.append(repo)
             return mutant
