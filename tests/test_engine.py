@@ -70,6 +70,40 @@ def test_every_example_is_used_once_per_epoch():
         np.testing.assert_allclose(h["loss"], 51.0, rtol=1e-6)
 
 
+def _record_steps(key, n=23, batch_size=5, epochs=2):
+    """Run ``fit`` with a loss that records, step by step, the example indices of its
+    minibatch and the PRNG key it was given: ``[(indices, key), ...]`` in step order."""
+    seen = []
+
+    def recording(params, batch, key):
+        record = lambda idx, k: seen.append((np.asarray(idx).tolist(), np.asarray(k).tolist()))
+        jax.debug.callback(record, batch[0], key, ordered=True)
+        return 0.0 * params["b"][0], {}
+
+    data = (jnp.arange(n, dtype=jnp.int32),)
+    fit(recording, _params(), optax.sgd(0.0), data, batch_size=batch_size, epochs=epochs, key=key)
+    return seen
+
+
+def test_each_epoch_shuffles_anew_and_each_step_has_its_own_key():
+    seen = _record_steps(KEY)
+    assert len(seen) == 2 * 5  # 4 full batches of 5 and the remainder of 3, twice
+    orders = []
+    for epoch in (seen[:5], seen[5:]):
+        assert [len(idx) for idx, _ in epoch] == [5, 5, 5, 5, 3]
+        order = [i for idx, _ in epoch for i in idx]
+        assert sorted(order) == list(range(23))  # every example exactly once
+        orders.append(order)
+    assert orders[0] != orders[1], "the second epoch repeated the first epoch's order"
+    assert orders[0] != list(range(23))  # shuffled at all
+    keys = [tuple(k) for _, k in seen]
+    assert len(set(keys)) == len(keys), "two steps got the same key (e.g. the same noise)"
+    assert _record_steps(KEY) == seen  # the same key gives the same order and keys
+    other = _record_steps(jax.random.PRNGKey(1))
+    assert [idx for idx, _ in other] != [idx for idx, _ in seen]
+    assert not {tuple(k) for _, k in other} & set(keys)
+
+
 def test_deterministic_for_a_seed():
     x, y, _ = _regression()
     run = lambda key: fit(
