@@ -14,9 +14,10 @@ import sae_jax
 from sae_jax.config import ADAM, LayerConfig
 from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE, grid, model_config, run_pipeline
 
-SHARDED = textwrap.dedent("""
+SHARDED = textwrap.dedent(r"""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import re
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from sae_jax.config import LayerConfig, tiny
@@ -48,6 +49,11 @@ SHARDED = textwrap.dedent("""
         state = jax.device_put(init_state(params, opt), jax.NamedSharding(mesh, P()))
         hlo = epoch.lower(state, tuple(place_data(a, mesh) for a in data), key).compile().as_text()
         assert "all-reduce" in hlo  # gradients are summed over the devices
+        # Each device multiplies only its 40 / 8 = 5 rows of the minibatch: the
+        # partitioned program's matmuls have 5 rows, never the whole batch of 40.
+        dots = re.findall(r"= f32\[(\d+),(\d+)\]\{[^}]*\} dot\(", hlo)
+        rows = {int(r) for r, _ in dots}
+        assert dots and 5 in rows and not {40, 400} & rows, sorted(set(dots))
 
     layer = LayerConfig(features=16, rho=0.1, beta=1.0, weight_decay=1e-4,
                         noise="masking", noise_level=0.2)
