@@ -36,6 +36,22 @@ def test_fit_learns_a_linear_map():
     np.testing.assert_allclose(result.state.params["w"], w_true, atol=2e-2)
 
 
+def test_full_batch_sgd_matches_numpy_gradient_descent():
+    x, y, _ = _regression(n=20)
+    xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w, b = np.zeros((5, 1)), np.zeros((1,))
+    losses = []
+    for _ in range(3):  # d/dw mean((xw + b - y)^2) = 2/n x^T (xw + b - y)
+        err = xn @ w + b - yn
+        losses.append(np.mean(err**2))
+        w, b = w - 0.1 * 2 * xn.T @ err / 20, b - 0.1 * 2 * err.mean(0)
+    result = fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=20, epochs=3, key=KEY)
+    np.testing.assert_allclose(result.state.params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.state.params["b"], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in result.history], losses, rtol=1e-5)
+    np.testing.assert_allclose([h["mse"] for h in result.history], losses, rtol=1e-5)
+
+
 def test_second_epoch_does_not_recompile():
     traces = []
 
