@@ -65,8 +65,9 @@ def _reference(key, x, kind, level):
         return np.where(np.asarray(jax.random.uniform(key, x.shape)) < level, 0.0, x)
     if kind == "gaussian":
         return x + level * np.asarray(jax.random.normal(key, x.shape))
-    hit_key, salt_key = jax.random.split(key)  # salt_and_pepper: destroyed entries become
-    hit = np.asarray(jax.random.uniform(hit_key, x.shape)) < level  # 0 or 1, half each
+    # salt_and_pepper: each destroyed entry becomes 0 or 1, with probability 1/2 each.
+    hit_key, salt_key = jax.random.split(key)
+    hit = np.asarray(jax.random.uniform(hit_key, x.shape)) < level
     salt = np.asarray(jax.random.bernoulli(salt_key, 0.5, x.shape))
     return np.where(hit, np.where(salt, 1.0, 0.0), x)
 
