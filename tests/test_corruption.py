@@ -42,20 +42,46 @@ def test_salt_and_pepper_fraction_and_balance(rate):
     np.testing.assert_array_equal(out[~hit], np.asarray(X)[~hit])
 
 
-def test_same_key_same_noise_and_vmap():
-    a = corruption.masking_noise(KEY, X, 0.3)
-    np.testing.assert_array_equal(a, corruption.masking_noise(KEY, X, 0.3))
+@pytest.mark.parametrize("kind", sorted(corruption.CORRUPTIONS))
+def test_same_key_same_noise_other_key_other_noise_and_vmap(kind):
+    fn = jax.jit(corruption.CORRUPTIONS[kind])
+    a = np.asarray(fn(KEY, X, 0.3))
+    np.testing.assert_array_equal(a, fn(KEY, X, 0.3))
     keys = jax.random.split(KEY, 3)
-    batched = jax.vmap(corruption.masking_noise, in_axes=(0, None, None))(keys, X, 0.3)
+    batched = jax.jit(jax.vmap(fn, in_axes=(0, None, None)))(keys, X, 0.3)
+    outs = [np.asarray(fn(k, X, 0.3)) for k in keys]
     for i in range(3):
-        np.testing.assert_array_equal(batched[i], corruption.masking_noise(keys[i], X, 0.3))
+        np.testing.assert_array_equal(batched[i], outs[i])
+    # Another key corrupts other entries: about 2 * 0.3 * 0.7 of them differ (gaussian: all).
+    for other in outs:
+        changed = np.mean(other != a)
+        assert changed > 0.3, f"{kind}: another key changed only {changed:.1%} of the entries"
+
+
+def _reference(key, x, kind, level):
+    """The documented corruptions written out in numpy, from the same uniform/normal draws."""
+    x = np.asarray(x)
+    if kind == "masking":  # each entry destroyed (set to 0) where its draw is below the rate
+        return np.where(np.asarray(jax.random.uniform(key, x.shape)) < level, 0.0, x)
+    if kind == "gaussian":
+        return x + level * np.asarray(jax.random.normal(key, x.shape))
+    # salt_and_pepper: each destroyed entry becomes 0 or 1, with probability 1/2 each.
+    hit_key, salt_key = jax.random.split(key)
+    hit = np.asarray(jax.random.uniform(hit_key, x.shape)) < level
+    salt = np.asarray(jax.random.bernoulli(salt_key, 0.5, x.shape))
+    return np.where(hit, np.where(salt, 1.0, 0.0), x)
+
+
+@pytest.mark.parametrize(
+    "kind,level", [("masking", 0.2), ("gaussian", 0.3), ("salt_and_pepper", 0.4)]
+)
+def test_corrupt_matches_numpy_formula(kind, level):
+    got = jax.jit(corruption.corrupt, static_argnums=2)(KEY, X, kind, level)
+    np.testing.assert_allclose(got, _reference(KEY, X, kind, level), rtol=1e-6, atol=1e-7)
 
 
 def test_corrupt_dispatch():
     np.testing.assert_array_equal(corruption.corrupt(KEY, X, "none", 0.0), X)
-    np.testing.assert_array_equal(
-        corruption.corrupt(KEY, X, "masking", 0.2), corruption.masking_noise(KEY, X, 0.2)
-    )
     with pytest.raises(ValueError, match="unknown corruption 'bogus'"):
         corruption.corrupt(KEY, X, "bogus", 0.1)
 

@@ -36,6 +36,22 @@ def test_fit_learns_a_linear_map():
     np.testing.assert_allclose(result.state.params["w"], w_true, atol=2e-2)
 
 
+def test_full_batch_sgd_matches_numpy_gradient_descent():
+    x, y, _ = _regression(n=20)
+    xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w, b = np.zeros((5, 1)), np.zeros((1,))
+    losses = []
+    for _ in range(3):  # d/dw mean((xw + b - y)^2) = 2/n x^T (xw + b - y)
+        err = xn @ w + b - yn
+        losses.append(np.mean(err**2))
+        w, b = w - 0.1 * 2 * xn.T @ err / 20, b - 0.1 * 2 * err.mean(0)
+    result = fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=20, epochs=3, key=KEY)
+    np.testing.assert_allclose(result.state.params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.state.params["b"], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in result.history], losses, rtol=1e-5)
+    np.testing.assert_allclose([h["mse"] for h in result.history], losses, rtol=1e-5)
+
+
 def test_second_epoch_does_not_recompile():
     traces = []
 
@@ -68,6 +84,40 @@ def test_every_example_is_used_once_per_epoch():
     ).history
     for h in history:
         np.testing.assert_allclose(h["loss"], 51.0, rtol=1e-6)
+
+
+def _record_steps(key, n=23, batch_size=5, epochs=2):
+    """Run ``fit`` with a loss that records, step by step, the example indices of its
+    minibatch and the PRNG key it was given: ``[(indices, key), ...]`` in step order."""
+    seen = []
+
+    def recording(params, batch, key):
+        record = lambda idx, k: seen.append((np.asarray(idx).tolist(), np.asarray(k).tolist()))
+        jax.debug.callback(record, batch[0], key, ordered=True)
+        return 0.0 * params["b"][0], {}
+
+    data = (jnp.arange(n, dtype=jnp.int32),)
+    fit(recording, _params(), optax.sgd(0.0), data, batch_size=batch_size, epochs=epochs, key=key)
+    return seen
+
+
+def test_each_epoch_shuffles_anew_and_each_step_has_its_own_key():
+    seen = _record_steps(KEY)
+    assert len(seen) == 2 * 5  # 4 full batches of 5 and the remainder of 3, twice
+    orders = []
+    for epoch in (seen[:5], seen[5:]):
+        assert [len(idx) for idx, _ in epoch] == [5, 5, 5, 5, 3]
+        order = [i for idx, _ in epoch for i in idx]
+        assert sorted(order) == list(range(23))  # every example exactly once
+        orders.append(order)
+    assert orders[0] != orders[1], "the second epoch repeated the first epoch's order"
+    assert orders[0] != list(range(23))  # shuffled at all
+    keys = [tuple(k) for _, k in seen]
+    assert len(set(keys)) == len(keys), "two steps got the same key (e.g. the same noise)"
+    assert _record_steps(KEY) == seen  # the same key gives the same order and keys
+    other = _record_steps(jax.random.PRNGKey(1))
+    assert [idx for idx, _ in other] != [idx for idx, _ in seen]
+    assert not {tuple(k) for _, k in other} & set(keys)
 
 
 def test_deterministic_for_a_seed():

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sae_jax import recipes
 from sae_jax.config import LayerConfig, seed, tiny
+from sae_jax.corruption import corrupt
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
@@ -129,21 +131,141 @@ def test_seed_layer_loss_matches_numpy_formula():
     np.testing.assert_allclose(terms["sparsity"], 3.0 * kl, rtol=1e-5)
 
 
+def _np_layer_terms(p, x, layer, x_in=None):
+    """The per-layer loss documented on ``LayerConfig``, term by term, in float64 numpy.
+
+    ``p`` is the autoencoder's ``params["params"]``; ``x_in`` the (corrupted) input
+    that is encoded, ``x`` the clean target.
+    """
+    x_in = x if x_in is None else x_in
+    reduce = np.sum if layer.batch_reduction == "sum" else np.mean
+    w, b = p["encoder"]["kernel"], p["encoder"]["bias"]
+    w_dec = w.T if layer.tied else p["decoder_kernel"]
+    h = _np_sigmoid(x_in @ w + b)  # [batch, units]
+    z = h @ w_dec + p["decoder_bias"]
+    if layer.reconstruction == "cross_entropy":
+        r = _np_sigmoid(z)
+        rec = -(x * np.log(r) + (1 - x) * np.log(1 - r)).sum(-1)
+    else:
+        rec = ((_np_sigmoid(z) - x) ** 2).sum(-1)
+    terms = {"reconstruction": layer.reconstruction_scale * reduce(rec)}
+    if layer.beta:
+        rho, rho_hat = layer.rho, h.mean(0)
+        kl = rho * np.log(rho / rho_hat) + (1 - rho) * np.log((1 - rho) / (1 - rho_hat))
+        terms["sparsity"] = layer.beta * kl.sum()
+    if layer.l1:
+        terms["l1"] = layer.l1 * reduce(np.abs(h).sum(-1))
+    if layer.contractive:
+        # ||J_h(x)||_F^2 with J_ji = h_j (1 - h_j) W_ij, summed over i and j per example.
+        jac = (h * (1 - h))[:, :, None] * w.T[None]  # [batch, units, in]
+        terms["contractive"] = layer.contractive * reduce((jac**2).sum((1, 2)))
+    if layer.weight_decay:
+        matrices = [w] if layer.tied else [w, w_dec]
+        terms["weight_decay"] = layer.weight_decay * sum((m**2).sum() for m in matrices) / 2
+    return terms
+
+
+# Each term switched on alone, then all of them, with both batch reductions.
+ALL_TERMS = dict(rho=0.2, beta=0.7, l1=0.3, contractive=0.9, weight_decay=0.05)
+LAYER_LOSS_CASES = {
+    "reconstruction": {},
+    "scaled_mean_reconstruction": dict(batch_reduction="mean", reconstruction_scale=0.5),
+    "cross_entropy": dict(reconstruction="cross_entropy"),
+    "sparsity": dict(rho=0.2, beta=0.7),
+    "l1": dict(l1=0.3),
+    "contractive": dict(contractive=0.9),
+    "weight_decay": dict(weight_decay=0.05),
+    "all_sum": ALL_TERMS,
+    "all_mean_tied": dict(ALL_TERMS, batch_reduction="mean", tied=True),
+    "all_cross_entropy_mean": dict(
+        ALL_TERMS, reconstruction="cross_entropy", batch_reduction="mean"
+    ),
+}
+
+
+def _layer_case(case):
+    layer = LayerConfig(features=4, **LAYER_LOSS_CASES[case])
+    module = autoencoder(layer, 6, "uniform")
+    params = init_params(module, KEY, 6)
+    x = np.random.default_rng(1).uniform(0.05, 0.95, (7, 6))
+    return layer, module, params, x
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_LOSS_CASES))
+def test_layer_loss_matches_numpy_formula(case):
+    layer, module, params, x = _layer_case(case)
+    loss, terms = jax.jit(layer_loss(module, layer))(params, (x.astype(np.float32),), KEY)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    expected = _np_layer_terms(p, x, layer)
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(terms[name], value, rtol=2e-5, err_msg=name)
+    np.testing.assert_allclose(loss, sum(expected.values()), rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["all_sum", "all_mean_tied", "all_cross_entropy_mean"])
+def test_layer_loss_gradient_matches_numpy_finite_differences(case):
+    layer, module, params, x = _layer_case(case)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    with jax.enable_x64(True):
+        grads = jax.jit(jax.grad(lambda p: layer_loss(module, layer)(p, (x,), KEY)[0]))(params)
+    leaves = jax.tree.leaves(params)
+    eps = 1e-6
+    for leaf, grad in zip(leaves, jax.tree.leaves(grads), strict=True):
+        numeric = np.zeros_like(leaf)
+        for i in np.ndindex(leaf.shape):
+            original = leaf[i]
+            leaf[i] = original + eps  # the numpy loss reads the leaves in place
+            hi = sum(_np_layer_terms(params["params"], x, layer).values())
+            leaf[i] = original - eps
+            lo = sum(_np_layer_terms(params["params"], x, layer).values())
+            leaf[i] = original
+            numeric[i] = (hi - lo) / (2 * eps)
+        np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-5, atol=1e-6)
+
+
 def test_denoising_loss_compares_with_the_clean_input():
     layer = LayerConfig(
         features=5, noise="masking", noise_level=0.5, reconstruction="cross_entropy"
     )
     module = autoencoder(layer, 10, "zeros")
     params = init_params(module, KEY, 10)
-    x = np.asarray(jax.random.uniform(KEY, (4, 10)))
-    _, terms = layer_loss(module, layer)(params, (x,), KEY)
-    from sae_jax.corruption import masking_noise
-    from sae_jax.losses import bernoulli_cross_entropy
+    x = np.asarray(jax.random.uniform(KEY, (4, 10)), np.float64)
+    _, terms = jax.jit(layer_loss(module, layer))(params, (x.astype(np.float32),), KEY)
+    # Masking noise: each entry is zeroed where its uniform draw falls below the rate.
+    destroyed = np.asarray(jax.random.uniform(KEY, x.shape)) < 0.5
+    assert 0 < destroyed.sum() < destroyed.size
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    expected = _np_layer_terms(p, x, layer, x_in=np.where(destroyed, 0.0, x))
+    np.testing.assert_allclose(terms["reconstruction"], expected["reconstruction"], rtol=1e-5)
+    clean = _np_layer_terms(p, x, layer)  # what a loss that forgot the noise would give
+    assert not np.isclose(expected["reconstruction"], clean["reconstruction"], rtol=1e-3)
 
-    _, z = module.apply(params, masking_noise(KEY, x, 0.5))
-    np.testing.assert_allclose(
-        terms["reconstruction"], bernoulli_cross_entropy(z, x).sum(), rtol=1e-6
-    )
+
+def _pretraining_masks(monkeypatch):
+    """Pretrain a masking-noise layer on all-ones inputs for 2 epochs of 4 steps and
+    record, step by step, which entries of the minibatch the corruption destroyed."""
+    masks = []
+
+    def recording(key, x, kind, level):
+        out = corrupt(key, x, kind, level)
+        jax.debug.callback(lambda o: masks.append(np.asarray(o) == 0), out, ordered=True)
+        return out
+
+    monkeypatch.setattr(recipes, "corrupt", recording)
+    layer = LayerConfig(features=3, noise="masking", noise_level=0.5, epochs=2)
+    recipes.pretrain_layer(layer, 10, jnp.ones((20, 10)), key=jax.random.PRNGKey(0), batch_size=5)
+    return masks
+
+
+def test_pretraining_draws_new_corruption_every_step(monkeypatch):
+    masks = _pretraining_masks(monkeypatch)
+    assert len(masks) == 8 and all(m.shape == (5, 10) for m in masks)
+    assert 0.3 < np.mean(masks) < 0.7  # about half of the entries destroyed
+    distinct = {m.tobytes() for m in masks}
+    assert len(distinct) == 8, "two steps destroyed the same entries"
+    again = _pretraining_masks(monkeypatch)  # the same seed: the same noise
+    assert [m.tobytes() for m in again] == [m.tobytes() for m in masks]
 
 
 def _mnist_model() -> TrainedModel:

@@ -12,11 +12,12 @@ from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
 from sae_jax.config import ADAM, LayerConfig
-from sae_jax.recipes import grid, model_config, run_pipeline
+from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE, grid, model_config, run_pipeline
 
-SHARDED = textwrap.dedent("""
+SHARDED = textwrap.dedent(r"""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import re
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from sae_jax.config import LayerConfig, tiny
@@ -48,6 +49,11 @@ SHARDED = textwrap.dedent("""
         state = jax.device_put(init_state(params, opt), jax.NamedSharding(mesh, P()))
         hlo = epoch.lower(state, tuple(place_data(a, mesh) for a in data), key).compile().as_text()
         assert "all-reduce" in hlo  # gradients are summed over the devices
+        # Each device multiplies only its 40 / 8 = 5 rows of the minibatch: the
+        # partitioned program's matmuls have 5 rows, never the whole batch of 40.
+        dots = re.findall(r"= f32\[(\d+),(\d+)\]\{[^}]*\} dot\(", hlo)
+        rows = {int(r) for r, _ in dots}
+        assert dots and 5 in rows and not {40, 400} & rows, sorted(set(dots))
 
     layer = LayerConfig(features=16, rho=0.1, beta=1.0, weight_decay=1e-4,
                         noise="masking", noise_level=0.2)
@@ -91,32 +97,75 @@ def _config():
     )
 
 
+# One value per model for every name a sweep takes, none of them the base config's.
+SWEPT = {
+    "rho": [0.05, 0.15, 0.2, 0.3],
+    "beta": [0.5, 1.5, 2.0, 3.0],
+    "l1": [0.05, 0.1, 0.2, 0.4],
+    "contractive": [0.1, 0.3, 1.0, 3.0],
+    "weight_decay": [1e-3, 3e-3, 1e-2, 3e-2],
+    "noise_level": [0.1, 0.25, 0.3, 0.4],
+    "pretrain_learning_rate": [2e-3, 4e-3, 1e-2, 2e-2],
+    "finetune_learning_rate": [1e-3, 2e-3, 4e-3, 5e-3],
+}
+
+
 def test_sweep_equals_separate_runs():
-    config, train, test = _config(), synthetic_digits(200, 1), synthetic_digits(100, 2)
-    seeds, betas, noise = [0, 1, 2, 3], [0.5, 1.0, 2.0, 3.0], [0.1, 0.2, 0.3, 0.4]
-    rates = [1e-3, 2e-3, 3e-3, 5e-3]
-    hparams = {"beta": betas, "noise_level": noise, "finetune_learning_rate": rates}
-    sweep = sae_jax.sweep(config, train, test, seeds=seeds, hparams=hparams)
+    # The terms a sweep can switch on start switched off: a swept value must both
+    # switch its term on and set its weight.
+    config = _config()
+    config = config.replace(
+        layers=tuple(
+            dataclasses.replace(layer, beta=0.0, l1=0.0, contractive=0.0, weight_decay=0.0)
+            for layer in config.layers
+        )
+    )
+    train, test = synthetic_digits(200, 1), synthetic_digits(100, 2)
+    assert set(SWEPT) == set(SWEEP_NAMES)
+    seeds, v = [0, 1, 2, 3], SWEPT
+    sweep = sae_jax.sweep(config, train, test, seeds=seeds, hparams=SWEPT)
     assert len(sweep.test["accuracy"]) == 4
     for i, seed in enumerate(seeds):
+        pretrain_optimizer = dataclasses.replace(
+            config.layers[0].optimizer, learning_rate=v["pretrain_learning_rate"][i]
+        )
         layers = tuple(
-            dataclasses.replace(layer, beta=betas[i], noise_level=noise[i])
+            dataclasses.replace(
+                layer,
+                **{name: v[name][i] for name in SWEEPABLE},
+                optimizer=pretrain_optimizer,
+            )
             for layer in config.layers
         )
         alone_config = config.replace(
             seed=seed,
             layers=layers,
             finetune_optimizer=dataclasses.replace(
-                config.finetune_optimizer, learning_rate=rates[i]
+                config.finetune_optimizer, learning_rate=v["finetune_learning_rate"][i]
             ),
         )
-        assert model_config(config, seeds, hparams, i) == alone_config
+        assert model_config(config, seeds, SWEPT, i) == alone_config
         alone = run_pipeline(alone_config, train, test)
+        # Every stage's metrics, epoch by epoch: each loss term of each pretraining layer.
+        for swept_stage, alone_stage in zip(sweep.stages, alone.stages, strict=True):
+            assert len(swept_stage.history) == len(alone_stage.history)
+            for got, want in zip(swept_stage.history, alone_stage.history, strict=True):
+                assert set(got) == set(want)
+                for name in set(want) - {"seconds", "test_accuracy"}:
+                    assert got[name][i] == pytest.approx(want[name], rel=1e-4), (
+                        swept_stage.name,
+                        name,
+                    )
+        for swept_layer, alone_layer in zip(sweep.layers, alone.layers, strict=True):
+            for a, b in zip(
+                jax.tree.leaves(alone_layer.params),
+                jax.tree.leaves(swept_layer.params),
+                strict=True,
+            ):
+                np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
         for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(sweep.params), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
         assert sweep.test["accuracy"][i] == pytest.approx(alone.test["accuracy"], abs=0.011)
-        first = sweep.stages[0].history[0]
-        assert first["loss"][i] == pytest.approx(alone.stages[0].history[0]["loss"], rel=1e-5)
 
 
 def test_no_pretraining_baseline():

@@ -101,7 +101,13 @@ def test_validation_split_keeps_the_best_epoch_and_stops_early():
     again = evaluate(classifier(config), result.params, *validation, batch_size=50)
     assert again["accuracy"] == pytest.approx(accs[best - 1])  # the best epoch's params
     assert set(result.test) == {"accuracy", "loss"}
-    assert 0 < result.test_before_finetune["accuracy"] <= 1
+    # Before fine-tuning: the softmax stage's best model on the test set, which is what
+    # the same run without fine-tuning tests.
+    unfinetuned = run_pipeline(
+        config.replace(finetune_epochs=0), train, test, validation=validation
+    )
+    assert result.test_before_finetune == pytest.approx(unfinetuned.test, rel=1e-6)
+    assert result.test_before_finetune != pytest.approx(result.test, rel=1e-3)
 
 
 # A bad split's labels or images, and the message expected for it (after "<split> ").
