@@ -117,13 +117,15 @@ def synthetic_config(**changes):
     )
 
 
-def run_script(name: str, *flags: str) -> subprocess.CompletedProcess:
-    """Run ``experiments/<name>.py`` with ``flags`` as a user would; capture its output."""
+def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
+    """Run ``experiments/<name>.py`` with ``flags`` as a user would, from ``cwd`` with
+    the environment ``env`` (default: this one); capture its output."""
     script = REPO / "experiments" / f"{name}.py"
     return subprocess.run(
         [sys.executable, str(script), *flags],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
+        env=env,
         timeout=600,
     )

@@ -1,6 +1,7 @@
 """Checkpoints: kill and resume bit for bit, config mismatch, damaged checkpoints, load_model,
 and the artifacts a run leaves in its workdir."""
 
+import dataclasses
 import json
 import os
 import re
@@ -155,17 +156,41 @@ def test_other_config_is_refused_and_restart_discards(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
 
 
+def _np_sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
 def test_load_model_predicts_and_encodes(tmp_path):
     config, train, test = _small_config(), synthetic_digits(100, 1), synthetic_digits(40, 2)
+    # Fine-tuning at 3e-2 learns these digits in 4 epochs (3e-3 reaches about 0.5).
+    config = config.replace(
+        finetune_optimizer=dataclasses.replace(config.finetune_optimizer, learning_rate=3e-2)
+    )
     result = run_pipeline(config, train, test, store=RunStore(tmp_path, config, log=print))
     model = load_model(tmp_path)
+    assert model.config == config
+    for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(a, b)  # the fine-tuned params, not an earlier epoch's
+    # The reference, in numpy: pixels / 255, sigmoid encoders, a linear head.
+    assert [layer.activation for layer in config.layers] == ["sigmoid", "sigmoid"]
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), model.params["params"])
+    codes = [test[0] / 255.0]
+    for i in range(len(config.layers)):
+        encoder = p[f"encoders_{i}"]
+        codes.append(_np_sigmoid(codes[-1] @ encoder["kernel"] + encoder["bias"]))
+    expected = codes[-1] @ p["head"]["kernel"] + p["head"]["bias"]
     logits = model.predict(test[0])
     assert logits.shape == (40, 4)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.predict(test[0].astype(np.float32) / 255), logits, rtol=1e-6)
-    accuracy = float(np.mean(np.argmax(logits, -1) == test[1]))
-    assert accuracy == pytest.approx(result.test["accuracy"])
-    assert model.encode(test[0], depth=1).shape == (40, 64)
-    assert model.encode(test[0]).shape == (40, 32)
+    accuracy = float(np.mean(np.argmax(expected, -1) == test[1]))
+    assert accuracy > 0.9  # 1.0 here; chance is 0.25
+    assert result.test["accuracy"] == pytest.approx(accuracy)
+    log_softmax = expected - np.log(np.exp(expected).sum(-1, keepdims=True))
+    cross_entropy = -log_softmax[np.arange(40), test[1]].mean()
+    assert result.test["loss"] == pytest.approx(cross_entropy, rel=1e-4)
+    np.testing.assert_allclose(model.encode(test[0], depth=1), codes[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.encode(test[0]), codes[2], rtol=1e-5, atol=1e-6)
     with pytest.raises(CheckpointError, match="no finished run here"):
         load_model(tmp_path / "empty")
 
@@ -190,6 +215,7 @@ def test_cli_writes_metrics_summary_and_figures(tmp_path):
     assert "sparsity" in lines[0] and "test_accuracy" in lines[-1]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["test_accuracy"] == lines[-1]["test_accuracy"]
+    assert summary["test_accuracy"] > 0.7  # 0.856 here; chance is 0.1
     assert _png_size(tmp_path / "filters.png") == (800, 800)
     assert _png_size(tmp_path / "reconstructions.png") == (1200, 240)
     assert _png_size(tmp_path / "curves.png") == (2000, 350)  # 4 stage panels + accuracy
@@ -198,12 +224,94 @@ def test_cli_writes_metrics_summary_and_figures(tmp_path):
     assert f"test_accuracy {summary['test_accuracy']:.4f}" in proc.stdout
 
 
-def test_denoising_reconstructions_show_the_corrupted_row(tmp_path):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The matplotlib Figure of every PNG that ``sae_jax.figures`` writes, by file name."""
     from sae_jax import figures
 
-    x = np.random.default_rng(0).random((6, 784))
-    figures.save_reconstructions(x, x, tmp_path / "r.png", corrupted=x)
+    figs, save = {}, figures._save
+
+    def keep(fig, path):
+        figs[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    return figs
+
+
+def _images(fig):
+    """The image of every panel that shows one, in panel order."""
+    return [np.asarray(ax.images[0].get_array()) for ax in fig.axes if ax.images]
+
+
+def test_denoising_reconstructions_show_the_corrupted_row(tmp_path, drawn):
+    from sae_jax import figures
+
+    original, corrupted, reconstructed = np.random.default_rng(0).random((3, 6, 784))
+    figures.save_reconstructions(original, reconstructed, tmp_path / "r.png", corrupted=corrupted)
     assert _png_size(tmp_path / "r.png") == (720, 360)
+    fig = drawn["r.png"]
+    rows = [ax.get_ylabel() for ax in fig.axes[::6]]
+    assert rows == ["original", "corrupted", "reconstructed"]
+    images = np.stack(_images(fig))
+    expected = np.concatenate([original, corrupted, reconstructed])
+    np.testing.assert_array_equal(images, expected.reshape(18, 28, 28))
+
+
+def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
+    from sae_jax.experiment import write_figures
+    from sae_jax.models import FrozenLayer, autoencoder
+    from sae_jax.recipes import PipelineResult, StageRecord
+
+    config = tiny()
+    assert [layer.noise for layer in config.layers] == ["none", "none"]
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    layers = []
+    for layer, key, inputs in zip(config.layers, keys, (784, 64), strict=True):
+        module = autoencoder(layer, inputs, config.bias_init)
+        layers.append(FrozenLayer(module, init_params(module, key, inputs)))
+    losses = {"pretrain_1": [9.0, 5.0, 4.0], "pretrain_2": [3.0, 2.5, 2.2], "softmax": [1.5]}
+    losses["finetune"] = [0.9, 0.6, 0.5, 0.45]
+    accuracy = {"softmax": [0.7], "finetune": [0.8, 0.85, 0.9, 0.88]}
+    stages = [
+        StageRecord(
+            name,
+            len(values),
+            history=[
+                {"loss": v, **({"test_accuracy": accuracy[name][e]} if name in accuracy else {})}
+                for e, v in enumerate(values)
+            ],
+        )
+        for name, values in losses.items()
+    ]
+    x_test = np.random.default_rng(1).integers(0, 256, (12, 784)).astype(np.uint8)
+    write_figures(tmp_path, config, PipelineResult(layers, None, {}, stages), x_test)
+
+    # filters.png: the first layer's 64 weight vectors as 28 x 28 tiles, each scaled
+    # by its largest magnitude.
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), layers[0].params["params"])
+    kernel = p["encoder"]["kernel"]
+    tiles = kernel.T.reshape(64, 28, 28) / np.abs(kernel).max(0)[:, None, None]
+    np.testing.assert_allclose(np.stack(_images(drawn["filters.png"])), tiles, rtol=1e-6)
+
+    # reconstructions.png: the first 10 test images over their reconstructions.
+    x = x_test[:10] / 255.0
+    h = _np_sigmoid(x @ kernel + p["encoder"]["bias"])
+    r = _np_sigmoid(h @ p["decoder_kernel"] + p["decoder_bias"])
+    images = np.stack(_images(drawn["reconstructions.png"]))
+    np.testing.assert_allclose(images[:10], x.reshape(10, 28, 28), rtol=1e-6)
+    np.testing.assert_allclose(images[10:], r.reshape(10, 28, 28), rtol=1e-5, atol=1e-6)
+
+    # curves.png: one loss panel per stage, then the accuracy of softmax and finetune.
+    *panels, last = drawn["curves.png"].axes
+    assert [ax.get_title() for ax in panels] == [f"{name} loss" for name in losses]
+    for ax, values in zip(panels, losses.values(), strict=True):
+        (line,) = ax.lines
+        np.testing.assert_array_equal(line.get_xydata(), np.c_[1 : len(values) + 1, values])
+    assert last.get_title() == "accuracy per epoch"
+    assert [line.get_label() for line in last.lines] == ["softmax (test)", "finetune (test)"]
+    for line, values in zip(last.lines, accuracy.values(), strict=True):
+        np.testing.assert_array_equal(line.get_xydata(), np.c_[1 : len(values) + 1, values])
 
 
 def test_progress_bar_on_a_terminal():

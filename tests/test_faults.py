@@ -67,14 +67,17 @@ def test_relative_and_home_paths_work_and_resume(finished, tmp_path):
     shutil.copytree(finished, tmp_path / "w")
     proc = _mnist("--workdir=~/w", "--eval_only", env=home)
     assert proc.returncode == 0, proc.stderr
-    assert f"{tmp_path}/w: test_accuracy" in proc.stdout
+    accuracy = json.loads((finished / "summary.json").read_text())["test_accuracy"]
+    assert f"{tmp_path}/w: test_accuracy {accuracy:.4f}" in proc.stdout
 
 
 def test_load_model_takes_a_relative_path(finished, monkeypatch):
     monkeypatch.chdir(finished.parent)
     model = load_model("run")
     images = load_sample().test_images[:4]
-    assert model.predict(images).shape == (4, 10)
+    logits = model.predict(images)
+    assert logits.shape == (4, 10)
+    np.testing.assert_array_equal(logits, load_model(finished).predict(images))
 
 
 def test_what_a_run_leaves_is_readable_and_traceable(finished):
@@ -260,10 +263,28 @@ def test_help_speaks_to_users_and_shows_defaults():
                 assert "default" in option, f"{name}.py: -{option}"
 
 
-def test_checkpoints_of_another_config_are_refused_without_config_json(run_copy):
+def test_checkpoints_of_another_config_are_refused_until_restart_discards_them(run_copy):
     (run_copy / "config.json").unlink()
-    proc = _mnist("--config=tiny", "--epochs=2", "--no_figures", f"--workdir={run_copy}")
-    line = _one_line(proc, 2)
+    flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={run_copy}"]
+    line = _one_line(_mnist(*flags), 2)
     assert line.startswith(f"error: {run_copy}/frozen/pretrain_1/0 was saved by a run with ")
     assert "another config (finetune_epochs: 1 -> 2;" in line
     assert not (run_copy / "damaged").exists()
+    (run_copy / "notes.txt").write_text("mine")
+    proc = _mnist(*flags, "--restart")  # trains from scratch: nothing is resumed
+    assert proc.returncode == 0, proc.stderr
+    assert "earlier run" not in proc.stdout and "resuming" not in proc.stdout
+    assert "pretrain_1 epoch   1/2" in proc.stdout
+    metrics = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
+    stages = ("pretrain_1", "pretrain_2", "softmax", "finetune")
+    assert [(m["stage"], m["epoch"]) for m in metrics] == [(s, e) for s in stages for e in (1, 2)]
+    assert json.loads((run_copy / "config.json").read_text())["finetune_epochs"] == 2
+    assert (run_copy / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_a_nan_loss_ends_in_one_line_with_status_1(tmp_path):
+    # Adam's first step moves every weight by about the learning rate: 1e38 overflows.
+    flags = ["--config=tiny", "--epochs=1", "--no_pretraining", "--finetune_lr=1e38"]
+    line = _one_line(_mnist(*flags, f"--workdir={tmp_path}"), 1)
+    assert line == "error: stage finetune, epoch 1: the loss became nan"
+    assert not (tmp_path / "summary.json").exists()

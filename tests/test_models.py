@@ -316,5 +316,12 @@ def test_trained_model_takes_uint8_and_float_images_flat_or_square():
     model = _mnist_model()
     logits = model.predict(_PIXELS)
     assert logits.shape == (3, 10)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), model.params["params"])
+    h = _PIXELS.reshape(3, 784) / 255.0  # uint8 pixels are scaled to [0, 1]
+    for i in range(2):
+        h = _np_sigmoid(h @ p[f"encoders_{i}"]["kernel"] + p[f"encoders_{i}"]["bias"])
+    np.testing.assert_allclose(model.encode(_PIXELS), h, rtol=1e-5, atol=1e-6)
+    expected = h @ p["head"]["kernel"] + p["head"]["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     for images in (_PIXELS.reshape(3, 784), _PIXELS.astype(np.float32) / 255, jnp.asarray(_PIXELS)):
         np.testing.assert_allclose(model.predict(images), logits, rtol=1e-5, atol=1e-6)

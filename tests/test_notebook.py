@@ -1,31 +1,99 @@
-"""The Colab notebook runs from top to bottom on CPU, with its own default WORKDIR (a
-relative path) in a fresh folder; only the preset and the install step are changed."""
+"""The Colab notebook runs from top to bottom on CPU, as shipped, in a fresh folder (its
+WORKDIR is a relative path). Two things are stood in for: pip, by a fake ``pip`` module
+that records what the install cell asks for, and the training of the shipped ``seed``
+preset (hours on a CPU), by ``tiny``'s: run_mnist records the config the notebook
+passes and trains ``tiny`` in its place."""
+
+import json
+import os
 
 import pytest
 from conftest import REPO
 
 NOTEBOOK = REPO / "experiments" / "colab_mnist.ipynb"
 
+FAKE_PIP = """\
+import json, sys
+with open({record!r}, "a") as f:
+    f.write(json.dumps({{"executable": sys.executable, "args": sys.argv[1:]}}) + "\\n")
+"""
 
-def test_colab_notebook_runs_on_cpu(tmp_path):
+# Put before the training cell: what it passes to run_mnist is printed, tiny is trained.
+RECORD_RUN = """\
+import json as _json
+import sys as _sys
+
+import sae_jax.experiment as _experiment
+from sae_jax.checkpoint import config_to_json as _to_json
+from sae_jax.config import tiny as _tiny
+
+_run_mnist = _experiment.run_mnist
+
+
+def _recorded(config, workdir, **kwargs):
+    asked = {"config": _to_json(config), "workdir": workdir, "kwargs": kwargs}
+    print("run_mnist:", _json.dumps({**asked, "executable": _sys.executable}))
+    return _run_mnist(_tiny(), workdir, **kwargs)
+
+
+_experiment.run_mnist = _recorded
+"""
+
+
+def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
+    from packaging.requirements import Requirement
+
+    from sae_jax.checkpoint import config_to_json
+    from sae_jax.config import seed
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert 'WORKDIR = "checkpoints/mnist"' in params.source
-    for shipped, test in [
-        ('PRESET = "seed"', 'PRESET = "tiny"'),
-        ("INSTALL = True", "INSTALL = False"),
-    ]:
-        assert shipped in params.source
-        params.source = params.source.replace(shipped, test)
+    shipped = {}
+    exec(params.source, shipped)
+    assert shipped["PRESET"] == "seed" and shipped["INSTALL"] is True
+    assert shipped["WORKDIR"] == "checkpoints/mnist"
+
+    fake = tmp_path / "fake_pip"
+    (fake / "pip").mkdir(parents=True)
+    (fake / "pip" / "__init__.py").write_text("")
+    record = tmp_path / "pip_calls.jsonl"
+    (fake / "pip" / "__main__.py").write_text(FAKE_PIP.format(record=str(record)))
+    path = [str(fake), *filter(None, [os.environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(path))  # the kernel's, and pip's
+    (train,) = [i for i, c in enumerate(nb.cells) if "run_mnist(" in c.source]
+    nb.cells.insert(train, nbformat.v4.new_code_cell(RECORD_RUN))
+
+    workspace = tmp_path / "runtime"
+    workspace.mkdir()
     nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workspace)}}
     ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
+
+    # The install cell: one pip install of sae-jax with its tfds extra from SAE_JAX_SOURCE,
+    # into the kernel's own Python.
+    (line,) = [line for line in text.splitlines() if line.startswith("run_mnist: ")]
+    asked = json.loads(line.removeprefix("run_mnist: "))
+    (call,) = [json.loads(line) for line in record.read_text().splitlines()]
+    assert call["executable"] == asked["executable"]
+    assert call["args"][:2] == ["install", "-q"] and len(call["args"]) == 3
+    requirement = Requirement(call["args"][2])
+    assert requirement.name == "sae-jax" and requirement.extras == {"tfds"}
+    assert requirement.url == shipped["SAE_JAX_SOURCE"]
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'name = "sae-jax"' in pyproject and "\ntfds = [" in pyproject
+
+    # The training cell asked for the seed preset in WORKDIR, on one device.
+    assert asked["config"] == config_to_json(seed())
+    assert asked["workdir"] == "checkpoints/mnist"
+    assert asked["kwargs"] == {"data_parallel": False}
+
     assert "on cpu: 1 device(s)" in text
     assert "test accuracy 0." in text and "MNIST: bundled sample" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
-    assert (tmp_path / "checkpoints" / "mnist" / "summary.json").exists()
+    summary = json.loads((workspace / "checkpoints" / "mnist" / "summary.json").read_text())
+    assert summary["config"]["name"] == "tiny"
