@@ -444,9 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             for i, m in enumerate(pool.map(work, found), 1):
                 print(f"[{i}/{len(found)}] {m.module}.py:{m.line} {m.text!r}: {m.outcome} "
                       f"({m.seconds:.0f} s)", flush=True)  # fmt: skip
+                if args.json:  # as it goes, so that a stopped run keeps what it found
+                    args.json.write_text(json.dumps([vars(m) for m in found], indent=1))
     print(report(found))
-    if args.json:
-        args.json.write_text(json.dumps([vars(m) for m in found], indent=1))
     return 0
 
 
