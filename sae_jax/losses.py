@@ -51,7 +51,8 @@ def bernoulli_cross_entropy(logits: ArrayLike, target: ArrayLike) -> jax.Array:
     """Bernoulli cross-entropy per example from logits, summed over features.
 
     ``sum_i -[t_i log sigmoid(z_i) + (1 - t_i) log(1 - sigmoid(z_i))]``, computed
-    stably as ``max(z, 0) - z t + log(1 + exp(-|z|))``. Targets may be any value in
+    stably as ``softplus(z) - z t`` (``jnp.logaddexp(z, 0)``, whose gradient is
+    ``sigmoid(z)`` everywhere, ``z = 0`` included). Targets may be any value in
     ``[0, 1]`` (grey pixels), not only 0 or 1.
 
     Args:
@@ -63,7 +64,7 @@ def bernoulli_cross_entropy(logits: ArrayLike, target: ArrayLike) -> jax.Array:
     """
     z = jnp.asarray(logits)
     t = jnp.asarray(target)
-    per_feature = jnp.maximum(z, 0.0) - z * t + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    per_feature = jnp.logaddexp(z, 0.0) - z * t
     return jnp.sum(per_feature, axis=-1)
 
 

@@ -49,5 +49,5 @@ def test_mutants_apply_at_the_right_place_after_non_ascii_text(tmp_path):
         changed = m.apply(SOURCE)
         ast.parse(changed)
         old, new = SOURCE.splitlines(), changed.splitlines()
-        assert [i for i, (a, b) in enumerate(zip(old, new)) if a != b] == [m.line - 1]
+        assert [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] == [m.line - 1]
         assert new[m.line - 1].replace(m.text, m.before, 1) == old[m.line - 1]
