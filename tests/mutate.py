@@ -351,6 +351,12 @@ def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float], skip: list[s
         mutant.outcome = f"error (pytest exit {code}): {proc.stdout[-500:]}"
 
 
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def report(found: list[Mutant]) -> str:
     """Per module: mutants, killed, survived, then every survivor."""
     rows = [
@@ -413,14 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
         copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
         start = time.perf_counter()
+        sources = {m: _digest(REPO / "sae_jax" / f"{m}.py") for m in modules}
         if args.map and args.map.exists():
-            lines = json.loads(args.map.read_text())
+            kept = json.loads(args.map.read_text())
+            stale = sorted(m for m in modules if kept["sources"].get(m) != sources[m])
+            if stale:
+                sys.exit(f"{args.map}: made for another version of {', '.join(stale)}")
+            lines = kept["lines"]
         elif args.retry:
             lines = {m: {} for m in modules}
         else:
             lines = map_lines(copies[0], modules, tests, args.jobs)
             if args.map:
-                args.map.write_text(json.dumps(lines))
+                args.map.write_text(json.dumps({"sources": sources, "lines": lines}))
         print(f"{len(found)} mutants; tests mapped to lines in {time.perf_counter() - start:.0f} s")
         known = {t: sec for m in lines.values() for run in m.values() for t, sec in run.items()}
         slow = sorted(t for t, sec in known.items() if sec > args.max_seconds)
