@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sae_jax.config import TF1_RMSPROP
+from sae_jax.config import TF1_RMSPROP, OptimizerConfig
 from sae_jax.engine import NonFiniteLossError, fit, make_optimizer, map_batches
 
 KEY = jax.random.PRNGKey(0)
@@ -156,20 +156,55 @@ def test_non_finite_loss_names_stage_and_epoch():
         )
 
 
-def test_rmsprop_matches_tensorflow1_formula():
-    # TF1 RMSPropOptimizer: ms starts at 1; ms = d ms + (1 - d) g^2; w -= lr g / sqrt(ms + eps)
-    opt = make_optimizer(TF1_RMSPROP)
-    w = jnp.array([1.0, -2.0, 3.0])
+def _numpy_updates(config: OptimizerConfig, w: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` updates of ``w`` on ``sum(w^4)``, by the formulas each optimizer documents."""
+    lr, d, mu, eps = config.learning_rate, config.decay, config.momentum, config.eps
+    m, v, ms, mom = np.zeros_like(w), np.zeros_like(w), np.ones_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        g = 4 * w**3
+        if config.name == "adam":  # Kingma & Ba: bias-corrected moments, eps outside the root
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+            w = w - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + eps)
+        elif config.name == "rmsprop":  # TF1: ms starts at 1, eps inside the root, momentum
+            ms = d * ms + (1 - d) * g**2
+            mom = mu * mom + lr * g / np.sqrt(ms + eps)
+            w = w - mom
+        else:  # sgd with heavy-ball momentum
+            mom = mu * mom + g
+            w = w - lr * mom
+    return w
+
+
+@pytest.mark.parametrize("injectable", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        OptimizerConfig("adam", learning_rate=0.01, eps=0.1),
+        OptimizerConfig("rmsprop", learning_rate=0.01, decay=0.8, momentum=0.9, eps=0.5),
+        OptimizerConfig("sgd", learning_rate=0.01, momentum=0.9),
+        OptimizerConfig("sgd", learning_rate=0.01),
+    ],
+    ids=["adam", "rmsprop", "sgd_momentum", "sgd"],
+)
+def test_optimizers_match_their_formulas(config, injectable):
+    opt = make_optimizer(config, injectable=injectable)
+    w = jnp.array([1.0, -2.0, 0.5])
     grad_fn = jax.grad(lambda w: jnp.sum(w**4))
     state = opt.init(w)
-    w_ref, ms = np.array(w, np.float64), np.ones(3)
+    step = jax.jit(lambda w, state: opt.update(grad_fn(w), state, w))
     for _ in range(5):
-        updates, state = opt.update(grad_fn(w), state, w)
+        updates, state = step(w, state)
         w = optax.apply_updates(w, updates)
-        g = 4 * w_ref**3
-        ms = 0.9 * ms + 0.1 * g**2
-        w_ref = w_ref - 1e-3 * g / np.sqrt(ms + 1e-10)
-    np.testing.assert_allclose(w, w_ref, rtol=1e-5)
+    np.testing.assert_allclose(w, _numpy_updates(config, np.array([1.0, -2.0, 0.5]), 5), rtol=2e-5)
+
+
+def test_tf1_rmsprop_preset():
+    assert OptimizerConfig("rmsprop", 1e-3, decay=0.9, momentum=0.0, eps=1e-10) == TF1_RMSPROP
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
+        make_optimizer(OptimizerConfig("sgdd"))
 
 
 def test_map_batches_pads_and_trims():
