@@ -83,6 +83,25 @@ CASES = {
 }
 
 
+def test_per_example_losses_keep_every_leading_axis():
+    # [..., features] -> [...]: a [2, 3, features] batch gives the [6, features] values.
+    a, b, z = RNG.normal(size=(2, 3, 5)), _unit((2, 3, 5)), RNG.normal(size=(2, 3, 4)) * 2
+    y = np.array([[0, 3, 1], [2, 3, 0]])
+    flat = lambda v: v.reshape(6, -1)
+    cases = [
+        (losses.squared_error, (a, b), _np_squared_error(flat(a), flat(b))),
+        (losses.bernoulli_cross_entropy, (3 * a, b), _np_bernoulli_ce(flat(3 * a), flat(b))),
+        (losses.l1_activity, (a,), _np_l1(flat(a))),
+        (losses.softmax_cross_entropy, (z, y), _np_softmax_ce(flat(z), y.reshape(6))),
+    ]
+    x, w, bias = RNG.normal(size=(2, 2, 3)), RNG.normal(size=(3, 5)), RNG.normal(size=(5,))
+    h = jax.nn.sigmoid(jnp.asarray(x) @ w + bias)
+    cases.append((losses.contractive_penalty, (h, w), _np_contractive(x.reshape(4, 3), w, bias)))
+    for fn, args, expected in cases:
+        got = jax.jit(fn)(*args)
+        np.testing.assert_allclose(got, expected.reshape(args[0].shape[:-1]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_numpy_under_jit(name):
     fn, ref, args = CASES[name]
