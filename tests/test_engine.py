@@ -1,5 +1,7 @@
 """The one training engine: compile once, deterministic, no example dropped, exact metrics."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -232,3 +234,57 @@ def test_resuming_from_a_saved_state_is_bit_identical():
     assert len(resumed.history) == 2
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _scaled_mse(params, batch, key, hparams):
+    loss, terms = _mse(params, batch, key)
+    return hparams["scale"] * loss, terms
+
+
+@pytest.mark.parametrize("own_data", [False, True], ids=["shared_data", "own_data"])
+def test_models_trained_at_once_match_separate_runs(own_data):
+    # Two models in one program (vmap over a leading model axis), 23 examples in
+    # batches of 5 (a remainder step), each with its own params, key, hparams and,
+    # with own_data, its own data: the same as two separate fits.
+    x, y, _ = _regression(n=23)
+    params = [_params(), {"w": jnp.full((5, 1), 0.1), "b": jnp.ones((1,))}]
+    data = [(x, y), (2 * x, y)] if own_data else [(x, y), (x, y)]
+    keys, scales = jax.random.split(KEY, 2), [1.0, 3.0]
+    opt, kw = optax.sgd(0.01), {"batch_size": 5, "epochs": 2}
+    alone = [
+        fit(_scaled_mse, p, opt, d, key=k, hparams={"scale": s}, **kw)
+        for p, d, k, s in zip(params, data, keys, scales, strict=True)
+    ]
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    together = fit(
+        _scaled_mse,
+        stack(*params),
+        opt,
+        stack(*data) if own_data else data[0],
+        key=keys,
+        models=2,
+        data_axis=0 if own_data else None,
+        hparams={"scale": jnp.array(scales)},
+        **kw,
+    )
+    for i, run in enumerate(alone):
+        mine_, ours_ = jax.tree.leaves(run.state.params), jax.tree.leaves(together.state.params)
+        for a, b in zip(mine_, ours_, strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-7)
+        for mine, ours in zip(run.history, together.history, strict=True):
+            np.testing.assert_allclose(ours["loss"][i], mine["loss"], rtol=1e-5)
+    assert alone[0].history != alone[1].history
+
+
+def test_batches_of_one_are_allowed_and_the_callback_gets_wall_seconds():
+    x, y, _ = _regression(n=4)
+    seconds = []
+    start = time.perf_counter()
+    result = fit(
+        _mse, _params(), optax.sgd(0.1), (x, y), batch_size=1, epochs=2, key=KEY,
+        on_epoch=lambda epoch, state, metrics, s: seconds.append(s),
+    )  # fmt: skip
+    assert len(result.history) == 2 and int(result.state.step) == 8
+    assert all(0 < s <= time.perf_counter() - start for s in seconds)
+    with pytest.raises(ValueError, match=r"batch_size=0 must be in \[1, 4\]"):
+        fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=0, epochs=1, key=KEY)
