@@ -345,7 +345,7 @@ def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float], skip: list[s
     mutant.seconds = time.perf_counter() - start
     if code == 0:
         mutant.outcome = "survived"
-    elif code in (1, 2, "timeout"):
+    elif code in (1, 2, 3, 4, "timeout"):  # 3, 4: pytest could not even start the tests
         mutant.outcome = "killed" if code != "timeout" else "killed (timeout)"
     else:
         mutant.outcome = f"error (pytest exit {code}): {proc.stdout[-500:]}"
