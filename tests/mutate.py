@@ -44,7 +44,13 @@ TESTS = {
     "losses": ["test_losses.py", "test_models.py", "test_engine.py"],
     "corruption": ["test_corruption.py", "test_models.py", "test_engine.py"],
     "engine": ["test_engine.py", "test_pipeline.py", "test_parallel.py"],
-    "recipes": ["test_pipeline.py", "test_models.py", "test_parallel.py", "test_checkpoint.py"],
+    "recipes": [
+        "test_recipes.py",
+        "test_pipeline.py",
+        "test_models.py",
+        "test_parallel.py",
+        "test_checkpoint.py",
+    ],
     "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]

@@ -1,0 +1,72 @@
+"""recipes' losses and its many-models paths against numpy and against one model at a
+time."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sae_jax import recipes
+from sae_jax.config import LayerConfig
+from sae_jax.models import FrozenLayer, autoencoder, init_params
+
+RNG = np.random.default_rng(0)
+
+
+def test_classifier_loss_is_mean_cross_entropy_plus_weight_decay():
+    x, y = RNG.normal(size=(6, 4)).astype(np.float32), np.array([0, 2, 1, 2, 0, 1])
+    module = nn.Dense(3)
+    params = module.init(jax.random.PRNGKey(0), x)
+    w, b = (np.asarray(params["params"][k], np.float64) for k in ("kernel", "bias"))
+    z = x @ w + b
+    z = z - z.max(-1, keepdims=True)
+    ce = -(z[np.arange(6), y] - np.log(np.exp(z).sum(-1))).mean()
+    for decay in (0.0, 0.3):
+        loss_fn = jax.jit(recipes.classifier_loss(module, decay))
+        loss, terms = loss_fn(params, (x, y), jax.random.PRNGKey(1))
+        np.testing.assert_allclose(terms["cross_entropy"], ce, rtol=1e-5)
+        np.testing.assert_allclose(loss, ce + decay * (w**2).sum() / 2, rtol=1e-5)
+        assert ("weight_decay" in terms) == bool(decay)
+    default = recipes.classifier_loss(module)(params, (x, y), None)[0]
+    np.testing.assert_allclose(default, ce, rtol=1e-5)
+
+
+def _layers(seed: int) -> list[FrozenLayer]:
+    key1, key2 = jax.random.split(jax.random.PRNGKey(seed))
+    first = autoencoder(LayerConfig(features=5), 7, "uniform")
+    second = autoencoder(LayerConfig(features=3, activation="relu"), 5, "uniform")
+    return [
+        FrozenLayer(first, init_params(first, key1, 7)),
+        FrozenLayer(second, init_params(second, key2, 5)),
+    ]
+
+
+def test_encode_and_evaluate_many_models_match_one_at_a_time():
+    # Two stacks with a leading model axis, on shared data and on data of their own.
+    stacks = [_layers(0), _layers(1)]
+    together = [
+        FrozenLayer(a.module, jax.tree.map(lambda *p: jnp.stack(p), a.params, b.params))
+        for a, b in zip(*stacks, strict=True)
+    ]
+    x = RNG.uniform(size=(11, 7)).astype(np.float32)
+    own = np.stack([x, x[::-1]])
+    y = RNG.integers(0, 3, 11)
+    alone = lambda i, xi: recipes.encode_dataset(stacks[i], jnp.asarray(xi), batch_size=4)
+    shared = recipes.encode_dataset(together, jnp.asarray(x), batch_size=4, models=True)
+    apart = recipes.encode_dataset(together, jnp.asarray(own), batch_size=4, models=True)
+    assert shared.shape == apart.shape == (2, 11, 3)
+    for i in range(2):
+        np.testing.assert_allclose(shared[i], alone(i, x), rtol=1e-6)
+        np.testing.assert_allclose(apart[i], alone(i, own[i]), rtol=1e-6)
+    head = nn.Dense(3)
+    heads = [head.init(jax.random.PRNGKey(i), jnp.zeros((1, 3))) for i in range(2)]
+    both = jax.tree.map(lambda *p: jnp.stack(p), *heads)
+    many = recipes.evaluate(head, both, apart, jnp.asarray(y), batch_size=4, models=True)
+    for i in range(2):
+        one = recipes.evaluate(head, heads[i], apart[i], jnp.asarray(y), batch_size=4)
+        np.testing.assert_allclose(many["accuracy"][i], one["accuracy"], rtol=1e-6)
+        np.testing.assert_allclose(many["loss"][i], one["loss"], rtol=1e-5)
+        logits = np.asarray(apart[i]) @ np.asarray(heads[i]["params"]["kernel"]) + np.asarray(
+            heads[i]["params"]["bias"]
+        )
+        np.testing.assert_allclose(one["accuracy"], (logits.argmax(-1) == y).mean(), rtol=1e-6)
