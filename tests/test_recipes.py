@@ -1,13 +1,15 @@
 """recipes' losses and its many-models paths against numpy and against one model at a
 time."""
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from sae_jax import recipes
-from sae_jax.config import LayerConfig
+from sae_jax.config import LayerConfig, OptimizerConfig
 from sae_jax.models import FrozenLayer, autoencoder, init_params
 
 RNG = np.random.default_rng(0)
@@ -70,3 +72,45 @@ def test_encode_and_evaluate_many_models_match_one_at_a_time():
             heads[i]["params"]["bias"]
         )
         np.testing.assert_allclose(one["accuracy"], (logits.argmax(-1) == y).mean(), rtol=1e-6)
+
+
+def _mse(params, batch, key):
+    x, y = batch
+    err = jnp.mean((x @ params["w"] - y) ** 2)
+    return err, {"mse": err}
+
+
+def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
+    # evaluate_fn scores 0.5, 0.7, 0.7, 0.2, 0.1: the best is epoch 2 (the first 0.7),
+    # and with patience 2 the stage stops after epoch 4.
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    y = x @ jnp.ones((3, 1))
+    scores, seen, calls = iter([0.5, 0.7, 0.7, 0.2, 0.1]), [], []
+
+    def evaluate_fn(params):
+        calls.append(np.asarray(params["w"]).copy())
+        return next(scores)
+
+    class Store:  # a StageStore that keeps only the stage's wall seconds at each save
+        walls: list = []  # noqa: RUF012
+        finished = resume = lambda self, *args: None
+        save_finished = lambda self, *args: None
+
+        def save_epoch(self, name, state, key, record, best):
+            self.walls.append(record.wall_s)
+
+    start = time.perf_counter()
+    params, record = recipes.run_stage(
+        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
+        (x, y), epochs=5, key=jax.random.PRNGKey(0), batch_size=4, evaluate_fn=evaluate_fn,
+        on_epoch=lambda name, epoch, metrics, s: seen.append((name, epoch, metrics["metric"], s)),
+        metric="metric", keep_best=True, patience=2, store=Store(),
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    assert [(n, e, m) for n, e, m, _ in seen] == [("stage", 1, 0.5), ("stage", 2, 0.7),
+                                                  ("stage", 3, 0.7), ("stage", 4, 0.2)]  # fmt: skip
+    assert record.best_epoch == 2 and len(record.history) == 4
+    np.testing.assert_array_equal(params["w"], calls[1])  # the params evaluated at epoch 2
+    assert sum(s for *_, s in seen) <= record.wall_s <= wall
+    assert len(Store.walls) == 4 and Store.walls == sorted(Store.walls)
+    assert seen[0][3] <= Store.walls[0] and Store.walls[-1] <= record.wall_s
