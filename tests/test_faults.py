@@ -235,6 +235,8 @@ def test_a_signal_stops_the_run_in_one_line_and_it_resumes(tmp_path, signum):
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
+        # As from a terminal, even where the tests run with SIGINT ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stdout:
         if line.startswith("pretrain_2 epoch   2/8"):

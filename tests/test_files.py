@@ -102,13 +102,19 @@ def test_wait_waits_for_the_holder(tmp_path):
 
 
 def test_signals_wait_until_the_block_ends():
-    reached = []
-    with pytest.raises(KeyboardInterrupt), signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs here, and must not raise
-        reached.append("end of block")
-    assert reached == ["end of block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ctrl-C's usual handler, even where the tests were started with SIGINT ignored
+    # (a background job of a shell without job control).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt), signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, and must not raise
+            reached.append("end of block")
+        assert reached == ["end of block"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_storage_errors_become_one_os_error_line():
