@@ -384,7 +384,7 @@ def report(found: list[Mutant]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="+", help="modules of sae_jax: names or paths")
     parser.add_argument("--tests", nargs="+", help="test files (default: TESTS of each module)")
@@ -405,6 +405,42 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="only the survivors of this --json report, each against all the test files",
     )
+    return parser
+
+
+def _chosen(found: list[Mutant], lines: str | None, retry: Path | None) -> list[Mutant]:
+    """The mutants on ``lines`` ("A-B") that did not die in the ``retry`` report."""
+    if lines:
+        low, high = (int(x) for x in lines.split("-"))
+        found = [m for m in found if low <= m.line <= high]
+    if retry:
+        before = json.loads(retry.read_text())
+        again = {(m["module"], m["line"], m["before"], m["text"]) for m in before}
+        again -= {(m["module"], m["line"], m["before"], m["text"]) for m in before
+                  if m["outcome"].startswith("killed")}  # fmt: skip
+        found = [m for m in found if (m.module, m.line, m.before, m.text) in again]
+    return found
+
+
+def _line_map(args: argparse.Namespace, modules: list[str], tests: list[str], repo: Path) -> dict:
+    """The kept ``--map`` when it fits the sources, else a new one (none for a retry)."""
+    sources = {m: _digest(REPO / "sae_jax" / f"{m}.py") for m in modules}
+    if args.map and args.map.exists():
+        kept = json.loads(args.map.read_text())
+        stale = sorted(m for m in modules if kept["sources"].get(m) != sources[m])
+        if stale:
+            sys.exit(f"{args.map}: made for another version of {', '.join(stale)}")
+        return kept["lines"]
+    if args.retry:
+        return {m: {} for m in modules}
+    lines = map_lines(repo, modules, tests, args.jobs)
+    if args.map:
+        args.map.write_text(json.dumps({"sources": sources, "lines": lines}))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     modules = [Path(m).stem for m in args.modules]
     for m in modules:
@@ -413,31 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     files = args.tests or sorted({t for m in modules for t in TESTS.get(m, [f"test_{m}.py"])})
     tests = [t if "/" in t else f"tests/{t}" for t in files]
     found = [mut for m in modules for mut in mutants(REPO / "sae_jax" / f"{m}.py")]
-    if args.lines:
-        low, high = (int(x) for x in args.lines.split("-"))
-        found = [m for m in found if low <= m.line <= high]
-    if args.retry:
-        before = json.loads(args.retry.read_text())
-        again = {(m["module"], m["line"], m["before"], m["text"]) for m in before}
-        again -= {(m["module"], m["line"], m["before"], m["text"]) for m in before
-                  if m["outcome"].startswith("killed")}  # fmt: skip
-        found = [m for m in found if (m.module, m.line, m.before, m.text) in again]
+    found = _chosen(found, args.lines, args.retry)
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
         copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
         start = time.perf_counter()
-        sources = {m: _digest(REPO / "sae_jax" / f"{m}.py") for m in modules}
-        if args.map and args.map.exists():
-            kept = json.loads(args.map.read_text())
-            stale = sorted(m for m in modules if kept["sources"].get(m) != sources[m])
-            if stale:
-                sys.exit(f"{args.map}: made for another version of {', '.join(stale)}")
-            lines = kept["lines"]
-        elif args.retry:
-            lines = {m: {} for m in modules}
-        else:
-            lines = map_lines(copies[0], modules, tests, args.jobs)
-            if args.map:
-                args.map.write_text(json.dumps({"sources": sources, "lines": lines}))
+        lines = _line_map(args, modules, tests, copies[0])
         print(f"{len(found)} mutants; tests mapped to lines in {time.perf_counter() - start:.0f} s")
         known = {t: sec for m in lines.values() for run in m.values() for t, sec in run.items()}
         slow = sorted(t for t, sec in known.items() if sec > args.max_seconds)
