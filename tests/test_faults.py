@@ -229,15 +229,19 @@ def test_an_intact_checkpoint_that_cannot_be_read_is_never_moved(run_copy):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_run_in_one_line_and_it_resumes(tmp_path, signum):
     flags = ["--config=tiny", "--epochs=8", "--no_figures", f"--workdir={tmp_path}"]
-    proc = subprocess.Popen(
-        [sys.executable, SCRIPT, *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        # As from a terminal, even where the tests run with SIGINT ignored.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    # The child starts with SIGINT at its default, as from a terminal, even where the
+    # tests run with it ignored: a Python handler here is not inherited, SIG_IGN would be.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for line in proc.stdout:
         if line.startswith("pretrain_2 epoch   2/8"):
             proc.send_signal(signum)
