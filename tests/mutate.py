@@ -458,15 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         known = {t: sec for m in lines.values() for run in m.values() for t, sec in run.items()}
         slow = sorted(t for t, sec in known.items() if sec > args.max_seconds)
         print(f"left out as slow (over {args.max_seconds:g} s traced): {len(slow)} tests")
-        if args.retry:  # whole files: the tests written since the map was made run too
-            every = dict.fromkeys(tests, 0.0)
-            lines = {m: {str(line): every for line in range(1, 5000)} for m in modules}
+        every = dict.fromkeys(tests, 0.0)  # a retry runs whole files, new tests included
         free = list(copies)
 
         def work(mutant: Mutant) -> Mutant:
             repo = free.pop()
             try:
-                run = lines[mutant.module].get(str(mutant.line), {})
+                run = every if args.retry else lines[mutant.module].get(str(mutant.line), {})
                 fast = {t: sec for t, sec in run.items() if sec <= args.max_seconds}
                 run_mutant(mutant, repo, fast, slow if args.retry else [])
             finally:
