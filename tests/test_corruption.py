@@ -90,3 +90,16 @@ def test_rate_zero_is_identity():
     np.testing.assert_array_equal(corruption.masking_noise(KEY, X, 0.0), X)
     np.testing.assert_array_equal(corruption.salt_and_pepper(KEY, X, 0.0), X)
     assert jnp.all(corruption.masking_noise(KEY, X, 1.0) == 0)
+
+
+def test_rate_zero_spares_an_entry_whose_draw_is_exactly_zero():
+    # A uniform draw is 0.0 with probability 2**-23: among these 2**22 draws of key 8, the
+    # masking draw and the salt-and-pepper hit draw each hold one. "Destroyed with
+    # probability rate" means rate 0 destroys nothing, so the comparison must be strict.
+    key, n = jax.random.PRNGKey(8), 1 << 22
+    x = jnp.full((n,), 0.5)
+    assert int(jnp.sum(jax.random.uniform(key, (n,)) == 0)) == 1
+    assert int(jnp.sum(jax.random.uniform(jax.random.split(key)[0], (n,)) == 0)) == 1
+    for fn in (corruption.masking_noise, corruption.salt_and_pepper):
+        out = jax.jit(fn)(key, x, 0.0)
+        assert int(jnp.sum(out != x)) == 0, fn.__name__
