@@ -12,15 +12,18 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
-from sae_jax.checkpoint import CheckpointError, RunStore, load_model
+from sae_jax.checkpoint import CheckpointError, RunStore, config_differences, load_model
 from sae_jax.config import ADAM, tiny
+from sae_jax.engine import TrainState, init_state
 from sae_jax.models import classifier, init_params
 from sae_jax.progress import Progress
-from sae_jax.recipes import classifier_loss, run_pipeline, run_stage
+from sae_jax.recipes import StageRecord, classifier_loss, run_pipeline, run_stage
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys
@@ -375,3 +378,112 @@ def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path):
     assert done.best_epoch == 2  # the frozen stage remembers it (summary.json reports it)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_config_differences_name_every_changed_added_and_removed_field():
+    old = {"a": 1, "gone": 2, "same": [1, 2], "items": [1, 2], "nested": {"b": 3}}
+    new = {"a": 1, "new": 4, "same": [1, 2], "items": [1, 5], "nested": {"b": 6}}
+    assert config_differences(old, new) == [
+        "gone: 2 -> None",
+        "items[1]: 2 -> 5",
+        "nested.b: 3 -> 6",
+        "new: None -> 4",
+    ]
+    assert config_differences({"l": [1, 2]}, {"l": [1, 2, 3]}) == ["l: [1, 2] -> [1, 2, 3]"]
+    assert config_differences(old, dict(old)) == []
+
+
+def _state(value: float) -> TrainState:
+    return init_state({"w": jnp.full((3,), value)}, optax.adam(0.1))
+
+
+def _lines(path: Path) -> list[tuple[str, int, float]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["stage"], r["epoch"], r["loss"]) for r in rows]
+
+
+def test_run_store_saves_resumes_and_restores_stage_by_stage(tmp_path):
+    """RunStore on its own, without training: what each call writes, says and returns."""
+    config, logs = _small_config(), []
+    store = RunStore(tmp_path, config, keep=2, log=logs.append)
+    assert store.where() == f"before training started; nothing new is saved in {tmp_path}"
+    assert store.resume("pretrain_1", _state(0.0)) is None
+    assert store.where() == f"during pretrain_1 (no epoch of it is saved yet in {tmp_path})"
+    record = StageRecord("pretrain_1", 3)
+    for epoch in (1, 2, 3):
+        record.history.append({"loss": float(epoch)})
+        store.save_epoch("pretrain_1", _state(epoch), jax.random.PRNGKey(epoch), record)
+    assert store.where() == f"during pretrain_1 (epoch 3 is saved in {tmp_path})"
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "pretrain_1")) == ["2", "3"]  # keep=2
+    manifests = tmp_path / "manifests" / "checkpoints" / "pretrain_1"
+    assert sorted(os.listdir(manifests)) == ["2.json", "3.json"]
+    store.save_finished("pretrain_1", {"w": jnp.full((3,), 7.0)}, record)
+    assert store.resume("pretrain_2", _state(0.0)) is None
+    assert store.where() == f"during pretrain_2 (no epoch of it is saved yet in {tmp_path})"
+    second = StageRecord("pretrain_2", 2, history=[{"loss": 10.0}])
+    store.save_epoch("pretrain_2", _state(10.0), jax.random.PRNGKey(10), second)
+    written = _lines(tmp_path / "metrics.jsonl")
+    assert written == [("pretrain_1", 1, 1.0), ("pretrain_1", 2, 2.0), ("pretrain_1", 3, 3.0),
+                       ("pretrain_2", 1, 10.0)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("")  # a rerun writes it anew from the checkpoints
+
+    logs.clear()
+    again = RunStore(tmp_path, config, keep=2, log=logs.append)
+    params, done = again.finished("pretrain_1", {"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(params["w"], [7.0, 7.0, 7.0])
+    assert done == record
+    assert _lines(tmp_path / "metrics.jsonl") == written[:3]  # kept even if no stage follows
+    assert again.finished("pretrain_2", {"w": jnp.zeros(3)}) is None
+    state, resumed, best = again.resume("pretrain_2", _state(0.0))
+    np.testing.assert_array_equal(state.params["w"], [10.0, 10.0, 10.0])
+    assert resumed == second and best is None
+    assert logs == [
+        f"pretrain_1: finished in an earlier run, restored from {tmp_path / 'frozen/pretrain_1'}",
+        f"pretrain_2: resuming after epoch 1 from {tmp_path / 'checkpoints/pretrain_2'}",
+    ]
+    assert _lines(tmp_path / "metrics.jsonl") == written
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "flipped"])
+def test_a_condemned_checkpoint_goes_with_its_manifest_and_metrics(tmp_path, damage):
+    """Epoch 2 is damaged: the rerun moves it aside, drops its manifest and its metrics
+    line, and resumes from epoch 1."""
+    config, record = _small_config(), StageRecord("pretrain_1", 3)
+    store = RunStore(tmp_path, config, log=print)
+    for epoch in (1, 2):
+        record.history.append({"loss": float(epoch)})
+        store.save_epoch("pretrain_1", _state(epoch), jax.random.PRNGKey(epoch), record)
+    manifest = tmp_path / "manifests" / "checkpoints" / "pretrain_1" / "2.json"
+    if damage == "no_manifest":
+        manifest.unlink()
+    else:
+        files = [p for p in (tmp_path / "checkpoints" / "pretrain_1" / "2").rglob("*")]
+        biggest = max((p for p in files if p.is_file()), key=lambda p: p.stat().st_size)
+        biggest.write_bytes(bytes(b ^ 0xFF for b in biggest.read_bytes()))
+    logs = []
+    state, resumed, _ = RunStore(tmp_path, config, log=logs.append).resume(
+        "pretrain_1", _state(0.0)
+    )
+    assert len(logs) == 2 and "is damaged" in logs[0] and "after epoch 1" in logs[1], logs
+    np.testing.assert_array_equal(state.params["w"], [1.0, 1.0, 1.0])
+    assert resumed.history == [{"loss": 1.0}]
+    assert not manifest.exists() and not (tmp_path / "checkpoints" / "pretrain_1" / "2").exists()
+    assert _lines(tmp_path / "metrics.jsonl") == [("pretrain_1", 1, 1.0)]
+
+    (tmp_path / "manifests" / "checkpoints" / "pretrain_1" / "1.json").unlink()  # epoch 1 too
+    assert RunStore(tmp_path, config, log=print).resume("pretrain_1", _state(0.0)) is None
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert len(os.listdir(tmp_path / "damaged")) == 2
+
+
+def test_run_store_keeps_three_epochs_by_default_and_restart_clears_only_its_files(tmp_path):
+    config, record = _small_config(), StageRecord("finetune", 5)
+    store = RunStore(tmp_path, config, log=print)
+    for epoch in range(1, 6):
+        record.history.append({"loss": float(epoch)})
+        store.save_epoch("finetune", _state(epoch), jax.random.PRNGKey(epoch), record)
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "finetune")) == ["3", "4", "5"]
+    store.save_finished("finetune", {"w": jnp.ones(3)}, record)
+    (tmp_path / "notes.txt").write_text("mine")
+    RunStore(tmp_path, config, restart=True, log=print)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "notes.txt"]
