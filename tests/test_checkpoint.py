@@ -487,3 +487,17 @@ def test_run_store_keeps_three_epochs_by_default_and_restart_clears_only_its_fil
     (tmp_path / "notes.txt").write_text("mine")
     RunStore(tmp_path, config, restart=True, log=print)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "notes.txt"]
+
+
+def test_a_checkpoint_saved_under_another_config_is_refused(tmp_path):
+    """config.json replaced by hand: the checkpoints still carry the config they were
+    saved under, and resuming from them is refused, leaving them in place."""
+    config, record = _small_config(), StageRecord("pretrain_1", 2, history=[{"loss": 1.0}])
+    RunStore(tmp_path, config, log=print).save_epoch(
+        "pretrain_1", _state(1.0), jax.random.PRNGKey(1), record
+    )
+    (tmp_path / "config.json").unlink()
+    store = RunStore(tmp_path, config.replace(seed=3), log=print)
+    with pytest.raises(CheckpointError, match=r"1 was saved by a run with another config \(seed"):
+        store.resume("pretrain_1", _state(0.0))
+    assert (tmp_path / "checkpoints" / "pretrain_1" / "1").is_dir()
