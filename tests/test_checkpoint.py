@@ -501,3 +501,13 @@ def test_a_checkpoint_saved_under_another_config_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 was saved by a run with another config \(seed"):
         store.resume("pretrain_1", _state(0.0))
     assert (tmp_path / "checkpoints" / "pretrain_1" / "1").is_dir()
+
+
+def test_load_model_refuses_a_run_that_has_not_finished(tmp_path):
+    RunStore(tmp_path, _small_config(), log=print)  # config.json, but no fine-tuned model
+    with pytest.raises(CheckpointError, match=r"no finished run here \(no frozen/finetune"):
+        load_model(tmp_path)
+    (tmp_path / "no_config" / "frozen" / "finetune").mkdir(parents=True)
+    for where in ("no_config", "absent"):
+        with pytest.raises(CheckpointError, match="no finished run here"):
+            load_model(tmp_path / where)
