@@ -18,7 +18,14 @@ import optax
 import pytest
 from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
-from sae_jax.checkpoint import CheckpointError, RunStore, config_differences, load_model
+from sae_jax.checkpoint import (
+    CheckpointError,
+    RunStore,
+    _record,
+    config_differences,
+    config_to_json,
+    load_model,
+)
 from sae_jax.config import ADAM, tiny
 from sae_jax.engine import TrainState, init_state
 from sae_jax.models import classifier, init_params
@@ -390,6 +397,7 @@ def test_config_differences_name_every_changed_added_and_removed_field():
         "new: None -> 4",
     ]
     assert config_differences({"l": [1, 2]}, {"l": [1, 2, 3]}) == ["l: [1, 2] -> [1, 2, 3]"]
+    assert config_differences({"opt": {"lr": 1}}, {}) == ["opt: {'lr': 1} -> None"]
     assert config_differences(old, dict(old)) == []
 
 
@@ -407,6 +415,8 @@ def test_run_store_saves_resumes_and_restores_stage_by_stage(tmp_path):
     config, logs = _small_config(), []
     store = RunStore(tmp_path, config, keep=2, log=logs.append)
     assert store.where() == f"before training started; nothing new is saved in {tmp_path}"
+    written_config = json.dumps(config_to_json(config), indent=2) + "\n"  # for people to read
+    assert (tmp_path / "config.json").read_text() == written_config
     assert store.resume("pretrain_1", _state(0.0)) is None
     assert store.where() == f"during pretrain_1 (no epoch of it is saved yet in {tmp_path})"
     record = StageRecord("pretrain_1", 3)
@@ -511,3 +521,8 @@ def test_load_model_refuses_a_run_that_has_not_finished(tmp_path):
     for where in ("no_config", "absent"):
         with pytest.raises(CheckpointError, match="no finished run here"):
             load_model(tmp_path / where)
+
+
+def test_a_checkpoint_from_before_best_epoch_was_recorded_resumes_with_best_epoch_0():
+    meta = {"epochs": 4, "wall_s": 2.5, "history": [{"loss": 1.0}]}  # no "best_epoch"
+    assert _record("finetune", meta) == StageRecord("finetune", 4, 2.5, [{"loss": 1.0}], 0)
