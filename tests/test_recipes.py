@@ -6,6 +6,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
 from sae_jax import recipes
@@ -114,3 +115,68 @@ def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
     assert sum(s for *_, s in seen) <= record.wall_s <= wall
     assert len(Store.walls) == 4 and Store.walls == sorted(Store.walls)
     assert seen[0][3] <= Store.walls[0] and Store.walls[-1] <= record.wall_s
+
+
+def _regression():
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    return x, x @ jnp.ones((3, 1))
+
+
+def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
+    x, y = _regression()
+    sgd = OptimizerConfig("sgd", learning_rate=0.05)
+    params, record = recipes.run_stage(
+        "plain", _mse, {"w": jnp.zeros((3, 1))}, sgd, (x, y),
+        epochs=4, key=jax.random.PRNGKey(0), batch_size=8,
+    )  # fmt: skip
+    w, losses = np.zeros((3, 1)), []  # full-batch gradient descent, written out in numpy
+    for _ in range(4):
+        err = np.asarray(x) @ w - np.asarray(y)
+        losses.append(float(np.mean(err**2)))
+        w = w - 0.05 * 2 * np.asarray(x).T @ err / err.size
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5)
+    assert record.best_epoch == 0  # no epoch was chosen
+    np.testing.assert_allclose([h["loss"] for h in record.history], losses, rtol=1e-5)
+    assert record.final_loss == record.history[3]["loss"]
+    assert record.summary() == {
+        "name": "plain", "epochs": 4, "wall_s": record.wall_s, "final_loss": record.final_loss
+    }  # fmt: skip
+    assert recipes.StageRecord("none", 2).final_loss is None
+
+
+def test_a_stage_its_store_has_finished_is_returned_without_training():
+    done = ({"w": jnp.full((3, 1), 2.0)}, recipes.StageRecord("stage", 3, 1.5, [{"loss": 0.1}]))
+
+    class Store:
+        finished = lambda self, name, template: done if name == "stage" else None
+        resume = save_epoch = save_finished = lambda self, *args: pytest.fail("trained")
+
+    out = recipes.run_stage(
+        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
+        _regression(), epochs=3, key=jax.random.PRNGKey(0), batch_size=4, store=Store(),
+        on_epoch=lambda *args: pytest.fail("trained"),
+    )  # fmt: skip
+    assert out is done
+
+
+def test_run_stage_gives_each_model_its_own_learning_rate():
+    x, y = _regression()
+    w0, keys, rates = (
+        {"w": jnp.zeros((3, 1))},
+        jax.random.split(jax.random.PRNGKey(0)),
+        [0.05, 0.01],
+    )
+    common = {"epochs": 2, "batch_size": 4}
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w0)
+    many, record = recipes.run_stage(
+        "many", _mse, stacked, OptimizerConfig("adam", learning_rate=0.3), (x, y),
+        key=keys, models=2, learning_rate=jnp.asarray(rates), **common,
+    )  # fmt: skip
+    for i, rate in enumerate(rates):
+        one, alone = recipes.run_stage(
+            "one", _mse, w0, OptimizerConfig("adam", learning_rate=rate), (x, y),
+            key=keys[i], **common,
+        )  # fmt: skip
+        np.testing.assert_allclose(many["w"][i], one["w"], rtol=1e-5, atol=1e-7)
+        losses = [h["loss"] for h in alone.history]
+        np.testing.assert_allclose([h["loss"][i] for h in record.history], losses, rtol=1e-5)
