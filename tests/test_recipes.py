@@ -1,12 +1,14 @@
 """recipes' losses and its many-models paths against numpy and against one model at a
 time."""
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import synthetic_config, synthetic_digits
 from flax import linen as nn
 
 from sae_jax import recipes
@@ -180,3 +182,70 @@ def test_run_stage_gives_each_model_its_own_learning_rate():
         np.testing.assert_allclose(many["w"][i], one["w"], rtol=1e-5, atol=1e-7)
         losses = [h["loss"] for h in alone.history]
         np.testing.assert_allclose([h["loss"][i] for h in record.history], losses, rtol=1e-5)
+
+
+def _recorded_pipeline(monkeypatch, config, **kwargs):
+    """Run ``run_pipeline`` on synthetic digits, recording the key each stage is
+    initialised from and the key it is fitted with."""
+    init_keys, fit_keys = [], []
+    real_init, real_fit = recipes.init_params, recipes.fit
+
+    def init_params(module, key, in_features):
+        init_keys.append(np.asarray(key))
+        return real_init(module, key, in_features)
+
+    def fit(*args, name, key, **kw):
+        fit_keys.append((name, np.asarray(key)))
+        return real_fit(*args, name=name, key=key, **kw)
+
+    monkeypatch.setattr(recipes, "init_params", init_params)
+    monkeypatch.setattr(recipes, "fit", fit)
+    train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
+    result = recipes.run_pipeline(config, train, test, **kwargs)
+    return result, init_keys, fit_keys
+
+
+@pytest.mark.parametrize("pretrain", [True, False])
+def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain):
+    # One layer: keys = split(PRNGKey(seed), 3) are pretrain_1, softmax and finetune.
+    # A pretraining stage splits its key into an init key and a fit key; without
+    # pretraining the stack is initialised from the softmax stage's key.
+    config = synthetic_config(seed=11, layers=synthetic_config().layers[:1], finetune_epochs=1)
+    _, init_keys, fit_keys = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), 3))
+    halves = [np.asarray(jax.random.split(k)) for k in keys]
+    if pretrain:
+        want_init = [halves[0][0], halves[1][0]]  # pretrain_1, softmax
+        want_fit = [("pretrain_1", halves[0][1]), ("softmax", halves[1][1]), ("finetune", keys[2])]
+    else:
+        want_init, want_fit = [keys[1]], [("finetune", keys[2])]
+    np.testing.assert_array_equal(init_keys, want_init)
+    assert [n for n, _ in fit_keys] == [n for n, _ in want_fit]
+    np.testing.assert_array_equal([k for _, k in fit_keys], [k for _, k in want_fit])
+
+
+def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(monkeypatch):
+    layer = dataclasses.replace(synthetic_config().layers[0], epochs=2)
+    layers = tuple(dataclasses.replace(layer, features=f) for f in (48, 40, 32))
+    config = synthetic_config(finetune_epochs=2, layers=layers)  # 64-48-40-32-4
+    fitted = []
+    real_fit = recipes.fit
+
+    def fit(loss_fn, params, optimizer, data, *, name, **kw):
+        fitted.append((name, data[0].shape))
+        return real_fit(loss_fn, params, optimizer, data, name=name, **kw)
+
+    monkeypatch.setattr(recipes, "fit", fit)
+    result = recipes.run_pipeline(config, synthetic_digits(40, 1), synthetic_digits(20, 2))
+    assert fitted == [("pretrain_1", (40, 64)), ("pretrain_2", (40, 48)), ("pretrain_3", (40, 40)),
+                      ("softmax", (40, 32)), ("finetune", (40, 64))]  # fmt: skip
+    assert [(s.name, s.epochs, len(s.history)) for s in result.stages] == [
+        ("pretrain_1", 2, 2), ("pretrain_2", 2, 2), ("pretrain_3", 2, 2), ("softmax", 1, 1),
+        ("finetune", 2, 2),
+    ]  # fmt: skip
+    model = recipes.classifier(config)
+    x, y = synthetic_digits(20, 2)
+    final = recipes.evaluate(model, result.params, x, y, config.eval_batch_size)
+    assert result.stages[-1].history[-1]["test_accuracy"] == final["accuracy"]
+    assert "test_accuracy" in result.stages[3].history[0]  # the softmax stage is judged too
+    assert "test_accuracy" not in result.stages[0].history[0]
