@@ -205,23 +205,43 @@ def _recorded_pipeline(monkeypatch, config, **kwargs):
     return result, init_keys, fit_keys
 
 
-@pytest.mark.parametrize("pretrain", [True, False])
-def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain):
-    # One layer: keys = split(PRNGKey(seed), 3) are pretrain_1, softmax and finetune.
-    # A pretraining stage splits its key into an init key and a fit key; without
-    # pretraining the stack is initialised from the softmax stage's key.
-    config = synthetic_config(seed=11, layers=synthetic_config().layers[:1], finetune_epochs=1)
+@pytest.mark.parametrize("pretrain,depth", [(True, 1), (True, 2), (False, 1)])
+def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain, depth):
+    # keys = split(PRNGKey(seed), depth + 2): one per pretraining layer, then the softmax
+    # stage's and the fine-tuning stage's. A pretraining or softmax stage splits its key
+    # into an init key and a fit key; without pretraining the stack is initialised from
+    # the softmax stage's key.
+    layers = synthetic_config().layers[:depth]
+    config = synthetic_config(seed=11, layers=layers, finetune_epochs=1)
     _, init_keys, fit_keys = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
-    keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), 3))
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), depth + 2))
     halves = [np.asarray(jax.random.split(k)) for k in keys]
+    names = [f"pretrain_{i + 1}" for i in range(depth)] + ["softmax"]
     if pretrain:
-        want_init = [halves[0][0], halves[1][0]]  # pretrain_1, softmax
-        want_fit = [("pretrain_1", halves[0][1]), ("softmax", halves[1][1]), ("finetune", keys[2])]
+        want_init = [halves[i][0] for i in range(depth + 1)]
+        want_fit = [(n, halves[i][1]) for i, n in enumerate(names)] + [("finetune", keys[-1])]
     else:
-        want_init, want_fit = [keys[1]], [("finetune", keys[2])]
+        want_init, want_fit = [keys[-2]], [("finetune", keys[-1])]
     np.testing.assert_array_equal(init_keys, want_init)
     assert [n for n, _ in fit_keys] == [n for n, _ in want_fit]
     np.testing.assert_array_equal([k for _, k in fit_keys], [k for _, k in want_fit])
+
+
+def test_model_config_is_the_config_of_one_model_of_a_sweep():
+    config = synthetic_config()
+    hparams = {"beta": [0.5, 2.0], "pretrain_learning_rate": [0.1, 0.2],
+               "finetune_learning_rate": [0.3, 0.4]}  # fmt: skip
+    one = recipes.model_config(config, [7, 8], hparams, 1)
+    assert one.seed == 8
+    assert [(lay.beta, lay.optimizer.learning_rate) for lay in one.layers] == [(2.0, 0.2)] * 2
+    assert one.finetune_optimizer.learning_rate == 0.4
+    assert one.softmax_optimizer == config.softmax_optimizer
+    plain = recipes.model_config(config, [7, 8], None, 0)
+    assert plain == config.replace(seed=7)
+    rho = recipes.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
+    assert rho == config.replace(
+        seed=7, layers=tuple(dataclasses.replace(lay, rho=0.1) for lay in config.layers)
+    )
 
 
 def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(monkeypatch):
