@@ -9,7 +9,15 @@ import optax
 import pytest
 
 from sae_jax.config import TF1_RMSPROP, OptimizerConfig
-from sae_jax.engine import NonFiniteLossError, fit, make_optimizer, map_batches
+from sae_jax.engine import (
+    NonFiniteLossError,
+    fit,
+    init_state,
+    make_epoch,
+    make_optimizer,
+    make_train_step,
+    map_batches,
+)
 
 KEY = jax.random.PRNGKey(0)
 
@@ -288,3 +296,16 @@ def test_batches_of_one_are_allowed_and_the_callback_gets_wall_seconds():
     assert all(0 < s <= time.perf_counter() - start for s in seconds)
     with pytest.raises(ValueError, match=r"batch_size=0 must be in \[1, 4\]"):
         fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=0, epochs=1, key=KEY)
+
+
+def test_an_epoch_donates_the_state_and_not_the_data():
+    # The state's buffers are reused for the next state (no second copy of the params
+    # and optimizer moments); the data stays valid for the next epoch.
+    x, y, _ = _regression(n=20)
+    opt = optax.adam(0.1)
+    state = init_state(_params(), opt)
+    epoch = make_epoch(make_train_step(_mse, opt), 20, 5)
+    new, _ = epoch(state, (x, y), KEY)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert not x.is_deleted() and not y.is_deleted()
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new))
