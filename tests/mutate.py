@@ -458,15 +458,23 @@ def main(argv: list[str] | None = None) -> int:
         known = {t: sec for m in lines.values() for run in m.values() for t, sec in run.items()}
         slow = sorted(t for t, sec in known.items() if sec > args.max_seconds)
         print(f"left out as slow (over {args.max_seconds:g} s traced): {len(slow)} tests")
-        every = dict.fromkeys(tests, 0.0)  # a retry runs whole files, new tests included
+        # A retry runs whole files, new tests included; the time limit counts the
+        # files' fast tests as traced.
+        every = {
+            t: sum(sec for n, sec in known.items() if n.startswith(t) and sec <= args.max_seconds)
+            for t in tests
+        }
         free = list(copies)
 
         def work(mutant: Mutant) -> Mutant:
             repo = free.pop()
             try:
-                run = every if args.retry else lines[mutant.module].get(str(mutant.line), {})
-                fast = {t: sec for t, sec in run.items() if sec <= args.max_seconds}
-                run_mutant(mutant, repo, fast, slow if args.retry else [])
+                if args.retry:  # whole files, less the slow tests
+                    run_mutant(mutant, repo, every, slow)
+                else:
+                    run = lines[mutant.module].get(str(mutant.line), {})
+                    fast = {t: sec for t, sec in run.items() if sec <= args.max_seconds}
+                    run_mutant(mutant, repo, fast, [])
             finally:
                 free.append(repo)
             return mutant
