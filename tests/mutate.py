@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import hashlib
 import json
 import os
 import shutil
@@ -358,8 +359,6 @@ def run_mutant(mutant: Mutant, repo: Path, tests: dict[str, float], skip: list[s
 
 
 def _digest(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -94,6 +94,10 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
     assert after["test_accuracy"] == whole["test_accuracy"]
 
 
+def _biggest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
 def _small_config():
     return synthetic_config(batch_size=20, eval_batch_size=50, finetune_epochs=4)
 
@@ -123,7 +127,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, damage, reason):
             config, train, test, on_epoch=crash, store=RunStore(tmp_path / "b", config, log=print)
         )
     latest = tmp_path / "b" / "checkpoints" / "finetune" / "3"
-    biggest = max((p for p in latest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest = _biggest_file(latest)
     if damage == "truncate":
         with open(biggest, "r+b") as f:
             f.truncate(biggest.stat().st_size // 2)
@@ -467,8 +471,7 @@ def test_a_condemned_checkpoint_goes_with_its_manifest_and_metrics(tmp_path, dam
     if damage == "no_manifest":
         manifest.unlink()
     else:
-        files = [p for p in (tmp_path / "checkpoints" / "pretrain_1" / "2").rglob("*")]
-        biggest = max((p for p in files if p.is_file()), key=lambda p: p.stat().st_size)
+        biggest = _biggest_file(tmp_path / "checkpoints" / "pretrain_1" / "2")
         biggest.write_bytes(bytes(b ^ 0xFF for b in biggest.read_bytes()))
     logs = []
     state, resumed, _ = RunStore(tmp_path, config, log=logs.append).resume(

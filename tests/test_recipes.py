@@ -83,11 +83,16 @@ def _mse(params, batch, key):
     return err, {"mse": err}
 
 
+def _regression():
+    """8 examples ``[8, 3]`` and their targets ``[8, 1]`` (the sum of the features)."""
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    return x, x @ jnp.ones((3, 1))
+
+
 def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
     # evaluate_fn scores 0.5, 0.7, 0.7, 0.2, 0.1: the best is epoch 2 (the first 0.7),
     # and with patience 2 the stage stops after epoch 4.
-    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
-    y = x @ jnp.ones((3, 1))
+    x, y = _regression()
     scores, seen, calls = iter([0.5, 0.7, 0.7, 0.2, 0.1]), [], []
 
     def evaluate_fn(params):
@@ -117,11 +122,6 @@ def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
     assert sum(s for *_, s in seen) <= record.wall_s <= wall
     assert len(Store.walls) == 4 and Store.walls == sorted(Store.walls)
     assert seen[0][3] <= Store.walls[0] and Store.walls[-1] <= record.wall_s
-
-
-def _regression():
-    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
-    return x, x @ jnp.ones((3, 1))
 
 
 def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
@@ -163,11 +163,8 @@ def test_a_stage_its_store_has_finished_is_returned_without_training():
 
 def test_run_stage_gives_each_model_its_own_learning_rate():
     x, y = _regression()
-    w0, keys, rates = (
-        {"w": jnp.zeros((3, 1))},
-        jax.random.split(jax.random.PRNGKey(0)),
-        [0.05, 0.01],
-    )
+    w0, rates = {"w": jnp.zeros((3, 1))}, [0.05, 0.01]
+    keys = jax.random.split(jax.random.PRNGKey(0))
     common = {"epochs": 2, "batch_size": 4}
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w0)
     many, record = recipes.run_stage(
@@ -185,24 +182,25 @@ def test_run_stage_gives_each_model_its_own_learning_rate():
 
 
 def _recorded_pipeline(monkeypatch, config, **kwargs):
-    """Run ``run_pipeline`` on synthetic digits, recording the key each stage is
-    initialised from and the key it is fitted with."""
-    init_keys, fit_keys = [], []
+    """``run_pipeline`` on synthetic digits (40 training, 20 test images), recording
+    the key of every ``init_params`` and, for every ``fit``, the stage's name, its key
+    and the shape of its inputs."""
+    init_keys, fits = [], []
     real_init, real_fit = recipes.init_params, recipes.fit
 
     def init_params(module, key, in_features):
         init_keys.append(np.asarray(key))
         return real_init(module, key, in_features)
 
-    def fit(*args, name, key, **kw):
-        fit_keys.append((name, np.asarray(key)))
-        return real_fit(*args, name=name, key=key, **kw)
+    def fit(loss_fn, params, optimizer, data, *, name, key, **kw):
+        fits.append((name, np.asarray(key), data[0].shape))
+        return real_fit(loss_fn, params, optimizer, data, name=name, key=key, **kw)
 
     monkeypatch.setattr(recipes, "init_params", init_params)
     monkeypatch.setattr(recipes, "fit", fit)
     train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
     result = recipes.run_pipeline(config, train, test, **kwargs)
-    return result, init_keys, fit_keys
+    return result, init_keys, fits
 
 
 @pytest.mark.parametrize("pretrain,depth", [(True, 1), (True, 2), (False, 1)])
@@ -213,7 +211,7 @@ def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain, depth
     # the softmax stage's key.
     layers = synthetic_config().layers[:depth]
     config = synthetic_config(seed=11, layers=layers, finetune_epochs=1)
-    _, init_keys, fit_keys = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
+    _, init_keys, fits = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), depth + 2))
     halves = [np.asarray(jax.random.split(k)) for k in keys]
     names = [f"pretrain_{i + 1}" for i in range(depth)] + ["softmax"]
@@ -223,8 +221,8 @@ def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain, depth
     else:
         want_init, want_fit = [keys[-2]], [("finetune", keys[-1])]
     np.testing.assert_array_equal(init_keys, want_init)
-    assert [n for n, _ in fit_keys] == [n for n, _ in want_fit]
-    np.testing.assert_array_equal([k for _, k in fit_keys], [k for _, k in want_fit])
+    assert [n for n, _, _ in fits] == [n for n, _ in want_fit]
+    np.testing.assert_array_equal([k for _, k, _ in fits], [k for _, k in want_fit])
 
 
 def test_model_config_is_the_config_of_one_model_of_a_sweep():
@@ -248,17 +246,11 @@ def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(mon
     layer = dataclasses.replace(synthetic_config().layers[0], epochs=2)
     layers = tuple(dataclasses.replace(layer, features=f) for f in (48, 40, 32))
     config = synthetic_config(finetune_epochs=2, layers=layers)  # 64-48-40-32-4
-    fitted = []
-    real_fit = recipes.fit
-
-    def fit(loss_fn, params, optimizer, data, *, name, **kw):
-        fitted.append((name, data[0].shape))
-        return real_fit(loss_fn, params, optimizer, data, name=name, **kw)
-
-    monkeypatch.setattr(recipes, "fit", fit)
-    result = recipes.run_pipeline(config, synthetic_digits(40, 1), synthetic_digits(20, 2))
-    assert fitted == [("pretrain_1", (40, 64)), ("pretrain_2", (40, 48)), ("pretrain_3", (40, 40)),
-                      ("softmax", (40, 32)), ("finetune", (40, 64))]  # fmt: skip
+    result, _, fits = _recorded_pipeline(monkeypatch, config)
+    assert [(name, shape) for name, _, shape in fits] == [
+        ("pretrain_1", (40, 64)), ("pretrain_2", (40, 48)), ("pretrain_3", (40, 40)),
+        ("softmax", (40, 32)), ("finetune", (40, 64)),
+    ]  # fmt: skip
     assert [(s.name, s.epochs, len(s.history)) for s in result.stages] == [
         ("pretrain_1", 2, 2), ("pretrain_2", 2, 2), ("pretrain_3", 2, 2), ("softmax", 1, 1),
         ("finetune", 2, 2),
