@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pretrain=not flags.no_pretraining,
             wait=flags.wait,
             log=cli.log,
-            progress_stream=sys.stdout if sys.stdout.isatty() else None,
+            progress_stream=cli.progress_stream(),
         )
 
     return cli.run_command(body)

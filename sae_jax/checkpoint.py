@@ -12,6 +12,12 @@ Layout of a workdir::
 
 Each checkpoint's files are checked against its manifest before orbax reads them,
 so a truncated or corrupted checkpoint is found (and skipped) before it is used.
+
+In a run of several processes every process calls the same methods: orbax saves
+and restores collectively into the one workdir (a folder every process sees),
+while process 0 alone writes ``config.json``, ``metrics.jsonl`` and the manifests,
+checks manifests and moves damaged checkpoints aside, and tells the others which
+checkpoint to restore.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from sae_jax.files import (
     write_text_atomic,
 )
 from sae_jax.models import TrainedModel, classifier, init_params
+from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
 from sae_jax.recipes import StageRecord
 
 MANAGED = (
@@ -113,10 +120,17 @@ def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
 def _restore(
     manager: ocp.CheckpointManager, step: int, template: Any | Callable[[dict], Any]
 ) -> tuple[Any, dict]:
-    """Restore ``step``; ``template`` may be a function of the step's JSON metadata."""
+    """Restore ``step``; ``template`` may be a function of the step's JSON metadata.
+
+    The arrays come back whole on every process (see ``parallel.everywhere``), so a
+    run saved on any number of devices and processes restores on any other."""
     if callable(template):
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         template = template(meta)
+    where = everywhere()  # whatever devices and processes saved it
+    template = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), template
+    )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -172,13 +186,14 @@ class RunStore:
         self.keep = keep
         self.log = log
         make_workdir(self.workdir)
-        if restart:
+        if restart and is_primary():
             for name in MANAGED:
                 path = self.workdir / name
                 if path.is_dir():
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
+        barrier("sae_jax: workdir ready")
         config_path = self.workdir / "config.json"
         wanted = config_to_json(config)
         if options:
@@ -194,7 +209,7 @@ class RunStore:
                     f"{self.workdir} holds a run with another config ({'; '.join(diffs)}); "
                     f"use another --workdir, or --restart to discard that run"
                 )
-        else:
+        elif is_primary():
             write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
         self._config = wanted
         self._done: list[StageRecord] = []  # stages finished so far, in order
@@ -262,20 +277,24 @@ class RunStore:
         ``len(record.history)``, then log its metrics."""
         epoch = len(record.history)
         tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
+        tree = replicated(tree)  # a checkpoint of several processes holds global arrays
         meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
         with signals_deferred():  # SIGINT and SIGTERM wait until the epoch is saved
             manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
             self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
             self._saved = (stage, epoch)
-            with open(self.workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"stage": stage, "epoch": epoch, **record.history[-1]}) + "\n")
+            if is_primary():
+                with open(self.workdir / "metrics.jsonl", "a") as f:
+                    line = {"stage": stage, "epoch": epoch, **record.history[-1]}
+                    f.write(json.dumps(line) + "\n")
 
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None:
         """Keep the final params of ``stage`` as its own frozen pytree."""
         with signals_deferred():
             manager = _manager(self.workdir / "frozen" / stage, None)
             if manager.latest_step() is None:
-                self._save(manager, 0, params, _meta(record, stage=stage, config=self._config))
+                meta = _meta(record, stage=stage, config=self._config)
+                self._save(manager, 0, replicated(params), meta)
             else:
                 manager.close()
         self._done.append(record)
@@ -298,12 +317,14 @@ class RunStore:
                         tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
                     ),
                 )
-            manifest.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
-            kept = {f"{s}.json" for s in manager.all_steps()}
-            for old in manifest.parent.glob("*.json"):
-                if old.name not in kept:  # its checkpoint was superseded and deleted
-                    old.unlink()
+            barrier(f"sae_jax: saved {step_dir}")  # every process's files are written
+            if is_primary():
+                manifest.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
+                kept = {f"{s}.json" for s in manager.all_steps()}
+                for old in manifest.parent.glob("*.json"):
+                    if old.name not in kept:  # its checkpoint was superseded and deleted
+                        old.unlink()
         except Exception as e:  # orbax and tensorstore raise many kinds
             raise storage_error(f"cannot save the checkpoint {step_dir}", e) from None
         finally:
@@ -314,25 +335,35 @@ class RunStore:
     ) -> tuple[Any, dict] | None:
         """Restore the newest step that passes its manifest check; move the steps that
         fail it aside. Only a failed check condemns a checkpoint: one that passes but
-        cannot be restored stops the run (``CheckpointError``) and stays where it is."""
+        cannot be restored stops the run (``CheckpointError``) and stays where it is.
+        Process 0 checks and moves; every process restores the step it chose."""
         try:
-            for step in sorted(manager.all_steps(), reverse=True):
-                step_dir = directory / str(step)
-                problem = manifest_problem(self.workdir, step_dir)
-                if problem is None:
-                    tree, meta = _restore_intact(manager, step, template, step_dir)
-                    self._check_saved_config(meta, step_dir)
-                    return tree, meta
-                target = self._move_aside(step_dir)
-                manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
-                self.log(
-                    f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
-                    f"falling back to an earlier one"
-                )
-                manager.reload()
-            return None
+            step = broadcast_int(self._newest_intact(manager, directory) if is_primary() else -1)
+            if step < 0:
+                return None
+            step_dir = directory / str(step)
+            tree, meta = _restore_intact(manager, step, template, step_dir)
+            self._check_saved_config(meta, step_dir)
+            return tree, meta
         finally:
             manager.close()
+
+    def _newest_intact(self, manager: ocp.CheckpointManager, directory: Path) -> int:
+        """The newest step of ``manager`` whose files match its manifest (-1: none);
+        the steps that fail the check are moved to ``damaged/``."""
+        for step in sorted(manager.all_steps(), reverse=True):
+            step_dir = directory / str(step)
+            problem = manifest_problem(self.workdir, step_dir)
+            if problem is None:
+                return step
+            target = self._move_aside(step_dir)
+            manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
+            self.log(
+                f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
+                f"falling back to an earlier one"
+            )
+            manager.reload()
+        return -1
 
     def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
         """Refuse a checkpoint saved under another config (config.json replaced)."""
@@ -353,6 +384,8 @@ class RunStore:
 
     def _rewrite_metrics(self, current: StageRecord | None = None) -> None:
         """Make metrics.jsonl hold exactly the checkpointed epochs, before appending."""
+        if not is_primary():
+            return
         records = [*self._done, *([current] if current is not None else [])]
         lines = [
             json.dumps({"stage": r.name, "epoch": i + 1, **h}) + "\n"

@@ -25,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sae_jax.config import OptimizerConfig
+from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, to_host
 
 Params = Any
-DATA_AXIS = "data"  # the mesh axis that minibatches are split over
 Batch = tuple[jax.Array, ...]
 LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
@@ -143,14 +143,16 @@ def make_epoch(
     With a ``mesh``, every minibatch is split over the mesh's ``"data"`` axis while
     params and optimizer state stay replicated (data parallelism; XLA inserts the
     gradient all-reduce). With ``models``, the epoch is ``vmap``-ed over a leading
-    model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``).
+    model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``),
+    which a mesh with a ``"models"`` axis spreads over that axis's devices.
     """
     full, remainder = divmod(num_examples, batch_size)
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
+    split = axis_size(mesh, DATA_AXIS) if mesh is not None else 1
 
     def run_step(state: TrainState, data: Batch, idx: jax.Array, key: jax.Array):
         batch = tuple(jnp.take(a, idx, axis=0) for a in data)
-        if batch_sharding is not None and len(idx) % mesh.size == 0:
+        if batch_sharding is not None and len(idx) % split == 0:
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, jax.random.fold_in(key, state.step))
 
@@ -167,18 +169,38 @@ def make_epoch(
             totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
         return state, jax.tree.map(lambda t: t / num_examples, totals)
 
-    fn = jax.vmap(epoch, in_axes=(0, data_axis, 0)) if models else epoch
-    out = NamedSharding(mesh, P()) if mesh is not None else None
+    spread = models and mesh is not None and MODEL_AXIS in mesh.axis_names
+    fn = epoch
+    if models:
+        fn = jax.vmap(epoch, (0, data_axis, 0), spmd_axis_name=MODEL_AXIS if spread else None)
+    out = state_sharding(mesh, models) if mesh is not None else None
     return jax.jit(fn, donate_argnums=0, out_shardings=out)
 
 
-def place_data(a: jax.Array, mesh: Mesh | None) -> jax.Array:
+def state_sharding(mesh: Mesh, models: bool = False) -> NamedSharding:
+    """Where a train state lives on ``mesh``: replicated, or with ``models`` split
+    over the mesh's ``"models"`` axis (every leaf has a leading model axis)."""
+    spread = models and MODEL_AXIS in mesh.axis_names
+    return NamedSharding(mesh, P(MODEL_AXIS) if spread else P())
+
+
+def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Array:
     """Put ``a`` ``[n, ...]`` on the device(s): split over the mesh's ``"data"`` axis
-    when ``n`` divides evenly, else replicated (no mesh: the default device)."""
+    when ``n`` divides evenly, else replicated (no mesh: the default device).
+
+    With ``models``, ``a`` is ``[models, n, ...]`` and its first axis is also split
+    over the mesh's ``"models"`` axis (when it has one and the count divides).
+    Every process passes the whole of ``a`` and keeps only its own shards.
+    """
     if mesh is None:
         return jnp.asarray(a)
-    spec = P(DATA_AXIS) if a.shape[0] % mesh.size == 0 else P()
-    return jax.device_put(a, NamedSharding(mesh, spec))
+    spec = []
+    if models:
+        spread = MODEL_AXIS in mesh.axis_names and a.shape[0] % axis_size(mesh, MODEL_AXIS) == 0
+        spec.append(MODEL_AXIS if spread else None)
+    n = a.shape[len(spec)]
+    spec.append(DATA_AXIS if n % axis_size(mesh, DATA_AXIS) == 0 else None)
+    return jax.device_put(a, NamedSharding(mesh, P(*spec)))
 
 
 def fit(
@@ -236,8 +258,11 @@ def fit(
     Raises:
       NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model).
     """
-    data = tuple(place_data(a, mesh) for a in data)
     axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
+    data = tuple(
+        place_data(a, mesh, models is not None and ax == 0)
+        for a, ax in zip(data, axes, strict=True)
+    )
     lengths = {
         a.shape[1 if models is not None and ax == 0 else 0]
         for a, ax in zip(data, axes, strict=True)
@@ -260,13 +285,14 @@ def fit(
     else:
         state = jax.tree.map(jnp.array, state)
     if mesh is not None:
-        state = jax.device_put(state, NamedSharding(mesh, P()))
+        state = jax.device_put(state, state_sharding(mesh, models is not None))
+        key = jax.device_put(key, state_sharding(mesh, models is not None))
     fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
         state, metrics = epoch_fn(state, data, fold(key, epoch))
-        host = {k: np.asarray(v).tolist() for k, v in jax.device_get(metrics).items()}
+        host = {k: v.tolist() for k, v in to_host(metrics).items()}
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(host["loss"])):
             raise NonFiniteLossError(

@@ -13,8 +13,8 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,9 +28,16 @@ from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
 from sae_jax.engine import place_data
-from sae_jax.files import WorkdirLock, make_workdir, stopped, user_path, write_text_atomic
+from sae_jax.files import (
+    CheckpointError,
+    WorkdirLock,
+    make_workdir,
+    stopped,
+    user_path,
+    write_text_atomic,
+)
 from sae_jax.models import to_float
-from sae_jax.parallel import default_mesh, initialize_distributed
+from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
 from sae_jax.progress import Progress
 from sae_jax.recipes import (
     PipelineResult,
@@ -39,6 +46,7 @@ from sae_jax.recipes import (
 )
 
 PLATFORMS = ("cpu", "gpu", "tpu")
+FIGURES = ("filters.png", "reconstructions.png", "curves.png")
 
 
 class UserError(ValueError):
@@ -124,13 +132,26 @@ def prepare(
     return workdir, mnist
 
 
-def hold_workdir(
-    workdir: Path, *, wait: bool, log: Callable[[str], None]
-) -> WorkdirLock | nullcontext:
-    """Create ``workdir`` and hold its lock for the run (process 0 of a multi-host run
-    holds it for all): a context manager."""
+@contextmanager
+def hold_workdir(workdir: Path, *, wait: bool, log: Callable[[str], None]) -> Iterator[None]:
+    """Create ``workdir`` and hold its lock for the run: a context manager.
+
+    Process 0 of a run of several processes holds the lock for all; when it cannot,
+    every process raises ``CheckpointError`` (process 0 with the holder's name).
+    """
     make_workdir(workdir)
-    return WorkdirLock(workdir, wait=wait, log=log) if jax.process_index() == 0 else nullcontext()
+    lock, refused = WorkdirLock(workdir, wait=wait, log=log), None
+    if is_primary():
+        try:
+            lock.__enter__()
+        except CheckpointError as e:
+            refused = e
+    if broadcast_int(refused is not None):
+        raise refused or CheckpointError(f"--workdir={workdir}: process 0 could not lock it")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def run_mnist(
@@ -192,9 +213,12 @@ def run_mnist(
         summary = _summary(config, result, mnist, mesh, pretrain)
         summary["total_wall_s"] = time.perf_counter() - start
         if figures and pretrain:
-            paths = write_figures(workdir, config, result, mnist.test_images)
+            paths = [workdir / name for name in FIGURES]
+            if is_primary():
+                write_figures(workdir, config, result, mnist.test_images)
             summary["figures"] = [str(p) for p in paths]
-        write_json_atomic(workdir / "summary.json", summary)
+        if is_primary():
+            write_json_atomic(workdir / "summary.json", summary)
     log(
         f"test_accuracy {summary['test_accuracy']:.4f} total {summary['total_wall_s']:.1f}s "
         f"-> {workdir / 'summary.json'}"
@@ -220,7 +244,7 @@ def _train(
         f"{config.name}: {n_train} training / {n_val} validation / "
         f"{len(mnist.test_images)} test images, layers {config.layer_sizes}, "
         f"{jax.default_backend()} x{mesh.size if mesh else 1}"
-        f"{' (data parallel)' if mesh else ''}, workdir {store.workdir}"
+        f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
     split = lambda images, labels: (place_data(images, mesh), place_data(labels, mesh))
     validation = None
@@ -237,6 +261,11 @@ def _train(
         pretrain=pretrain,
     )
     return result, mesh
+
+
+def _processes() -> str:
+    """``" over N processes"`` in a run of several processes, else nothing."""
+    return f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
 
 
 def provenance(mnist: Mnist) -> dict[str, Any]:
@@ -270,6 +299,7 @@ def _summary(
         f"finetune_{judged}": [h[judged] for h in finetune.history],
         "platform": jax.default_backend(),
         "devices": mesh.size if mesh is not None else 1,
+        "processes": jax.process_count(),
         "pretrained": pretrain,
         **provenance(mnist),
     }
@@ -280,18 +310,19 @@ def _summary(
 
 
 def write_figures(workdir: Path, config: Config, result: PipelineResult, x_test) -> list[Path]:
-    """``filters.png``, ``reconstructions.png`` and ``curves.png`` in ``workdir``."""
+    """``filters.png``, ``reconstructions.png`` and ``curves.png`` in ``workdir``.
+
+    Drawn from host copies of the params, so that one process of several can draw."""
     from sae_jax import figures  # matplotlib is imported only when figures are drawn
 
     first = result.layers[0]
     layer = config.layers[0]
-    paths = [workdir / "filters.png", workdir / "reconstructions.png", workdir / "curves.png"]
-    figures.save_filters(np.asarray(first.encoder_params["kernel"]), paths[0])
+    paths = [workdir / name for name in FIGURES]
+    params = jax.device_get(first.params)  # the first layer's, replicated
+    figures.save_filters(np.asarray(params["params"]["encoder"]["kernel"]), paths[0])
     x = to_float(jnp.asarray(x_test[:10]))
     corrupted = corrupt(jax.random.PRNGKey(config.seed), x, layer.noise, layer.noise_level)
-    reconstructed = first.module.apply(
-        first.params, corrupted, method=lambda m, v: m.decode(m.encode(v))
-    )
+    reconstructed = first.module.apply(params, corrupted, method=lambda m, v: m.decode(m.encode(v)))
     figures.save_reconstructions(
         np.asarray(x),
         np.asarray(reconstructed),

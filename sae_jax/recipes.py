@@ -24,7 +24,16 @@ from jax.sharding import Mesh
 from sae_jax import losses
 from sae_jax.config import Config, LayerConfig, OptimizerConfig
 from sae_jax.corruption import corrupt
-from sae_jax.engine import LossFn, Params, TrainState, fit, init_state, make_optimizer, map_batches
+from sae_jax.engine import (
+    LossFn,
+    Params,
+    TrainState,
+    fit,
+    init_state,
+    make_optimizer,
+    map_batches,
+    place_data,
+)
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
@@ -36,6 +45,7 @@ from sae_jax.models import (
     softmax_head,
     to_float,
 )
+from sae_jax.parallel import default_mesh, to_host
 
 History = list[dict[str, float]]
 # on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
@@ -161,7 +171,7 @@ def evaluate(
       ``{"accuracy": float in [0, 1], "loss": float}``; lists with ``models``.
     """
     x_axis = _model_axis(x, models)
-    accuracy, loss = jax.device_get(_evaluate(module, params, x, y, batch_size, models, x_axis))
+    accuracy, loss = to_host(_evaluate(module, params, x, y, batch_size, models, x_axis))
     return {"accuracy": np.asarray(accuracy).tolist(), "loss": np.asarray(loss).tolist()}
 
 
@@ -424,7 +434,8 @@ def run_pipeline(
         ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` where measured.
       store: keeps each stage's progress so that a run can resume (see
         ``StageStore``); the same config and seed give the same result either way.
-      mesh: data parallelism over this mesh's devices (see ``sae_jax.parallel``).
+      mesh: data parallelism over this mesh's devices (see ``sae_jax.parallel``);
+        with ``seeds``, a mesh with a ``"models"`` axis spreads the models over it.
       seeds: train one model per seed, all in one compiled program per stage
         (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
       hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
@@ -467,6 +478,11 @@ def run_pipeline(
     for name, split in {"train": train, "test": test, "validation": validation}.items():
         if split is not None:
             _check_split(name, split, config)
+    if mesh is not None:  # every process holds its shards of every split
+        train, test, validation = (
+            None if split is None else tuple(place_data(a, mesh) for a in split)
+            for split in (train, test, validation)
+        )
 
     x, y = train
     num_keys = len(config.layers) + 2
@@ -582,6 +598,7 @@ def sweep(
     hparams: dict[str, list[float]] | None = None,
     pretrain: bool = True,
     on_epoch: StageCallback | None = None,
+    mesh: Mesh | str | None = "all",
 ) -> PipelineResult:
     """Train ``len(seeds)`` independent models in one compiled program per stage.
 
@@ -590,7 +607,16 @@ def sweep(
     hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
     ``grid`` makes them for every combination of values with every seed).
     Metrics and test results are lists with one value per model.
+
+    ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
+    device of every process when there are several, else None) spreads the models
+    over its ``"models"`` axis, each device training its share without talking to
+    the others, and splits every minibatch over its ``"data"`` axis.
     """
+    if isinstance(mesh, str):
+        if mesh != "all":
+            raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
+        mesh = default_mesh(models=len(seeds))
     return run_pipeline(
         config,
         train,
@@ -599,6 +625,7 @@ def sweep(
         hparams=hparams,
         pretrain=pretrain,
         on_epoch=on_epoch,
+        mesh=mesh,
     )
 
 

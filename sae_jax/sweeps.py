@@ -20,6 +20,7 @@ from sae_jax.config import Config, ConfigError
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.experiment import UserError, hold_workdir, prepare, provenance, write_json_atomic
 from sae_jax.files import stopped
+from sae_jax.parallel import default_mesh, is_primary
 from sae_jax.recipes import SWEEP_NAMES, grid, model_config, run_pipeline, sweep
 
 NO_RESUME = "a sweep keeps no checkpoints: the same command starts it over"
@@ -146,9 +147,12 @@ def run_sweep(
             "model_hparams": model_hparams,
             "runs": runs,
             "platform": jax.default_backend(),
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
             **provenance(mnist),
         }
-        write_json_atomic(workdir / "sweep.json", summary)
+        if is_primary():
+            write_json_atomic(workdir / "sweep.json", summary)
     _log_table(runs, list(hparams or {}), log)
     return summary
 
@@ -178,6 +182,10 @@ def _train_grid(
         log(f"{line} {seconds:.2f}s")
 
     start = time.perf_counter()
+    mesh = default_mesh(models=len(model_seeds))
+    if mesh is not None:
+        shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+        log(f"{len(model_seeds)} models over {mesh.size} devices ({shape})")
     train, test = _arrays(mnist)
     accuracy = sweep(
         config,
@@ -187,6 +195,7 @@ def _train_grid(
         hparams=model_hparams or None,
         pretrain=pretrain,
         on_epoch=on_epoch,
+        mesh=mesh,
     ).test["accuracy"]
     wall = time.perf_counter() - start
     return {
