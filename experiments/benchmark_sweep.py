@@ -6,11 +6,12 @@ Each sweep is a fresh child process running ``experiments/sweep.py --seeds=M`` w
 the compilation cache off; the parent alternates one device, N devices, one
 device, ... and prints, per model count, the median wall seconds of the sweep (from
 ``sweep.json``: training and evaluation, compilation included, data loading not)
-and the ratio one device / N devices.
+and the ratio one device / N devices. Flags other than its own go to ``sweep.py``
+(default: ``--config=tiny``).
 
-  python experiments/benchmark_sweep.py --devices=4 --models=2,4,8 --config=tiny
+  python experiments/benchmark_sweep.py --devices=4 --models=2,4,8
   python experiments/benchmark_sweep.py --devices=4 --models=2,4,8 --config=seed \\
-      --epochs=1 --data_dir=../shared/data/mnist
+      --epochs=1 --layers=500,500 --data_dir=../shared/data/mnist
 """
 
 from __future__ import annotations
@@ -44,17 +45,12 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=4, help="N, the devices to compare with one")
     p.add_argument("--models", default="2,4,8", help="model counts (default: 2,4,8)")
     p.add_argument("--repeats", type=int, default=1, help="repetitions (default: 1)")
-    p.add_argument("--config", default="tiny", help="preset (default: tiny)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs of every stage")
-    p.add_argument("--data_dir", default=None, help="folder with the MNIST IDX files")
-    args = p.parse_args()
+    args, sweep_flags = p.parse_known_args()  # the others go to sweep.py
     try:
         counts = [int(m) for m in args.models.split(",")]
     except ValueError:
         p.error(f"--models={args.models}: not a list of integers")
-    flags = [f"--config={args.config}"]
-    flags += [f"--epochs={args.epochs}"] if args.epochs is not None else []
-    flags += [f"--data_dir={args.data_dir}"] if args.data_dir else []
+    flags = ["--config=tiny", *sweep_flags]  # a later --config wins
     print(f"| models | 1 device (s) | {args.devices} devices (s) | 1 device / {args.devices} |")
     print("| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sae_jax.config import OptimizerConfig
-from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, to_host
+from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put, to_host
 
 Params = Any
 Batch = tuple[jax.Array, ...]
@@ -285,8 +285,8 @@ def fit(
     else:
         state = jax.tree.map(jnp.array, state)
     if mesh is not None:
-        state = jax.device_put(state, state_sharding(mesh, models is not None))
-        key = jax.device_put(key, state_sharding(mesh, models is not None))
+        state = put(state, state_sharding(mesh, models is not None))
+        key = put(key, state_sharding(mesh, models is not None))
     fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, epochs):

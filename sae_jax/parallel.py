@@ -111,6 +111,23 @@ def everywhere() -> jax.sharding.Sharding:
     return NamedSharding(Mesh(np.array(jax.devices()), (DATA_AXIS,)), P())
 
 
+def put(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``jax.device_put(tree, sharding)``; with several processes, every array of this
+    process only (every process passing the same values) is cut into the shards this
+    process holds (``jax.make_array_from_callback``), which makes global arrays that
+    orbax can save (``device_put`` does not, when nothing has computed on them)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(a: Any) -> Any:
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return jax.device_put(a, sharding)
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
+
+    return jax.tree.map(one, tree)
+
+
 def replicated(tree: Any) -> Any:
     """``tree`` with every array that lives in this process only (a key made with
     ``jax.random``, a host value) made a global array replicated on every device of
@@ -118,15 +135,8 @@ def replicated(tree: Any) -> Any:
     """
     if jax.process_count() == 1:
         return tree
-    sharding = everywhere()
-
-    def one(a: Any) -> Any:
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return a
-        host = np.asarray(a)
-        return jax.make_array_from_callback(host.shape, sharding, lambda i: host[i])
-
-    return jax.tree.map(one, tree)
+    local = lambda a: not (isinstance(a, jax.Array) and not a.is_fully_addressable)
+    return jax.tree.map(lambda a: put(a, everywhere()) if local(a) else a, tree)
 
 
 def to_host(tree: Any) -> Any:

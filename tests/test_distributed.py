@@ -31,11 +31,13 @@ def _free_port() -> int:
 
 
 def launch(script: str, *flags: str, processes: int = 2, devices: int = 1) -> list:
-    """``experiments/<script>.py`` in ``processes`` processes joined on a free local
-    port, each with ``devices`` CPU devices; stdout and stderr are piped."""
+    """``experiments/<script>.py`` (or the Python code ``script``) in ``processes``
+    processes joined on a free local port, each with ``devices`` CPU devices; stdout
+    and stderr are piped."""
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    command = [sys.executable, str(REPO / "experiments" / f"{script}.py"), "--platform=cpu"]
+    program = ["-c", script] if "\n" in script else [str(REPO / "experiments" / f"{script}.py")]
+    command = [sys.executable, *program, "--platform=cpu"]
     command += [
         "--distributed",
         f"--coordinator_address=127.0.0.1:{port}",
@@ -193,6 +195,29 @@ def test_a_sweep_spreads_its_models_over_two_processes_of_two_devices(tmp_path):
     assert (two["processes"], two["devices"], one["devices"]) == (2, 4, 1)
     [two_run], [one_run] = two["runs"], one["runs"]
     np.testing.assert_allclose(two_run["test_accuracy"], one_run["test_accuracy"], atol=0.004)
+
+
+# A stage of no epochs (the seed preset's softmax stage) saves its initial params.
+NO_EPOCHS = """
+import sys
+from sae_jax import cli
+from sae_jax.config import LayerConfig, tiny
+from sae_jax.data import DataSpec
+from sae_jax.experiment import run_mnist
+
+flags = cli.parser(None).parse_args(sys.argv[1:-1])
+cli.start(flags)
+config = tiny().replace(layers=(LayerConfig(features=16, epochs=1),), softmax_epochs=0,
+                        finetune_epochs=1)
+run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=cli.log)
+"""
+
+
+def test_a_stage_of_no_epochs_is_saved_by_two_processes(tmp_path):
+    [(_, out0, _), _] = run(NO_EPOCHS, str(tmp_path))
+    assert "test_accuracy" in out0
+    assert (tmp_path / "frozen" / "softmax" / "0").is_dir()
+    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
 
 
 # What the survivor says: process 0 finds process 1 gone in its next collective; process
