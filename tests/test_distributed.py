@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO
 
 import sae_jax
+from sae_jax.files import WorkdirLock
 
 FLAGS = ("--config=tiny", "--epochs=4", "--data_source=sample")
 KILL_AT = "pretrain_2 epoch   2/4"
@@ -176,11 +177,13 @@ def test_a_run_of_two_processes_loads_in_one(two):
 
 
 def test_a_sweep_spreads_its_models_over_two_processes_of_two_devices(tmp_path):
-    flags = ("--config=tiny", "--epochs=1", "--layers=32", "--seeds=2", "--hparam=beta=0.5,2")
+    # 2 models on 4 devices: each model on the 2 devices of one process, its
+    # minibatches split over them.
+    flags = ("--config=tiny", "--epochs=1", "--layers=32", "--seeds=2")
     [(_, out0, _), (_, out1, err1)] = run(
         "sweep", *flags, f"--workdir={tmp_path / 'two'}", devices=2
     )
-    assert "4 models over 4 devices (models 4 x data 1)" in out0
+    assert "2 models over 4 devices (models 2 x data 2)" in out0
     assert quiet(out1) and not err1, out1 + err1
     alone = subprocess.run(
         [sys.executable, "experiments/sweep.py", *flags, f"--workdir={tmp_path / 'one'}"],
@@ -195,6 +198,16 @@ def test_a_sweep_spreads_its_models_over_two_processes_of_two_devices(tmp_path):
     assert (two["processes"], two["devices"], one["devices"]) == (2, 4, 1)
     [two_run], [one_run] = two["runs"], one["runs"]
     np.testing.assert_allclose(two_run["test_accuracy"], one_run["test_accuracy"], atol=0.004)
+
+
+def test_a_workdir_in_use_is_refused_by_every_process(tmp_path):
+    with WorkdirLock(tmp_path):
+        results = finish(launch("mnist", *FLAGS, f"--workdir={tmp_path}"))
+    [(status0, _, err0), (status1, _, err1)] = results
+    assert (status0, status1) == (2, 2), results
+    assert err0.startswith(f"error: --workdir={tmp_path} is in use by pid {os.getpid()}")
+    assert err1 == f"error: --workdir={tmp_path}: process 0 could not lock it\n"
+    assert not (tmp_path / "config.json").exists()
 
 
 # A stage of no epochs (the seed preset's softmax stage) saves its initial params.
