@@ -110,20 +110,27 @@ SWEEP_SHARDED = textwrap.dedent(r"""
     for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(spread.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
-    # The compiled epoch has no collective at all: the models never talk.
-    mesh = make_mesh(models=models)
-    module = autoencoder(layer, 64, "uniform")
-    keys = jax.random.split(jax.random.PRNGKey(0), models)
-    params = jax.vmap(lambda k: init_params(module, k, 64))(keys)
-    opt = make_optimizer(layer.optimizer)
-    state = jax.device_put(init_state(params, opt, models=models), state_sharding(mesh, True))
-    epoch = make_epoch(make_train_step(layer_loss(module, layer), opt), 160, 20,
-                       mesh=mesh, models=True, data_axis=None)
-    data = (place_data(train[0], mesh),)
-    hlo = epoch.lower(state, data, jax.device_put(keys, state_sharding(mesh, True)))
-    hlo = hlo.compile().as_text()
-    collectives = re.findall(r"(all-reduce|all-gather|all-to-all|collective-permute)\(", hlo)
+    def compiled_epoch(models):
+        mesh = make_mesh(models=models)
+        module = autoencoder(layer, 64, "uniform")
+        keys = jax.random.split(jax.random.PRNGKey(0), models)
+        params = jax.vmap(lambda k: init_params(module, k, 64))(keys)
+        opt = make_optimizer(layer.optimizer)
+        where = state_sharding(mesh, True)
+        state = jax.device_put(init_state(params, opt, models=models), where)
+        epoch = make_epoch(make_train_step(layer_loss(module, layer), opt), 160, 20,
+                           mesh=mesh, models=True, data_axis=None)
+        data = (place_data(train[0], mesh),)
+        return epoch.lower(state, data, jax.device_put(keys, where)).compile().as_text()
+
+    # One model per device: the compiled epoch has no collective at all.
+    collectives = re.findall(r"(all-reduce|all-gather|all-to-all|collective-permute)\(",
+                             compiled_epoch(8))
     assert not collectives, sorted(set(collectives))
+    # 2 models on 8 devices (2 x 4): each device multiplies 20 / 4 = 5 rows of the
+    # minibatch of its one model, never the whole minibatch nor two models.
+    dots = set(re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} dot\(", compiled_epoch(2)))
+    assert {"5,64", "5,16"} <= dots and not any(d.startswith(("20,", "2,")) for d in dots), dots
     print("sweep spread over the devices")
 """)
 
