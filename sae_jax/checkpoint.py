@@ -230,7 +230,7 @@ class RunStore:
     def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None:
         """The final params and record of ``stage`` if it completed in an earlier run."""
         directory = self.workdir / "frozen" / stage
-        if not directory.exists():
+        if not _agreed(directory.exists()):
             return None
         restored = self._restore_latest(_manager(directory, None), directory, template)
         if restored is None:
@@ -254,7 +254,7 @@ class RunStore:
             return {**tree, "best": template.params} if meta.get("with_best") else tree
 
         self._stage, restored = stage, None
-        if directory.exists():
+        if _agreed(directory.exists()):
             restored = self._restore_latest(_manager(directory, self.keep), directory, structure)
         if restored is None:
             self._rewrite_metrics()
@@ -292,7 +292,7 @@ class RunStore:
         """Keep the final params of ``stage`` as its own frozen pytree."""
         with signals_deferred():
             manager = _manager(self.workdir / "frozen" / stage, None)
-            if manager.latest_step() is None:
+            if not _agreed(manager.latest_step() is not None):
                 meta = _meta(record, stage=stage, config=self._config)
                 self._save(manager, 0, replicated(params), meta)
             else:
@@ -393,6 +393,12 @@ class RunStore:
             for i, h in enumerate(r.history)
         ]
         write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
+
+
+def _agreed(fact: bool) -> bool:
+    """Process 0's view of ``fact`` (about the shared workdir), in every process: a
+    process that looked later could see what process 0 has written since."""
+    return bool(broadcast_int(int(fact) if is_primary() else 0))
 
 
 def _restore_intact(
