@@ -82,6 +82,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         (["--data_source=ftp"], "unknown data source 'ftp'"),
         (["--bogus=1"], "unrecognized arguments: --bogus=1"),
         (["--distributed"], "--platform=cpu: cannot join the multi-host run"),
+        (["--distributed", "--distributed_timeout=0"], "--distributed_timeout=0: must be >= 1"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
