@@ -27,7 +27,6 @@ from sae_jax.checkpoint import RunStore, config_to_json, load_model
 from sae_jax.config import Config, ConfigError
 from sae_jax.corruption import corrupt
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
-from sae_jax.engine import place_data
 from sae_jax.files import (
     CheckpointError,
     WorkdirLock,
@@ -235,7 +234,7 @@ def _train(
     log: Callable[[str], None],
     progress_stream: TextIO | None,
 ) -> tuple[PipelineResult, Mesh | None]:
-    """Place the data on the device(s) and run the pipeline; the last
+    """Run the pipeline on the data, over all devices when there are several; the last
     ``config.validation_examples`` training images are the validation split."""
     n_val = config.validation_examples
     n_train = len(mnist.train_images) - n_val
@@ -246,14 +245,13 @@ def _train(
         f"{jax.default_backend()} x{mesh.size if mesh else 1}"
         f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
-    split = lambda images, labels: (place_data(images, mesh), place_data(labels, mesh))
     validation = None
     if n_val:
-        validation = split(mnist.train_images[n_train:], mnist.train_labels[n_train:])
-    result = run_pipeline(
+        validation = (mnist.train_images[n_train:], mnist.train_labels[n_train:])
+    result = run_pipeline(  # which places the splits on the mesh
         config,
-        split(mnist.train_images[:n_train], mnist.train_labels[:n_train]),
-        split(mnist.test_images, mnist.test_labels),
+        (mnist.train_images[:n_train], mnist.train_labels[:n_train]),
+        (mnist.test_images, mnist.test_labels),
         on_epoch=Progress(config, log, progress_stream),
         store=store,
         mesh=mesh,

@@ -478,11 +478,11 @@ def run_pipeline(
     for name, split in {"train": train, "test": test, "validation": validation}.items():
         if split is not None:
             _check_split(name, split, config)
-    if mesh is not None:  # every process holds its shards of every split
-        train, test, validation = (
-            None if split is None else tuple(place_data(a, mesh) for a in split)
-            for split in (train, test, validation)
-        )
+    # On the device(s) once; with a mesh every process holds its shards of each split.
+    train, test, validation = (
+        None if split is None else tuple(place_data(a, mesh) for a in split)
+        for split in (train, test, validation)
+    )
 
     x, y = train
     num_keys = len(config.layers) + 2

@@ -117,6 +117,15 @@ def synthetic_config(**changes):
     )
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (closed again at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
     """Run ``experiments/<name>.py`` with ``flags`` as a user would, from ``cwd`` with
     the environment ``env`` (default: this one); capture its output."""

@@ -3,7 +3,6 @@ tensorflow-datasets, the bundled sample, and the real files (where present)."""
 
 import gzip
 import hashlib
-import socket
 import struct
 import threading
 import time
@@ -14,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import MNIST_NAMES, make_synthetic_mnist
+from conftest import MNIST_NAMES, free_port, make_synthetic_mnist
 
 from sae_jax import data
 from sae_jax.data import DataError, load_idx_dir, load_mnist, read_idx, write_idx
@@ -297,10 +296,7 @@ def _cache_files(cache: Path):
 
 
 def _refused_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    return f"http://127.0.0.1:{port}/"
+    return f"http://127.0.0.1:{free_port()}/"
 
 
 def test_download_happy_path_through_env_vars(server, tmp_path, monkeypatch, capsys):

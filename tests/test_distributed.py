@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port, run_script
 
 import sae_jax
 from sae_jax.files import WorkdirLock
@@ -26,17 +25,11 @@ FLAGS = ("--config=tiny", "--epochs=4", "--data_source=sample")
 KILL_AT = "pretrain_2 epoch   2/4"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: str, *flags: str, processes: int = 2, devices: int = 1) -> list:
     """``experiments/<script>.py`` (or the Python code ``script``) in ``processes``
     processes joined on a free local port, each with ``devices`` CPU devices; stdout
     and stderr are piped."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     program = ["-c", script] if "\n" in script else [str(REPO / "experiments" / f"{script}.py")]
     command = [sys.executable, *program, "--platform=cpu"]
@@ -113,13 +106,7 @@ def two(tmp_path_factory):
 def one(tmp_path_factory):
     """The same run in one process on one device."""
     workdir = tmp_path_factory.mktemp("one") / "run"
-    proc = subprocess.run(
-        [sys.executable, "experiments/mnist.py", *FLAGS, f"--workdir={workdir}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_script("mnist", *FLAGS, f"--workdir={workdir}")
     assert proc.returncode == 0, proc.stderr
     return workdir
 
@@ -162,13 +149,7 @@ def test_a_killed_run_resumes_to_the_params_of_an_uninterrupted_one(two, tmp_pat
     for a, b in zip(_leaves(whole), _leaves(workdir), strict=True):
         np.testing.assert_array_equal(a, b)
     # The same run resumed by one process on one device.
-    proc = subprocess.run(
-        [sys.executable, "experiments/mnist.py", *FLAGS, f"--workdir={other}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_script("mnist", *FLAGS, f"--workdir={other}")
     assert proc.returncode == 0, proc.stderr
     assert "pretrain_2: resuming after epoch" in proc.stdout
     for a, b in zip(_leaves(whole), _leaves(other), strict=True):
@@ -193,13 +174,7 @@ def test_a_sweep_spreads_its_models_over_two_processes_of_two_devices(tmp_path):
     )
     assert "2 models over 4 devices (models 2 x data 2)" in out0
     assert quiet(out1) and not err1, out1 + err1
-    alone = subprocess.run(
-        [sys.executable, "experiments/sweep.py", *flags, f"--workdir={tmp_path / 'one'}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    alone = run_script("sweep", *flags, f"--workdir={tmp_path / 'one'}")
     assert alone.returncode == 0, alone.stderr
     two = json.loads((tmp_path / "two" / "sweep.json").read_text())
     one = json.loads((tmp_path / "one" / "sweep.json").read_text())
@@ -266,7 +241,7 @@ def test_a_lost_process_stops_the_other_at_once_in_one_line(tmp_path, victim):
 
 
 def test_a_coordinator_that_never_answers_is_one_line_after_the_timeout(tmp_path):
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     proc = subprocess.run(
         [
