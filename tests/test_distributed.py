@@ -78,10 +78,11 @@ def run_until(line_start: str, procs: list) -> None:
     finish(procs)
 
 
-# gloo's connection line, in the two pieces that its threads may interleave.
+# gloo's connection line, in the pieces that its C++ stream writes one by one, so that
+# the lines of its threads (one per device) interleave at any of them.
 GLOO = (
-    r"\[Gloo\] Rank \d+ is connected to \d+"
-    r"|peer ranks\. Expected number of connected peer ranks is : \d+"
+    r"\[Gloo\] Rank | is connected to | peer ranks\. Expected number of connected peer "
+    r"ranks is : |\d+"
 )
 
 
