@@ -89,7 +89,7 @@ def run_jax(data_dir: str, epochs: int, seed: int, cache: str | None) -> dict:
         enable_compilation_cache(cache)
     from sae_jax.config import seed as seed_preset
     from sae_jax.data import load_idx_dir
-    from sae_jax.recipes import run_pipeline
+    from sae_jax.pipeline import run_pipeline
 
     config = seed_preset().with_epochs(epochs).replace(seed=seed)
     m = load_idx_dir(data_dir)

@@ -39,9 +39,9 @@ _EXPORTS = {
     "StageRecord": "sae_jax.recipes",
     "encode_dataset": "sae_jax.recipes",
     "evaluate": "sae_jax.recipes",
-    "run_pipeline": "sae_jax.recipes",
-    "sweep": "sae_jax.recipes",
-    "model_config": "sae_jax.recipes",
+    "run_pipeline": "sae_jax.pipeline",
+    "sweep": "sae_jax.pipeline",
+    "model_config": "sae_jax.pipeline",
     # edges
     "load_idx_dir": "sae_jax.data",
     "DataError": "sae_jax.data",

@@ -37,12 +37,9 @@ from sae_jax.files import (
 )
 from sae_jax.models import to_float
 from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
+from sae_jax.pipeline import PipelineResult, run_pipeline
 from sae_jax.progress import Progress
-from sae_jax.recipes import (
-    PipelineResult,
-    evaluate,
-    run_pipeline,
-)
+from sae_jax.recipes import evaluate
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 FIGURES = ("filters.png", "reconstructions.png", "curves.png")

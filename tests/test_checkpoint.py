@@ -29,8 +29,9 @@ from sae_jax.checkpoint import (
 from sae_jax.config import ADAM, tiny
 from sae_jax.engine import TrainState, init_state
 from sae_jax.models import classifier, init_params
+from sae_jax.pipeline import run_pipeline
 from sae_jax.progress import Progress
-from sae_jax.recipes import StageRecord, classifier_loss, run_pipeline, run_stage
+from sae_jax.recipes import StageRecord, classifier_loss, run_stage
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys
@@ -275,7 +276,8 @@ def test_denoising_reconstructions_show_the_corrupted_row(tmp_path, drawn):
 def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
     from sae_jax.experiment import write_figures
     from sae_jax.models import FrozenLayer, autoencoder
-    from sae_jax.recipes import PipelineResult, StageRecord
+    from sae_jax.pipeline import PipelineResult
+    from sae_jax.recipes import StageRecord
 
     config = tiny()
     assert [layer.noise for layer in config.layers] == ["none", "none"]

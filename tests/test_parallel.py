@@ -12,7 +12,8 @@ from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
 from sae_jax.config import ADAM, LayerConfig
-from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE, grid, model_config, run_pipeline
+from sae_jax.pipeline import grid, model_config, run_pipeline
+from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE
 
 SHARDED = textwrap.dedent(r"""
     import os
@@ -89,7 +90,8 @@ SWEEP_SHARDED = textwrap.dedent(r"""
     from sae_jax.engine import place_data, state_sharding
     from sae_jax.models import autoencoder, init_params
     from sae_jax.parallel import make_mesh
-    from sae_jax.recipes import layer_loss, sweep
+    from sae_jax.pipeline import sweep
+    from sae_jax.recipes import layer_loss
 
     shapes = {m: dict(make_mesh(models=m).shape) for m in (32, 8, 2, 6, 3)}
     assert shapes == {32: {"models": 8, "data": 1}, 8: {"models": 8, "data": 1},

@@ -9,7 +9,8 @@ from conftest import synthetic_config, synthetic_digits
 
 from sae_jax.config import ADAM, LayerConfig
 from sae_jax.models import classifier
-from sae_jax.recipes import encode_dataset, evaluate, run_pipeline
+from sae_jax.pipeline import run_pipeline
+from sae_jax.recipes import encode_dataset, evaluate
 
 
 def test_pipeline_end_to_end_learns():

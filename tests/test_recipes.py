@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_config, synthetic_digits
 from flax import linen as nn
 
-from sae_jax import recipes
+from sae_jax import pipeline, recipes
 from sae_jax.config import LayerConfig, OptimizerConfig
 from sae_jax.models import FrozenLayer, autoencoder, init_params
 
@@ -199,7 +199,7 @@ def _recorded_pipeline(monkeypatch, config, **kwargs):
     monkeypatch.setattr(recipes, "init_params", init_params)
     monkeypatch.setattr(recipes, "fit", fit)
     train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
-    result = recipes.run_pipeline(config, train, test, **kwargs)
+    result = pipeline.run_pipeline(config, train, test, **kwargs)
     return result, init_keys, fits
 
 
@@ -229,14 +229,14 @@ def test_model_config_is_the_config_of_one_model_of_a_sweep():
     config = synthetic_config()
     hparams = {"beta": [0.5, 2.0], "pretrain_learning_rate": [0.1, 0.2],
                "finetune_learning_rate": [0.3, 0.4]}  # fmt: skip
-    one = recipes.model_config(config, [7, 8], hparams, 1)
+    one = pipeline.model_config(config, [7, 8], hparams, 1)
     assert one.seed == 8
     assert [(lay.beta, lay.optimizer.learning_rate) for lay in one.layers] == [(2.0, 0.2)] * 2
     assert one.finetune_optimizer.learning_rate == 0.4
     assert one.softmax_optimizer == config.softmax_optimizer
-    plain = recipes.model_config(config, [7, 8], None, 0)
+    plain = pipeline.model_config(config, [7, 8], None, 0)
     assert plain == config.replace(seed=7)
-    rho = recipes.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
+    rho = pipeline.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
     assert rho == config.replace(
         seed=7, layers=tuple(dataclasses.replace(lay, rho=0.1) for lay in config.layers)
     )
@@ -255,7 +255,7 @@ def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(mon
         ("pretrain_1", 2, 2), ("pretrain_2", 2, 2), ("pretrain_3", 2, 2), ("softmax", 1, 1),
         ("finetune", 2, 2),
     ]  # fmt: skip
-    model = recipes.classifier(config)
+    model = pipeline.classifier(config)
     x, y = synthetic_digits(20, 2)
     final = recipes.evaluate(model, result.params, x, y, config.eval_batch_size)
     assert result.stages[-1].history[-1]["test_accuracy"] == final["accuracy"]
