@@ -22,7 +22,6 @@ checkpoint to restore.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -35,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from sae_jax.config import Config, LayerConfig, OptimizerConfig
+from sae_jax.config import Config
+from sae_jax.config_files import RUN_KEY, config_from_json, config_to_json
 from sae_jax.engine import Params, TrainState
 from sae_jax.files import (
     CheckpointError,
@@ -67,23 +67,6 @@ MANAGED = (
     "reconstructions.png",
     "curves.png",
 )
-
-
-def config_to_json(config: Config) -> dict[str, Any]:
-    """The config as JSON data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def config_from_json(data: dict[str, Any]) -> Config:
-    """The inverse of ``config_to_json``."""
-    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_run": run options
-    data["layers"] = tuple(
-        LayerConfig(**{**layer, "optimizer": OptimizerConfig(**layer["optimizer"])})
-        for layer in data["layers"]
-    )
-    for key in ("softmax_optimizer", "finetune_optimizer"):
-        data[key] = OptimizerConfig(**data[key])
-    return Config(**data)
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -197,7 +180,7 @@ class RunStore:
         config_path = self.workdir / "config.json"
         wanted = config_to_json(config)
         if options:
-            wanted["_run"] = options
+            wanted[RUN_KEY] = options
         if config_path.exists():
             try:
                 saved = read_config(config_path)

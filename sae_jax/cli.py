@@ -18,16 +18,38 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO, TypeVar
 
-from sae_jax.config import PRESETS, Config, ConfigError, get_preset
+from sae_jax.config import PRESETS, Config, ConfigError
+from sae_jax.config_files import apply_overrides, load_config
 
 T = TypeVar("T")
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line and exit status 2."""
+    """An ``ArgumentParser`` whose errors are one line and exit status 2, and which
+    collects ``--config.<dotted.field>=<value>`` overrides (also ``--config.<field>
+    <value>``), in order, into ``config_overrides``: a list of ``(field, value)``."""
 
     def error(self, message: str) -> None:
         self.exit(2, f"error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        flags, rest = self.parse_known_args(args, namespace)
+        overrides, unknown = [], []
+        while rest:
+            arg = rest.pop(0)
+            if not arg.startswith("--config."):
+                unknown.append(arg)
+                continue
+            name, equals, value = arg[len("--config.") :].partition("=")
+            if not equals:
+                if not rest or rest[0].startswith("--"):
+                    self.error(f"{arg}: give a value, e.g. {arg}=2")
+                value = rest.pop(0)
+            overrides.append((name, value))
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        flags.config_overrides = overrides
+        return flags
 
 
 def parser(description: str | None) -> Parser:
@@ -37,7 +59,9 @@ def parser(description: str | None) -> Parser:
     p.add_argument(
         "--config",
         default="seed",
-        help=f"preset: {', '.join(PRESETS)} (default: seed; see sae_jax/config.py)",
+        help=f"a preset ({', '.join(PRESETS)}; see sae_jax/config.py), a run's config.json, "
+        "or a Python file defining get_config(); then --config.<field>=<value> overrides "
+        "any field, e.g. --config.layers.0.beta=2 (default: seed)",
     )
     p.add_argument(
         "--epochs",
@@ -183,7 +207,10 @@ def start(flags: argparse.Namespace) -> Config:
     _quiet = not (is_primary() or flags.verbose)
     if flags.compilation_cache != "off":
         enable_compilation_cache(flags.compilation_cache)
-    config = get_preset(flags.config)
+    config, options = load_config(flags.config)  # errors name the file or the preset
+    if options.get("pretrain") is False and hasattr(flags, "no_pretraining"):
+        flags.no_pretraining = True  # the config.json of a --no_pretraining run
+    config = apply_overrides(config, flags.config_overrides)  # errors name the override
     if flags.seed is not None:
         flag = f"--seed={flags.seed}"
         config = checked(flag, lambda: config.replace(seed=flags.seed).validate())

@@ -142,11 +142,7 @@ def run_pipeline(
     )
 
     x, y = train
-    num_keys = len(config.layers) + 2
-    if models is None:
-        keys = jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
-    else:  # [num_keys, models, 2]: stage k of model i uses the key its own run would
-        keys = jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
+    keys = _stage_keys(config, seeds)
     stages: list[StageRecord] = []
     common = {
         "batch_size": config.batch_size,
@@ -168,28 +164,10 @@ def run_pipeline(
 
     model = classifier(config)
     if pretrain:
-        # Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
-        layers: list[FrozenLayer] = []
-        codes, in_features = x, config.input_features
-        for i, layer in enumerate(config.layers):
-            if layers:
-                codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, bool(models))
-            frozen, record = pretrain_layer(
-                layer,
-                in_features,
-                codes,
-                key=keys[i],
-                bias_init=config.bias_init,
-                name=f"pretrain_{i + 1}",
-                hparams=loss_hparams or None,
-                learning_rate=as_array("pretrain_learning_rate"),
-                **common,
-            )
-            layers.append(frozen)
-            stages.append(record)
-            in_features = layer.features
-        top_codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, bool(models))
-        del codes
+        layers, records, top_codes = _pretrain(
+            config, x, keys, loss_hparams or None, as_array("pretrain_learning_rate"), common
+        )
+        stages += records
 
         # Softmax-only stage on the top code (the encoders stay frozen).
         head = softmax_head(config)
@@ -244,6 +222,93 @@ def run_pipeline(
             codes = encode_dataset(layers, test[0], config.eval_batch_size)
             before = evaluate(head, head_params, codes, test[1], config.eval_batch_size)
     return PipelineResult(layers, params, test_metrics, stages, before)
+
+
+def _stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
+    """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
+
+    ``[layers + 2, 2]``; with ``seeds`` ``[layers + 2, models, 2]``, model ``i``'s
+    keys being those its own run with ``config.seed = seeds[i]`` would use."""
+    num_keys = len(config.layers) + 2
+    if seeds is None:
+        return jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
+    return jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
+
+
+def _pretrain(
+    config: Config,
+    x: jax.Array,
+    keys: jax.Array,
+    hparams: dict[str, jax.Array] | None,
+    learning_rate: jax.Array | None,
+    common: dict[str, Any],
+) -> tuple[list[FrozenLayer], list[StageRecord], jax.Array]:
+    """Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
+
+    Returns the frozen layers, their stage records and the top layer's codes of ``x``
+    (``[n, features]``, or ``[models, n, features]`` in a sweep)."""
+    models = bool(common["models"])
+    layers: list[FrozenLayer] = []
+    records: list[StageRecord] = []
+    codes, in_features = x, config.input_features
+    for i, layer in enumerate(config.layers):
+        if layers:
+            codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+        frozen, record = pretrain_layer(
+            layer,
+            in_features,
+            codes,
+            key=keys[i],
+            bias_init=config.bias_init,
+            name=f"pretrain_{i + 1}",
+            hparams=hparams,
+            learning_rate=learning_rate,
+            **common,
+        )
+        layers.append(frozen)
+        records.append(record)
+        in_features = layer.features
+    return layers, records, encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+
+
+def pretrain_stack(
+    config: Config,
+    x: jax.Array,
+    *,
+    on_epoch: StageCallback | None = None,
+    store: StageStore | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[list[FrozenLayer], list[StageRecord]]:
+    """Greedy layer-wise pretraining of ``config``'s stack on unlabelled images alone.
+
+    The same stages, keys and results as the pretraining part of ``run_pipeline``
+    with the same config (stages ``pretrain_1`` ... ``pretrain_k``); for data
+    without labels, or features without a classifier.
+
+    Args:
+      config: a validated ``Config`` (its softmax and fine-tuning fields are unused).
+      x: images ``[n, input_features]``, uint8 or float.
+      on_epoch, store, mesh: as for ``run_pipeline``.
+
+    Returns:
+      The frozen layers (bottom first; ``encode_dataset`` gives their codes) and one
+      ``StageRecord`` per layer.
+    """
+    if x.ndim != 2 or x.shape[1] != config.input_features or x.shape[0] == 0:
+        raise ValueError(
+            f"train images: expected [n, {config.input_features}] with n >= 1; "
+            f"got shape {tuple(x.shape)}"
+        )
+    common = {
+        "batch_size": config.batch_size,
+        "store": store,
+        "on_epoch": on_epoch,
+        "mesh": mesh,
+        "models": None,
+    }
+    keys = _stage_keys(config, None)
+    layers, records, _ = _pretrain(config, place_data(x, mesh), keys, None, None, common)
+    return layers, records
 
 
 def sweep(
