@@ -48,7 +48,7 @@ _EXPORTS = {
     "run_mnist": "sae_jax.experiment",
     "load_model": "sae_jax.checkpoint",
     "RunStore": "sae_jax.checkpoint",
-    "TrainedModel": "sae_jax.models",
+    "TrainedModel": "sae_jax.trained",
     "load_mnist": "sae_jax.data",
 }
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax.config import Config
@@ -51,10 +52,12 @@ from sae_jax.files import (
     user_path,
     write_text_atomic,
 )
-from sae_jax.models import TrainedModel, classifier, init_params
+from sae_jax.models import FrozenLayer, autoencoder, classifier, init_params
 from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
 from sae_jax.recipes import StageRecord
+from sae_jax.trained import TrainedModel
 
+STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
 MANAGED = (
     "config.json",
     "checkpoints",
@@ -66,6 +69,7 @@ MANAGED = (
     "filters.png",
     "reconstructions.png",
     "curves.png",
+    STANDARDIZATION,
 )
 
 
@@ -405,28 +409,67 @@ _KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
-    """The fine-tuned stack saved in ``workdir`` (``predict``, ``encode``).
+    """The stack saved in ``workdir``: the fine-tuned classifier (``predict``,
+    ``encode``) and the pretrained autoencoders (``encoder``, ``reconstruct``), as far
+    as the run got (a run of data without labels has no classifier).
 
     ``workdir`` is relative to the current directory (``~`` expanded).
 
     Raises:
-      CheckpointError: ``workdir`` holds no finished run, or a file of it is damaged
-        (the message names the file).
+      CheckpointError: ``workdir`` holds no finished stage to use, or a file of it is
+        damaged (the message names the file).
     """
     workdir = user_path(workdir)
     config_path = workdir / "config.json"
-    directory = workdir / "frozen" / "finetune"
-    if not config_path.exists() or not directory.exists():
-        raise CheckpointError(f"{workdir}: no finished run here (no frozen/finetune checkpoint)")
-    config = config_from_json(read_config(config_path))
-    template = init_params(classifier(config), jax.random.PRNGKey(0), config.input_features)
+    if not config_path.exists():
+        raise CheckpointError(f"{workdir}: no finished run here (no config.json)")
+    saved = read_config(config_path)
+    config = config_from_json(saved)
+    params = None
+    if (workdir / "frozen" / "finetune").exists():
+        params = _load_frozen(workdir, "finetune", classifier(config), config.input_features)
+    pretrained, in_features = [], config.input_features
+    for i, layer in enumerate(config.layers):
+        if not (workdir / "frozen" / f"pretrain_{i + 1}").exists():
+            break
+        module = autoencoder(layer, in_features, config.bias_init)
+        pretrained.append(
+            FrozenLayer(module, _load_frozen(workdir, f"pretrain_{i + 1}", module, in_features))
+        )
+        in_features = layer.features
+    if params is None and not pretrained:
+        raise CheckpointError(
+            f"{workdir}: no finished run here (no frozen/finetune or frozen/pretrain_1 checkpoint)"
+        )
+    stats = None
+    if saved.get(RUN_KEY, {}).get("data", {}).get("standardize"):
+        stats = _standardization(workdir / STANDARDIZATION, config.input_features)
+    return TrainedModel(config, params, tuple(pretrained), stats)
+
+
+def _load_frozen(workdir: Path, stage: str, module: Any, in_features: int) -> Params:
+    """The params saved in ``frozen/<stage>``, checked against their manifest."""
+    directory = workdir / "frozen" / stage
     step_dir = directory / "0"
     problem = manifest_problem(workdir, step_dir)
     if problem is not None:
         raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
+    template = init_params(module, jax.random.PRNGKey(0), in_features)
     manager = _manager(directory, None)
     try:
         params, _ = _restore_intact(manager, 0, template, step_dir)
     finally:
         manager.close()
-    return TrainedModel(config, params)
+    return params
+
+
+def _standardization(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mean, std)`` a run standardized its data with, each ``[features]``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mean, std = f["mean"], f["std"]
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's standardization ({e})") from None
+    if mean.shape != (features,) or std.shape != (features,) or not (std > 0).all():
+        raise CheckpointError(f"{path}: not a standardization of {features} features")
+    return mean, std

@@ -85,6 +85,26 @@ def parser(description: str | None) -> Parser:
         "download cache, a prepared tensorflow-datasets copy, then a download)",
     )
     p.add_argument(
+        "--data",
+        default=None,
+        help="your own data instead of MNIST: an .npz (arrays x, optional y, x_test, "
+        "y_test), an .npy (x only) or a .csv (one example a row); without labels the run "
+        "only pretrains (default: none)",
+    )
+    p.add_argument(
+        "--label_column",
+        default=None,
+        help="with --data=FILE.csv: the column holding the labels, by header name or "
+        "0-based index (default: no labels)",
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="standardize every input feature with the training split's mean and std, "
+        "saved in the run; needs layers.0.decoder_activation=linear (default: inputs as "
+        "they are: uint8 pixels, or floats in [0, 1])",
+    )
+    p.add_argument(
         "--data_dir",
         default=None,
         help="folder with the four MNIST IDX files, .gz or raw; for tfds its data folder "
@@ -167,6 +187,9 @@ def data_spec(flags: argparse.Namespace):
         cache_dir=flags.cache_dir,
         mirror=flags.mirror,
         verify=not flags.no_verify,
+        path=flags.data,
+        label_column=flags.label_column,
+        standardize=flags.standardize,
     )
 
 
@@ -210,6 +233,10 @@ def start(flags: argparse.Namespace) -> Config:
     config, options = load_config(flags.config)  # errors name the file or the preset
     if options.get("pretrain") is False and hasattr(flags, "no_pretraining"):
         flags.no_pretraining = True  # the config.json of a --no_pretraining run
+    saved_data = options.get("data", {})
+    if flags.data is None and saved_data.get("path"):  # and of a run on its own data
+        flags.data, flags.label_column = saved_data["path"], saved_data.get("label_column")
+        flags.standardize = flags.standardize or bool(saved_data.get("standardize"))
     config = apply_overrides(config, flags.config_overrides)  # errors name the override
     if flags.seed is not None:
         flag = f"--seed={flags.seed}"

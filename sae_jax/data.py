@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -81,9 +81,32 @@ class DataSpec:
     cache_dir: str | None = None
     mirror: str | None = None
     verify: bool = True
+    path: str | None = None  # your own data (``sae_jax.data.arrays``) instead
+    label_column: str | None = None
+    standardize: bool = False
+
+    def run_options(self) -> dict[str, Any]:
+        """What of these settings changes the data a run trains on, where it differs
+        from MNIST's defaults (the own data's path made absolute): a run records it."""
+        options = {
+            "path": str(user_path(self.path).resolve()) if self.path else None,
+            "label_column": self.label_column,
+            "standardize": self.standardize,
+        }
+        defaults = {"path": None, "label_column": None, "standardize": False}
+        return {k: v for k, v in options.items() if v != defaults[k]}
 
     def load(self, need: tuple[int | None, int | None] = (None, None), log: Log = print) -> Mnist:
-        """``load_mnist`` with these settings; ``need``: training and test examples."""
+        """The data: your own file (``path``), else ``load_mnist`` with these settings;
+        ``need``: training and test examples."""
+        if self.path is not None:
+            from sae_jax._arrays import load_arrays
+
+            data = load_arrays(
+                user_path(self.path), label_column=self.label_column, standardize=self.standardize
+            )
+            log(f"data: {data.source}")
+            return data
         return load_mnist(
             self.source,
             self.data_dir,
@@ -100,7 +123,10 @@ DEFAULT_DATA = DataSpec()  # the "auto" source with its defaults
 
 class Mnist(NamedTuple):
     """MNIST as uint8 arrays: images ``[n, 28, 28]`` and labels ``[n]``, and where they
-    came from (``source``, as ``load_mnist`` reports it)."""
+    came from (``source``, as ``load_mnist`` reports it). Your own data
+    (``DataSpec.path``) comes in the same shape of tuple: images ``[n, features]``
+    uint8 or float32, int32 labels or None (no labels), and None for a missing
+    test split."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -110,11 +136,12 @@ class Mnist(NamedTuple):
 
     def head(self, n_train: int | None, n_test: int | None) -> Mnist:
         """The first ``n_train`` training and ``n_test`` test examples (None: all)."""
+        cut = lambda a, n: None if a is None else a[:n]
         return self._replace(
-            train_images=self.train_images[:n_train],
-            train_labels=self.train_labels[:n_train],
-            test_images=self.test_images[:n_test],
-            test_labels=self.test_labels[:n_test],
+            train_images=cut(self.train_images, n_train),
+            train_labels=cut(self.train_labels, n_train),
+            test_images=cut(self.test_images, n_test),
+            test_labels=cut(self.test_labels, n_test),
         )
 
     def sha256(self) -> dict[str, str]:
@@ -122,6 +149,7 @@ class Mnist(NamedTuple):
         return {
             name: hashlib.sha256(np.ascontiguousarray(getattr(self, name)).tobytes()).hexdigest()
             for name in ARRAYS
+            if getattr(self, name) is not None
         }
 
 

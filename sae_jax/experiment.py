@@ -6,8 +6,11 @@ notebooks call it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import io
 import json
+import math
 import os
 import platform
 import shlex
@@ -15,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from sae_jax.checkpoint import RunStore, config_to_json, load_model
+from sae_jax._arrays import standardization, standardize
+from sae_jax.checkpoint import STANDARDIZATION, RunStore, config_to_json, load_model, read_config
 from sae_jax.config import Config, ConfigError
+from sae_jax.config_files import RUN_KEY
 from sae_jax.corruption import corrupt
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
 from sae_jax.files import (
@@ -33,11 +39,12 @@ from sae_jax.files import (
     make_workdir,
     stopped,
     user_path,
+    write_bytes_atomic,
     write_text_atomic,
 )
 from sae_jax.models import to_float
 from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
-from sae_jax.pipeline import PipelineResult, run_pipeline
+from sae_jax.pipeline import PipelineResult, pretrain_stack, run_pipeline
 from sae_jax.progress import Progress
 from sae_jax.recipes import evaluate
 
@@ -97,25 +104,47 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> Mnist:
-    """The examples ``config`` asks for, images flattened to ``[n, pixels]``."""
-    mnist = data.load(need=(config.train_examples, config.test_examples), log=log)
-    mnist = mnist.head(config.train_examples, config.test_examples)
-    flat = lambda images: images.reshape(len(images), -1)
-    mnist = mnist._replace(
-        train_images=flat(mnist.train_images), test_images=flat(mnist.test_images)
+def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> tuple[Config, Mnist]:
+    """The examples ``config`` asks for, images flattened to ``[n, features]``, and the
+    config fitted to them: ``input_features`` from the images and, for your own
+    labelled data, ``num_classes`` from the largest label."""
+    dataset = data.load(need=(config.train_examples, config.test_examples), log=log)
+    dataset = dataset.head(config.train_examples, config.test_examples)
+    flat = lambda images: None if images is None else images.reshape(len(images), -1)
+    dataset = dataset._replace(
+        train_images=flat(dataset.train_images), test_images=flat(dataset.test_images)
     )
-    if mnist.train_images.shape[1] != config.input_features:
-        raise ConfigError(
-            f"input_features={config.input_features} but the images have "
-            f"{mnist.train_images.shape[1]} pixels"
+    features = dataset.train_images.shape[1]
+    labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None]
+    classes = max(int(y.max()) for y in labels) + 1 if labels else config.num_classes
+    fitted = config.replace(input_features=features)
+    if data.path is not None:
+        fitted = fitted.replace(num_classes=classes)
+    elif classes > config.num_classes:
+        raise ConfigError(f"num_classes={config.num_classes} but the data has label {classes - 1}")
+    if fitted != config:
+        log(
+            f"the data has {features} features and {fitted.num_classes} classes: "
+            f"input_features={features}, num_classes={fitted.num_classes}"
         )
-    return mnist
+    return fitted, dataset
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run's checked inputs: its workdir, its config fitted to the data, the data
+    (images ``[n, features]``, standardized when asked), and the standardization's
+    per-feature ``(mean, std)`` (None when not standardized)."""
+
+    workdir: Path
+    config: Config
+    data: Mnist
+    standardization: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def prepare(
     config: Config, workdir: str | os.PathLike[str], data: DataSpec, log: Callable[[str], None]
-) -> tuple[Path, Mnist]:
+) -> Prepared:
     """Check the config and the workdir, then load the data (before anything compiles)."""
     config.validate()
     if not str(workdir):
@@ -123,9 +152,27 @@ def prepare(
     workdir = user_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")
-    mnist = _load(config, data, log)
-    config.validate(num_train=len(mnist.train_images))
-    return workdir, mnist
+    config, dataset = _load(config, data, log)
+    try:
+        config.validate(num_train=len(dataset.train_images))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (--config.batch_size, --config.validation_examples)") from None
+    stats = None
+    if data.standardize:
+        first = config.layers[0]
+        if (first.decoder_activation, first.reconstruction) != ("linear", "squared_error"):
+            raise ConfigError(
+                "--standardize: layers[0] reconstructs standardized values, which may be any "
+                "real number: set --config.layers.0.decoder_activation=linear (and "
+                "reconstruction=squared_error)"
+            )
+        fit = dataset.train_images[: len(dataset.train_images) - config.validation_examples]
+        stats = standardization(fit)
+        scale = lambda x: None if x is None else standardize(x, *stats)
+        dataset = dataset._replace(
+            train_images=scale(dataset.train_images), test_images=scale(dataset.test_images)
+        )
+    return Prepared(workdir, config, dataset, stats)
 
 
 @contextmanager
@@ -196,35 +243,48 @@ def run_mnist(
       Stopped: on SIGINT (or SIGTERM, see ``files.stop_on_sigterm``), saying where.
     """
     start = time.perf_counter()
-    workdir, mnist = prepare(config, workdir, data, log)
+    ready = prepare(config, workdir, data, log)
+    workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
-        options = None if pretrain else {"pretrain": False}
-        store = RunStore(workdir, config, restart=restart, log=log, options=options)
+        options = {"pretrain": False} if not pretrain else {}
+        if data.run_options():
+            options["data"] = data.run_options()
+        store = RunStore(workdir, config, restart=restart, log=log, options=options or None)
+        if ready.standardization is not None and is_primary():
+            mean, std = ready.standardization
+            write_bytes_atomic(workdir / STANDARDIZATION, npz_bytes(mean=mean, std=std))
         try:
             result, mesh = _train(
-                config, mnist, store, data_parallel, pretrain, log, progress_stream
+                config, dataset, store, data_parallel, pretrain, log, progress_stream
             )
         except KeyboardInterrupt as e:
             raise stopped(e, store.where()) from None
-        summary = _summary(config, result, mnist, mesh, pretrain)
+        summary = _summary(config, result, dataset, mesh, pretrain)
         summary["total_wall_s"] = time.perf_counter() - start
         if figures and pretrain:
-            paths = [workdir / name for name in FIGURES]
-            if is_primary():
-                write_figures(workdir, config, result, mnist.test_images)
+            x = dataset.test_images if dataset.test_images is not None else dataset.train_images
+            paths = write_figures(workdir, config, result, x, write=is_primary())
             summary["figures"] = [str(p) for p in paths]
         if is_primary():
             write_json_atomic(workdir / "summary.json", summary)
+    accuracy = summary.get("test_accuracy")
     log(
-        f"test_accuracy {summary['test_accuracy']:.4f} total {summary['total_wall_s']:.1f}s "
-        f"-> {workdir / 'summary.json'}"
+        (f"test_accuracy {accuracy:.4f} " if accuracy is not None else "")
+        + f"total {summary['total_wall_s']:.1f}s -> {workdir / 'summary.json'}"
     )
     return summary
 
 
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """The ``.npz`` file of ``arrays``, for ``write_bytes_atomic``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def _train(
     config: Config,
-    mnist: Mnist,
+    dataset: Mnist,
     store: RunStore,
     data_parallel: bool,
     pretrain: bool,
@@ -232,24 +292,34 @@ def _train(
     progress_stream: TextIO | None,
 ) -> tuple[PipelineResult, Mesh | None]:
     """Run the pipeline on the data, over all devices when there are several; the last
-    ``config.validation_examples`` training images are the validation split."""
+    ``config.validation_examples`` training images are the validation split. Data
+    without labels is only pretrained (``pretrain_stack``)."""
     n_val = config.validation_examples
-    n_train = len(mnist.train_images) - n_val
+    x, y = dataset.train_images, dataset.train_labels
+    n_train = len(x) - n_val
+    n_test = 0 if dataset.test_images is None else len(dataset.test_images)
     mesh = default_mesh(force=data_parallel)
     log(
-        f"{config.name}: {n_train} training / {n_val} validation / "
-        f"{len(mnist.test_images)} test images, layers {config.layer_sizes}, "
-        f"{jax.default_backend()} x{mesh.size if mesh else 1}"
+        f"{config.name}: {n_train} training / {n_val} validation / {n_test} test examples"
+        f"{'' if y is not None else ' without labels (pretraining only)'}, layers "
+        f"{config.layer_sizes}, {jax.default_backend()} x{mesh.size if mesh else 1}"
         f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
-    validation = None
-    if n_val:
-        validation = (mnist.train_images[n_train:], mnist.train_labels[n_train:])
+    on_epoch = Progress(config, log, progress_stream)
+    if y is None:
+        if not pretrain:
+            raise UserError("--no_pretraining: the data has no labels, so nothing to fine-tune")
+        layers, stages = pretrain_stack(config, x, on_epoch=on_epoch, store=store, mesh=mesh)
+        return PipelineResult(layers, None, {}, stages), mesh
+    validation = (x[n_train:], y[n_train:]) if n_val else None
+    test = None
+    if dataset.test_labels is not None:
+        test = (dataset.test_images, dataset.test_labels)
     result = run_pipeline(  # which places the splits on the mesh
         config,
-        (mnist.train_images[:n_train], mnist.train_labels[:n_train]),
-        (mnist.test_images, mnist.test_labels),
-        on_epoch=Progress(config, log, progress_stream),
+        (x[:n_train], y[:n_train]),
+        test,
+        on_epoch=on_epoch,
         store=store,
         mesh=mesh,
         validation=validation,
@@ -281,51 +351,75 @@ def provenance(mnist: Mnist) -> dict[str, Any]:
 
 
 def _summary(
-    config: Config, result: PipelineResult, mnist: Mnist, mesh: Mesh | None, pretrain: bool
+    config: Config, result: PipelineResult, dataset: Mnist, mesh: Mesh | None, pretrain: bool
 ) -> dict[str, Any]:
     """``summary.json``'s content, without ``total_wall_s`` and figures."""
-    finetune = next(s for s in result.stages if s.name == "finetune")
-    judged = "validation_accuracy" if config.validation_examples else "test_accuracy"
     summary = {
-        "test_accuracy": result.test["accuracy"],
-        "test_loss": result.test["loss"],
+        "test_accuracy": result.test.get("accuracy"),
+        "test_loss": result.test.get("loss"),
         "config": config_to_json(config),
         "stages": [s.summary() for s in result.stages],
-        f"finetune_{judged}": [h[judged] for h in finetune.history],
+    }
+    finetune = next((s for s in result.stages if s.name == "finetune"), None)
+    judged = "validation_accuracy" if config.validation_examples else "test_accuracy"
+    if finetune is not None and (config.validation_examples or result.test):
+        summary[f"finetune_{judged}"] = [h[judged] for h in finetune.history]
+    summary |= {
         "platform": jax.default_backend(),
         "devices": mesh.size if mesh is not None else 1,
         "processes": jax.process_count(),
         "pretrained": pretrain,
-        **provenance(mnist),
+        "classifier": finetune is not None,
+        **provenance(dataset),
     }
-    if config.validation_examples:
+    if config.validation_examples and finetune is not None:
         summary["finetune_best_epoch"] = finetune.best_epoch
         summary["test_accuracy_before_finetune"] = result.test_before_finetune.get("accuracy")
     return summary
 
 
-def write_figures(workdir: Path, config: Config, result: PipelineResult, x_test) -> list[Path]:
-    """``filters.png``, ``reconstructions.png`` and ``curves.png`` in ``workdir``.
+def write_figures(
+    workdir: Path, config: Config, result: PipelineResult, x, write: bool = True
+) -> list[Path]:
+    """``curves.png`` in ``workdir`` and, when the inputs are square images,
+    ``filters.png`` and ``reconstructions.png`` (of the first 10 of ``x``
+    ``[n, features]``); the paths. With ``write`` False only the paths.
 
     Drawn from host copies of the params, so that one process of several can draw."""
+    side = math.isqrt(config.input_features)
+    square = side * side == config.input_features
+    paths = [workdir / name for name in FIGURES if square or name == "curves.png"]
+    if not write:
+        return paths
     from sae_jax import figures  # matplotlib is imported only when figures are drawn
 
-    first = result.layers[0]
-    layer = config.layers[0]
-    paths = [workdir / name for name in FIGURES]
+    figures.save_curves(result.stages, workdir / "curves.png")
+    if not square:
+        return paths
+    first, layer = result.layers[0], config.layers[0]
     params = jax.device_get(first.params)  # the first layer's, replicated
-    figures.save_filters(np.asarray(params["params"]["encoder"]["kernel"]), paths[0])
-    x = to_float(jnp.asarray(x_test[:10]))
+    kernel = np.asarray(params["params"]["encoder"]["kernel"])
+    figures.save_filters(kernel, workdir / "filters.png", shape=(side, side))
+    x = to_float(jnp.asarray(x[:10]))
     corrupted = corrupt(jax.random.PRNGKey(config.seed), x, layer.noise, layer.noise_level)
     reconstructed = first.module.apply(params, corrupted, method=lambda m, v: m.decode(m.encode(v)))
     figures.save_reconstructions(
         np.asarray(x),
         np.asarray(reconstructed),
-        paths[1],
+        workdir / "reconstructions.png",
         corrupted=np.asarray(corrupted) if layer.noise != "none" else None,
+        shape=(side, side),
     )
-    figures.save_curves(result.stages, paths[2])
     return paths
+
+
+def saved_data(workdir: Path, data: DataSpec) -> DataSpec:
+    """``data``, or the own data that the run in ``workdir`` recorded when ``data``
+    names none (its path, label column and standardization, from ``config.json``)."""
+    if data.path is not None:
+        return data
+    saved = read_config(workdir / "config.json").get(RUN_KEY, {}).get("data", {})
+    return dataclasses.replace(data, **saved) if saved.get("path") else data
 
 
 def evaluate_saved(
@@ -334,14 +428,22 @@ def evaluate_saved(
     data: DataSpec = DEFAULT_DATA,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
-    """The test accuracy and loss of the model saved in ``workdir``."""
+    """The test accuracy and loss of the model saved in ``workdir`` (on its own data,
+    which ``saved_data`` finds, when the run had its own)."""
     workdir = user_path(workdir)
     model = load_model(workdir)
     config = model.config
-    mnist = _load(config, data, log)
-    x = jnp.asarray(mnist.test_images)
+    data = saved_data(workdir, data)
+    _, dataset = _load(config, data, log)
+    if model.params is None or dataset.test_labels is None:
+        what = "no classifier (its data had no labels)" if model.params is None else ""
+        raise UserError(
+            f"{workdir}: nothing to evaluate: the run has "
+            + (what or f"no labelled test split in {data.path}")
+        )
+    x = model.inputs(dataset.test_images)
     metrics = evaluate(
-        model.module, model.params, x, jnp.asarray(mnist.test_labels), config.eval_batch_size
+        model.module, model.params, x, jnp.asarray(dataset.test_labels), config.eval_batch_size
     )
     log(
         f"{workdir}: test_accuracy {metrics['accuracy']:.4f} test_loss {metrics['loss']:.4f} "

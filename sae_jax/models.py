@@ -14,12 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from sae_jax.config import Config, LayerConfig
@@ -249,101 +247,3 @@ def compose(layers: Sequence[FrozenLayer], head_params: Params) -> Params:
     tree = {f"encoders_{i}": layer.encoder_params for i, layer in enumerate(layers)}
     tree["head"] = head_params["params"]
     return {"params": tree}
-
-
-def _image_shapes(features: int) -> str:
-    """The image shapes a model on ``features`` pixels takes, e.g. ``[n, 784] or [n, 28, 28]``."""
-    side = math.isqrt(features)
-    square = (
-        f"[n, {side}, {side}]" if side * side == features else f"[n, H, W] with H*W = {features}"
-    )
-    return f"[n, {features}] or {square}"
-
-
-def _check_images(x: Any, features: int) -> jax.Array:
-    """Images as ``TrainedModel`` takes them, to float32 ``[n, features]`` in ``[0, 1]``.
-
-    Raises ``ValueError`` (one line naming the expected shape or rule) for anything
-    ``TrainedModel``'s docstring does not allow.
-    """
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
-    shape, expected = tuple(x.shape), f"expected images {_image_shapes(features)}"
-    one = len(shape) == 1 or (len(shape) == 2 and shape[1] != features)
-    if one and math.prod(shape) == features:
-        raise ValueError(f"{expected}; got shape {shape}: for one image pass images[None]")
-    if not (
-        (len(shape) == 2 and shape[1] == features)
-        or (len(shape) == 3 and shape[1] * shape[2] == features)
-    ):
-        raise ValueError(f"{expected}; got shape {shape}")
-    if shape[0] == 0:
-        raise ValueError(f"{expected} with n >= 1; got shape {shape}")
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        values = np.asarray(x)  # the API edge: the range check needs host values
-        low, high = float(values.min()), float(values.max())
-        if not 0 <= low <= high <= 1:
-            got = "NaN" if math.isnan(high) else f"max {high}" if high > 1 else f"min {low}"
-            fix = "divide by 255" if high > 1 else "floats in [0, 1]"
-            raise ValueError(
-                f"float images must be in [0, 1] (got {got}); pass uint8 pixels or {fix}"
-            )
-    elif x.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 pixels or floats in [0, 1]; got dtype {x.dtype}")
-    return to_float(jnp.asarray(x).reshape(shape[0], features))
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A trained stack ready for use: ``predict`` and ``encode`` on raw images.
-
-    Images are ``[n, input_features]`` or ``[n, H, W]`` with ``H * W ==
-    input_features`` (for MNIST ``[n, 784]`` or ``[n, 28, 28]``), ``n >= 1``: uint8
-    pixels (scaled by 1/255) or floats already in ``[0, 1]``. Anything else raises a
-    ``ValueError`` naming what was expected: one image without its batch axis (pass
-    ``images[None]``), another number of pixels, floats outside ``[0, 1]`` or NaN,
-    and other dtypes (int64, int32, bool, ...).
-    """
-
-    config: Config
-    params: Params
-
-    @property
-    def module(self) -> Classifier:
-        """The Flax module of the stack."""
-        return classifier(self.config)
-
-    def _inputs(self, x: Any) -> jax.Array:
-        return _check_images(x, self.config.input_features)
-
-    def predict(self, x: Any) -> jax.Array:
-        """Logits ``[n, num_classes]`` of images ``x``.
-
-        Args:
-          x: ``[n, input_features]`` or ``[n, H, W]`` with ``H * W == input_features``
-            (for MNIST ``[n, 784]`` or ``[n, 28, 28]``), ``n >= 1``; uint8 pixels or
-            floats in ``[0, 1]``. For one image pass ``x[None]``.
-
-        Raises:
-          ValueError: for any other shape or dtype, and for floats outside ``[0, 1]``.
-        """
-        return _predict(self.module, self.params, self._inputs(x))
-
-    def encode(self, x: Any, depth: int | None = None) -> jax.Array:
-        """The code of layer ``depth`` (1-based; default the top), ``[n, features]``.
-
-        ``x`` is images as for ``predict``.
-        """
-        depth = len(self.config.layers) if depth is None else depth
-        if not 1 <= depth <= len(self.config.layers):
-            raise ValueError(f"depth must be in 1..{len(self.config.layers)}, got {depth}")
-        return _encode_depth(self.module, self.params, self._inputs(x), depth)
-
-
-@partial(jax.jit, static_argnums=0)
-def _predict(module: Classifier, params: Params, x: jax.Array) -> jax.Array:
-    return module.apply(params, x)
-
-
-@partial(jax.jit, static_argnums=(0, 3))
-def _encode_depth(module: Classifier, params: Params, x: jax.Array, depth: int) -> jax.Array:
-    return module.apply(params, x, depth, method=Classifier.encode)

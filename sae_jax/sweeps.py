@@ -122,7 +122,13 @@ def run_sweep(
         raise UserError(f"--study={study}: the only study is 'pretraining'")
     model_seeds, model_hparams, points = grid(seeds, hparams)
     check_models(config, model_seeds, model_hparams)
-    workdir, mnist = prepare(config, workdir, data, log)
+    ready = prepare(config, workdir, data, log)
+    workdir, config, mnist = ready.workdir, ready.config, ready.data
+    if mnist.train_labels is None or mnist.test_labels is None:
+        raise UserError(
+            f"{data.path}: a sweep compares test errors, so it needs labels and a test split "
+            f"(y, x_test and y_test)"
+        )
     log(
         f"{config.name}: {len(model_seeds)} models at once ({len(points)} grid points x "
         f"{len(seeds)} seeds), {len(mnist.train_images)} training / "

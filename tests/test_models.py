@@ -11,7 +11,6 @@ from sae_jax.corruption import corrupt
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
-    TrainedModel,
     autoencoder,
     classifier,
     compose,
@@ -20,6 +19,7 @@ from sae_jax.models import (
     softmax_head,
 )
 from sae_jax.recipes import layer_loss
+from sae_jax.trained import TrainedModel
 
 KEY = jax.random.PRNGKey(3)
 

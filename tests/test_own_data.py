@@ -1,0 +1,125 @@
+"""Runs on your own data (--data): a classifier from labelled arrays, pretraining alone
+without labels, standardization saved with the run, and config.json replayed."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import run_script, synthetic_config, synthetic_digits
+
+import sae_jax
+from sae_jax.config import ConfigError
+from sae_jax.data import DataSpec
+from sae_jax.experiment import run_mnist
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def test_labelled_npz_from_the_command_line_and_its_config_json_replayed(tmp_path):
+    x, y = synthetic_digits(400, 1)
+    x_test, y_test = synthetic_digits(200, 2)
+    np.savez(tmp_path / "digits.npz", x=x.reshape(400, 8, 8), y=y, x_test=x_test, y_test=y_test)
+    first = run_script(
+        "mnist",
+        "--config=tiny",
+        "--data=digits.npz",
+        "--config.layers.0.beta=2",
+        "--config.finetune_optimizer.learning_rate=1e-2",
+        "--workdir=first",
+        "--no_figures",
+        cwd=tmp_path,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "the data has 64 features and 4 classes" in first.stdout
+    saved = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert saved["layers"][0]["beta"] == 2 and saved["input_features"] == 64
+    assert saved["num_classes"] == 4
+    assert saved["_run"] == {"data": {"path": str(tmp_path / "digits.npz")}}
+    again = run_script(
+        "mnist", "--config=first/config.json", "--workdir=again", "--no_figures", cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == saved
+    one, two = (json.loads((tmp_path / w / "summary.json").read_text()) for w in ("first", "again"))
+    assert one["test_accuracy"] == two["test_accuracy"] >= 0.9
+    assert one["stages"] == [
+        {**s, "wall_s": t["wall_s"]} for s, t in zip(two["stages"], one["stages"], strict=True)
+    ]
+
+
+def test_images_without_labels_are_pretrained_only(tmp_path):
+    x, _ = synthetic_digits(200, 1)
+    np.save(tmp_path / "x.npy", x)
+    config = synthetic_config().with_epochs(1)
+    workdir = tmp_path / "w"
+    summary = run_mnist(config, workdir, data=DataSpec(path=str(tmp_path / "x.npy")), log=_quiet)
+    assert [s["name"] for s in summary["stages"]] == ["pretrain_1", "pretrain_2"]
+    assert summary["test_accuracy"] is None and summary["classifier"] is False
+    assert sorted(p.name for p in workdir.glob("*.png")) == [
+        "curves.png",
+        "filters.png",
+        "reconstructions.png",
+    ]
+    model = sae_jax.load_model(workdir)
+    assert model.params is None
+    with pytest.raises(ValueError, match="there is no classifier"):
+        model.predict(x[:2])
+    # the pretrained layers, against numpy on their saved params
+    first, second = (jax.device_get(layer.params["params"]) for layer in model.pretrained)
+    v = x[:5] / 255.0
+    h1 = _sigmoid(v @ first["encoder"]["kernel"] + first["encoder"]["bias"])
+    h2 = _sigmoid(h1 @ second["encoder"]["kernel"] + second["encoder"]["bias"])
+    np.testing.assert_allclose(model.encoder(1)(x[:5]), h1, atol=1e-5)
+    np.testing.assert_allclose(model.encoder()(x[:5]), h2, atol=1e-5)
+    back = _sigmoid(h1 @ first["decoder_kernel"] + first["decoder_bias"])
+    np.testing.assert_allclose(model.reconstruct(x[:5]), back, atol=1e-5)
+    h1_again = _sigmoid(h2 @ second["decoder_kernel"] + second["decoder_bias"])
+    deep = _sigmoid(h1_again @ first["decoder_kernel"] + first["decoder_bias"])
+    np.testing.assert_allclose(model.reconstruct(x[:5], depth=2), deep, atol=1e-5)
+    with pytest.raises(ValueError, match=r"depth must be in 1..2, got 3"):
+        model.encoder(3)
+
+
+def test_standardized_csv_saves_its_statistics_and_the_model_applies_them(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 240)
+    x = rng.normal(40, 6, (240, 10)) + 12 * y[:, None] * (np.arange(10) % 3 == 0)
+    lines = [",".join(["label", *(f"f{i}" for i in range(10))])]
+    lines += [",".join([str(c), *(f"{v:.4f}" for v in row)]) for c, row in zip(y, x, strict=True)]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    config = synthetic_config(validation_examples=40, batch_size=20).with_epochs(3)
+    layer = dataclasses.replace(config.layers[0], decoder_activation="linear")
+    config = config.replace(layers=(layer, *config.layers[1:]))
+    spec = DataSpec(path=str(tmp_path / "d.csv"), label_column="label", standardize=True)
+    run_mnist(config, tmp_path / "w", data=spec, figures=False, log=_quiet)
+    saved = np.load(tmp_path / "w" / "standardization.npz")
+    rows = np.round(x, 4)[:200]  # the training split: the last 40 rows are validation
+    np.testing.assert_allclose(saved["mean"], rows.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(saved["std"], rows.std(0), rtol=1e-4)
+    model = sae_jax.load_model(tmp_path / "w")
+    raw = np.round(x[:4], 4)
+    np.testing.assert_allclose(
+        model.inputs(raw), (raw - rows.mean(0)) / rows.std(0), rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(model.reconstruct(raw).shape, (4, 10))
+    with pytest.raises(ConfigError, match="--standardize: layers\\[0\\] reconstructs"):
+        run_mnist(synthetic_config(), tmp_path / "v", data=spec, log=_quiet)
+
+
+def test_too_few_examples_for_the_batch_size_names_the_flag(tmp_path):
+    x, y = synthetic_digits(30, 1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    spec = DataSpec(path=str(tmp_path / "d.npz"))
+    with pytest.raises(
+        ConfigError, match=r"batch_size=40 is larger than the 30 training .*--config\.batch_size"
+    ):
+        run_mnist(synthetic_config(batch_size=40), tmp_path / "w", data=spec, log=_quiet)
+    assert not (tmp_path / "w").exists()
