@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.experiment import evaluate_saved, run_mnist
+        from sae_jax.experiment import run_mnist
+        from sae_jax.saved import evaluate_saved
 
         config = cli.start(flags)
         if flags.eval_only:

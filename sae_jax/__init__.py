@@ -42,6 +42,12 @@ _EXPORTS = {
     "run_pipeline": "sae_jax.pipeline",
     "sweep": "sae_jax.pipeline",
     "model_config": "sae_jax.pipeline",
+    "grid": "sae_jax.pipeline",
+    "pretrain_stack": "sae_jax.pipeline",
+    "PipelineResult": "sae_jax.pipeline",
+    # configs as files
+    "load_config": "sae_jax.config_files",
+    "apply_overrides": "sae_jax.config_files",
     # edges
     "load_idx_dir": "sae_jax.data",
     "DataError": "sae_jax.data",
@@ -50,6 +56,10 @@ _EXPORTS = {
     "RunStore": "sae_jax.checkpoint",
     "TrainedModel": "sae_jax.trained",
     "load_mnist": "sae_jax.data",
+    "DataSpec": "sae_jax.data",
+    "load_arrays": "sae_jax._arrays",
+    "evaluate_saved": "sae_jax.saved",
+    "encode_saved": "sae_jax.saved",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -6,15 +6,8 @@ notebooks call it directly.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import io
-import json
-import math
 import os
-import platform
-import shlex
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,15 +16,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from sae_jax._arrays import standardization, standardize
-from sae_jax.checkpoint import STANDARDIZATION, RunStore, config_to_json, load_model, read_config
+from sae_jax.checkpoint import STANDARDIZATION, RunStore
 from sae_jax.config import Config, ConfigError
-from sae_jax.config_files import RUN_KEY
-from sae_jax.corruption import corrupt
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
 from sae_jax.files import (
     CheckpointError,
@@ -40,16 +30,13 @@ from sae_jax.files import (
     stopped,
     user_path,
     write_bytes_atomic,
-    write_text_atomic,
 )
-from sae_jax.models import to_float
 from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
 from sae_jax.pipeline import PipelineResult, pretrain_stack, run_pipeline
 from sae_jax.progress import Progress
-from sae_jax.recipes import evaluate
+from sae_jax.report import run_summary, write_figures, write_json_atomic
 
 PLATFORMS = ("cpu", "gpu", "tpu")
-FIGURES = ("filters.png", "reconstructions.png", "curves.png")
 
 
 class UserError(ValueError):
@@ -99,12 +86,7 @@ def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path
     return path
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _load(config: Config, data: DataSpec, log: Callable[[str], None]) -> tuple[Config, Mnist]:
+def load_data(config: Config, data: DataSpec, log: Callable[[str], None]) -> tuple[Config, Mnist]:
     """The examples ``config`` asks for, images flattened to ``[n, features]``, and the
     config fitted to them: ``input_features`` from the images and, for your own
     labelled data, ``num_classes`` from the largest label."""
@@ -152,7 +134,7 @@ def prepare(
     workdir = user_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")
-    config, dataset = _load(config, data, log)
+    config, dataset = load_data(config, data, log)
     try:
         config.validate(num_train=len(dataset.train_images))
     except ConfigError as e:
@@ -259,7 +241,7 @@ def run_mnist(
             )
         except KeyboardInterrupt as e:
             raise stopped(e, store.where()) from None
-        summary = _summary(config, result, dataset, mesh, pretrain)
+        summary = run_summary(config, result, dataset, mesh, pretrain)
         summary["total_wall_s"] = time.perf_counter() - start
         if figures and pretrain:
             x = dataset.test_images if dataset.test_images is not None else dataset.train_images
@@ -331,122 +313,3 @@ def _train(
 def _processes() -> str:
     """``" over N processes"`` in a run of several processes, else nothing."""
     return f" over {jax.process_count()} processes" if jax.process_count() > 1 else ""
-
-
-def provenance(mnist: Mnist) -> dict[str, Any]:
-    """What a run's numbers depend on besides its config: the command line, the
-    versions of Python and the libraries, and the data (source and sha256)."""
-    versions = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "command": shlex.join(sys.orig_argv),
-        "cwd": os.getcwd(),
-        "versions": versions,
-        "data": {"source": mnist.source, "sha256": mnist.sha256()},
-    }
-
-
-def _summary(
-    config: Config, result: PipelineResult, dataset: Mnist, mesh: Mesh | None, pretrain: bool
-) -> dict[str, Any]:
-    """``summary.json``'s content, without ``total_wall_s`` and figures."""
-    summary = {
-        "test_accuracy": result.test.get("accuracy"),
-        "test_loss": result.test.get("loss"),
-        "config": config_to_json(config),
-        "stages": [s.summary() for s in result.stages],
-    }
-    finetune = next((s for s in result.stages if s.name == "finetune"), None)
-    judged = "validation_accuracy" if config.validation_examples else "test_accuracy"
-    if finetune is not None and (config.validation_examples or result.test):
-        summary[f"finetune_{judged}"] = [h[judged] for h in finetune.history]
-    summary |= {
-        "platform": jax.default_backend(),
-        "devices": mesh.size if mesh is not None else 1,
-        "processes": jax.process_count(),
-        "pretrained": pretrain,
-        "classifier": finetune is not None,
-        **provenance(dataset),
-    }
-    if config.validation_examples and finetune is not None:
-        summary["finetune_best_epoch"] = finetune.best_epoch
-        summary["test_accuracy_before_finetune"] = result.test_before_finetune.get("accuracy")
-    return summary
-
-
-def write_figures(
-    workdir: Path, config: Config, result: PipelineResult, x, write: bool = True
-) -> list[Path]:
-    """``curves.png`` in ``workdir`` and, when the inputs are square images,
-    ``filters.png`` and ``reconstructions.png`` (of the first 10 of ``x``
-    ``[n, features]``); the paths. With ``write`` False only the paths.
-
-    Drawn from host copies of the params, so that one process of several can draw."""
-    side = math.isqrt(config.input_features)
-    square = side * side == config.input_features
-    paths = [workdir / name for name in FIGURES if square or name == "curves.png"]
-    if not write:
-        return paths
-    from sae_jax import figures  # matplotlib is imported only when figures are drawn
-
-    figures.save_curves(result.stages, workdir / "curves.png")
-    if not square:
-        return paths
-    first, layer = result.layers[0], config.layers[0]
-    params = jax.device_get(first.params)  # the first layer's, replicated
-    kernel = np.asarray(params["params"]["encoder"]["kernel"])
-    figures.save_filters(kernel, workdir / "filters.png", shape=(side, side))
-    x = to_float(jnp.asarray(x[:10]))
-    corrupted = corrupt(jax.random.PRNGKey(config.seed), x, layer.noise, layer.noise_level)
-    reconstructed = first.module.apply(params, corrupted, method=lambda m, v: m.decode(m.encode(v)))
-    figures.save_reconstructions(
-        np.asarray(x),
-        np.asarray(reconstructed),
-        workdir / "reconstructions.png",
-        corrupted=np.asarray(corrupted) if layer.noise != "none" else None,
-        shape=(side, side),
-    )
-    return paths
-
-
-def saved_data(workdir: Path, data: DataSpec) -> DataSpec:
-    """``data``, or the own data that the run in ``workdir`` recorded when ``data``
-    names none (its path, label column and standardization, from ``config.json``)."""
-    if data.path is not None:
-        return data
-    saved = read_config(workdir / "config.json").get(RUN_KEY, {}).get("data", {})
-    return dataclasses.replace(data, **saved) if saved.get("path") else data
-
-
-def evaluate_saved(
-    workdir: str | os.PathLike[str],
-    *,
-    data: DataSpec = DEFAULT_DATA,
-    log: Callable[[str], None] = print,
-) -> dict[str, float]:
-    """The test accuracy and loss of the model saved in ``workdir`` (on its own data,
-    which ``saved_data`` finds, when the run had its own)."""
-    workdir = user_path(workdir)
-    model = load_model(workdir)
-    config = model.config
-    data = saved_data(workdir, data)
-    _, dataset = _load(config, data, log)
-    if model.params is None or dataset.test_labels is None:
-        what = "no classifier (its data had no labels)" if model.params is None else ""
-        raise UserError(
-            f"{workdir}: nothing to evaluate: the run has "
-            + (what or f"no labelled test split in {data.path}")
-        )
-    x = model.inputs(dataset.test_images)
-    metrics = evaluate(
-        model.module, model.params, x, jnp.asarray(dataset.test_labels), config.eval_batch_size
-    )
-    log(
-        f"{workdir}: test_accuracy {metrics['accuracy']:.4f} test_loss {metrics['loss']:.4f} "
-        f"on {len(x)} test images"
-    )
-    return metrics

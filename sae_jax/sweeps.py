@@ -18,11 +18,12 @@ import numpy as np
 from sae_jax.checkpoint import config_to_json
 from sae_jax.config import Config, ConfigError
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
-from sae_jax.experiment import UserError, hold_workdir, prepare, provenance, write_json_atomic
+from sae_jax.experiment import UserError, hold_workdir, prepare
 from sae_jax.files import stopped
 from sae_jax.parallel import default_mesh, is_primary
 from sae_jax.pipeline import grid, model_config, run_pipeline, sweep
 from sae_jax.recipes import SWEEP_NAMES
+from sae_jax.report import provenance, write_json_atomic
 
 NO_RESUME = "a sweep keeps no checkpoints: the same command starts it over"
 

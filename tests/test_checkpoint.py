@@ -274,10 +274,10 @@ def test_denoising_reconstructions_show_the_corrupted_row(tmp_path, drawn):
 
 
 def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
-    from sae_jax.experiment import write_figures
     from sae_jax.models import FrozenLayer, autoencoder
     from sae_jax.pipeline import PipelineResult
     from sae_jax.recipes import StageRecord
+    from sae_jax.report import write_figures
 
     config = tiny()
     assert [layer.noise for layer in config.layers] == ["none", "none"]

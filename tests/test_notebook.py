@@ -6,6 +6,7 @@ passes and trains ``tiny`` in its place."""
 
 import json
 import os
+import re
 
 import pytest
 from conftest import REPO
@@ -97,3 +98,31 @@ def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     summary = json.loads((workspace / "checkpoints" / "mnist" / "summary.json").read_text())
     assert summary["config"]["name"] == "tiny"
+
+
+TUTORIAL = REPO / "experiments" / "tutorial.ipynb"
+
+
+def test_tutorial_notebook_runs_as_shipped(tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = nbformat.read(TUTORIAL, as_version=4)
+    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    shipped = {}
+    exec(params.source, shipped)
+    assert shipped["EPOCHS"] == 3 and shipped["WORKDIR"] == "checkpoints/tutorial"
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()  # raises on the first cell that fails
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "codes (500, 128)" in text and "pretrained top codes (500, 64)" in text
+    accuracy = float(re.search(r"^test accuracy ([0-9.]+)$", text, re.M).group(1))
+    assert accuracy >= 0.7
+    assert len(re.findall(r"^\{'beta': [0-9.]+\} test accuracy per seed", text, re.M)) == 2
+    summary = json.loads((tmp_path / "checkpoints" / "tutorial" / "summary.json").read_text())
+    assert summary["config"]["name"] == "tutorial" and summary["test_accuracy"] >= 0.7
+    assert "predicted [" in text and "pretrained codes (10, 64)" in text
+    assert len(re.findall(r"reconstructed from (clean|masked) digits", text)) == 2

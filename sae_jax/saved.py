@@ -1,0 +1,111 @@
+"""Using a finished run: its test accuracy, and its codes of a dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.checkpoint import load_model, read_config
+from sae_jax.config_files import RUN_KEY
+from sae_jax.data import DEFAULT_DATA, DataSpec
+from sae_jax.experiment import UserError, load_data
+from sae_jax.files import user_path
+from sae_jax.recipes import evaluate
+
+
+def saved_data(workdir: Path, data: DataSpec) -> DataSpec:
+    """``data``, or the own data that the run in ``workdir`` recorded when ``data``
+    names none (its path, label column and standardization, from ``config.json``)."""
+    if data.path is not None:
+        return data
+    saved = read_config(workdir / "config.json").get(RUN_KEY, {}).get("data", {})
+    return dataclasses.replace(data, **saved) if saved.get("path") else data
+
+
+def evaluate_saved(
+    workdir: str | os.PathLike[str],
+    *,
+    data: DataSpec = DEFAULT_DATA,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """The test accuracy and loss of the model saved in ``workdir`` (on its own data,
+    which ``saved_data`` finds, when the run had its own)."""
+    workdir = user_path(workdir)
+    model = load_model(workdir)
+    config = model.config
+    data = saved_data(workdir, data)
+    _, dataset = load_data(config, data, log)
+    if model.params is None or dataset.test_labels is None:
+        what = "no classifier (its data had no labels)" if model.params is None else ""
+        raise UserError(
+            f"{workdir}: nothing to evaluate: the run has "
+            + (what or f"no labelled test split in {data.path}")
+        )
+    x = model.inputs(dataset.test_images)
+    metrics = evaluate(
+        model.module, model.params, x, jnp.asarray(dataset.test_labels), config.eval_batch_size
+    )
+    log(
+        f"{workdir}: test_accuracy {metrics['accuracy']:.4f} test_loss {metrics['loss']:.4f} "
+        f"on {len(x)} test images"
+    )
+    return metrics
+
+
+SPLITS = ("train", "test")
+
+
+def encode_saved(
+    workdir: str | os.PathLike[str],
+    *,
+    split: str = "test",
+    depth: int | None = None,
+    pretrained: bool | None = None,
+    data: DataSpec = DEFAULT_DATA,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """The codes of a whole split of the data by the stack saved in ``workdir``.
+
+    Args:
+      split: ``train`` (all of it, a validation split included) or ``test``.
+      depth: the layer whose code to give (1-based; default the top).
+      pretrained: True for the stack as pretrained, before fine-tuning; False for the
+        fine-tuned one; None (default) for the fine-tuned one where there is one.
+      data: where the images come from: the run's own data by default (see
+        ``saved_data``), or any other file or dataset with images of the same size.
+
+    Returns:
+      float32 ``[n, features of layer depth]``.
+    """
+    if split not in SPLITS:
+        raise UserError(f"--split={split}: choose from {', '.join(SPLITS)}")
+    workdir = user_path(workdir)
+    model = load_model(workdir)
+    data = saved_data(workdir, data)
+    every = model.config.replace(train_examples=None, test_examples=None)
+    _, dataset = load_data(every, data, log)
+    x = dataset.train_images if split == "train" else dataset.test_images
+    if x is None:
+        raise UserError(f"--split=test: {data.path} has no test split (x_test)")
+    if x.shape[1] != model.config.input_features:
+        raise UserError(
+            f"the images have {x.shape[1]} features, the model in {workdir} takes "
+            f"{model.config.input_features}"
+        )
+    if pretrained is None:
+        pretrained = model.params is None
+    try:
+        encode = model.encoder(depth) if pretrained else partial(model.encode, depth=depth)
+        batch = model.config.eval_batch_size
+        codes = [np.asarray(encode(x[i : i + batch])) for i in range(0, len(x), batch)]
+    except ValueError as e:  # a depth out of range, or no such stack in this run
+        raise UserError(f"--depth={depth}: {e}" if "depth" in str(e) else str(e)) from None
+    stack = "pretrained" if pretrained else "fine-tuned"
+    log(f"encoded the {split} split ({len(x)} examples) with the {stack} stack of {workdir}")
+    return np.concatenate(codes).astype(np.float32)
