@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Callable
 from functools import partial
@@ -15,7 +16,7 @@ from sae_jax.checkpoint import load_model, read_config
 from sae_jax.config_files import RUN_KEY
 from sae_jax.data import DEFAULT_DATA, DataSpec
 from sae_jax.experiment import UserError, load_data
-from sae_jax.files import user_path
+from sae_jax.files import user_path, write_bytes_atomic
 from sae_jax.recipes import evaluate
 
 
@@ -109,3 +110,17 @@ def encode_saved(
     stack = "pretrained" if pretrained else "fine-tuned"
     log(f"encoded the {split} split ({len(x)} examples) with the {stack} stack of {workdir}")
     return np.concatenate(codes).astype(np.float32)
+
+
+def write_codes(path: str | os.PathLike[str], codes: np.ndarray) -> Path:
+    """Write ``codes`` as an ``.npy`` file, atomically (no half-written file is left);
+    ``UserError`` naming ``--out`` when it cannot be a new ``.npy`` file there."""
+    out = user_path(path)
+    if out.suffix != ".npy":
+        raise UserError(f"--out={path}: name a .npy file")
+    if not out.parent.is_dir():
+        raise UserError(f"--out={path}: the folder {out.parent} does not exist")
+    buffer = io.BytesIO()
+    np.save(buffer, codes, allow_pickle=False)
+    write_bytes_atomic(out, buffer.getvalue())
+    return out
