@@ -35,9 +35,10 @@ class Parser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         flags, rest = self.parse_known_args(args, namespace)
         overrides, unknown = [], []
+        takes_overrides = "--config" in self._option_string_actions
         while rest:
             arg = rest.pop(0)
-            if not arg.startswith("--config."):
+            if not (takes_overrides and arg.startswith("--config.")):
                 unknown.append(arg)
                 continue
             name, equals, value = arg[len("--config.") :].partition("=")
@@ -52,10 +53,26 @@ class Parser(argparse.ArgumentParser):
         return flags
 
 
-def parser(description: str | None) -> Parser:
-    """A ``Parser`` with the flags every experiment shares (platform, preset, data)."""
+def parser(description: str | None, training: bool = True) -> Parser:
+    """A ``Parser`` with the flags the experiments share: the platform, the data, the
+    compilation cache and, with ``training``, the config and a run's own flags."""
     p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default: cpu)")
+    if training:
+        _config_flags(p)
+    _data_flags(p)
+    p.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="folder for compiled programs, reused by later runs; 'off' disables it "
+        "(default: <cache>/jax, <cache> as for --cache_dir)",
+    )
+    if training:
+        _run_flags(p)
+    return p
+
+
+def _config_flags(p: Parser) -> None:
     p.add_argument(
         "--config",
         default="seed",
@@ -77,6 +94,16 @@ def parser(description: str | None) -> Parser:
         help="fine-tuning learning rate (default: the preset's)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+
+
+def _data_flags(p: Parser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        help="mnist, fashion_mnist or kmnist (the same IDX format, each verified against "
+        "its published sha256); with --data_source=tfds any tensorflow-datasets image "
+        "dataset (default: mnist)",
+    )
     p.add_argument(
         "--data_source",
         default="auto",
@@ -127,12 +154,9 @@ def parser(description: str | None) -> Parser:
         help="skip the check against canonical MNIST's sha256, for your own data in IDX "
         "format (default: check)",
     )
-    p.add_argument(
-        "--compilation_cache",
-        default=None,
-        help="folder for compiled programs, reused by later runs; 'off' disables it "
-        "(default: <cache>/jax, <cache> as for --cache_dir)",
-    )
+
+
+def _run_flags(p: Parser) -> None:
     p.add_argument(
         "--wait",
         action="store_true",
@@ -174,7 +198,6 @@ def parser(description: str | None) -> Parser:
         help="with --distributed: every process prints its progress, not only process 0 "
         "(default: off)",
     )
-    return p
 
 
 def data_spec(flags: argparse.Namespace):
@@ -207,15 +230,14 @@ def checked(flag: str, check: Callable[[], T]) -> T:
         raise UserError(f"{flag}: {e}") from None
 
 
-def start(flags: argparse.Namespace) -> Config:
+def select(flags: argparse.Namespace) -> None:
     """Select the platform (joining a multi-host run first with ``--distributed``) and
-    return the preset named by ``--config`` with ``--seed``, ``--epochs`` and
-    ``--finetune_lr`` applied, each checked by ``Config.validate``."""
+    the compilation cache, as the flags say."""
     from sae_jax.experiment import UserError, enable_compilation_cache, select_platform
     from sae_jax.parallel import is_primary
 
     distributed = None
-    if flags.distributed:
+    if getattr(flags, "distributed", False):
         if flags.distributed_timeout < 1:
             raise UserError(f"--distributed_timeout={flags.distributed_timeout}: must be >= 1")
         distributed = {
@@ -227,9 +249,17 @@ def start(flags: argparse.Namespace) -> Config:
         _runtime_aborts_in_one_line(flags.distributed_timeout)
     select_platform(flags.platform, distributed)
     global _quiet
-    _quiet = not (is_primary() or flags.verbose)
+    _quiet = not (is_primary() or getattr(flags, "verbose", False))
     if flags.compilation_cache != "off":
         enable_compilation_cache(flags.compilation_cache)
+
+
+def start(flags: argparse.Namespace) -> Config:
+    """``select``, then return the config named by ``--config`` (a preset or a file) with
+    the ``--config.<field>`` overrides, ``--seed``, ``--epochs`` and ``--finetune_lr``
+    applied, each checked by ``Config.validate``. A run's ``config.json`` also brings back
+    that run's ``--no_pretraining`` and own data (unless ``--data`` names other data)."""
+    select(flags)
     config, options = load_config(flags.config)  # errors name the file or the preset
     if options.get("pretrain") is False and hasattr(flags, "no_pretraining"):
         flags.no_pretraining = True  # the config.json of a --no_pretraining run

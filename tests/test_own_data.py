@@ -12,7 +12,8 @@ from conftest import run_script, synthetic_config, synthetic_digits
 import sae_jax
 from sae_jax.config import ConfigError
 from sae_jax.data import DataSpec
-from sae_jax.experiment import run_mnist
+from sae_jax.experiment import UserError, run_mnist
+from sae_jax.saved import write_codes
 
 
 def _quiet(line: str) -> None:
@@ -87,6 +88,23 @@ def test_images_without_labels_are_pretrained_only(tmp_path):
     with pytest.raises(ValueError, match=r"depth must be in 1..2, got 3"):
         model.encoder(3)
 
+    # the same codes from the command line, for the whole training split
+    out = run_script("encode", "--workdir=w", "--depth=1", "--split=train", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "with the pretrained stack" in out.stdout  # the only one this run has
+    codes = np.load(tmp_path / "codes.npy")
+    assert codes.shape == (200, 64) and codes.dtype == np.float32
+    np.testing.assert_allclose(codes, model.encoder(1)(x), atol=1e-6)
+    for flags, message in [
+        (["--split=val"], "--split=val: choose from train, test"),
+        (["--split=train", "--depth=3"], "--depth=3: depth must be in 1..2, got 3"),
+        (["--split=test"], "has no test split (x_test)"),
+    ]:
+        bad = run_script("encode", "--workdir=w", *flags, cwd=tmp_path)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+        assert message in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "w", "x.npy"]
+
 
 def test_standardized_csv_saves_its_statistics_and_the_model_applies_them(tmp_path):
     rng = np.random.default_rng(0)
@@ -123,3 +141,25 @@ def test_too_few_examples_for_the_batch_size_names_the_flag(tmp_path):
     ):
         run_mnist(synthetic_config(batch_size=40), tmp_path / "w", data=spec, log=_quiet)
     assert not (tmp_path / "w").exists()
+
+
+def test_codes_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    codes = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert write_codes("c.npy", codes) == tmp_path / "c.npy"
+    np.testing.assert_array_equal(np.load("c.npy"), codes)
+    for out, message in [
+        ("nowhere/c.npy", "--out=nowhere/c.npy: the folder"),
+        ("c.txt", "--out=c.txt: name a .npy file"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            write_codes(out, codes)
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)  # the data reaches the disk at fsync
+    with pytest.raises(OSError):
+        write_codes("c.npy", codes + 1)
+    np.testing.assert_array_equal(np.load("c.npy"), codes)  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy"]
