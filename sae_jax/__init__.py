@@ -57,7 +57,7 @@ _EXPORTS = {
     "TrainedModel": "sae_jax.trained",
     "load_mnist": "sae_jax.data",
     "DataSpec": "sae_jax.data",
-    "load_arrays": "sae_jax._arrays",
+    "load_arrays": "sae_jax.data",
     "evaluate_saved": "sae_jax.saved",
     "encode_saved": "sae_jax.saved",
 }

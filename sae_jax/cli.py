@@ -213,6 +213,7 @@ def data_spec(flags: argparse.Namespace):
         path=flags.data,
         label_column=flags.label_column,
         standardize=flags.standardize,
+        dataset=flags.dataset,
     )
 
 
@@ -266,7 +267,9 @@ def start(flags: argparse.Namespace) -> Config:
     saved_data = options.get("data", {})
     if flags.data is None and saved_data.get("path"):  # and of a run on its own data
         flags.data, flags.label_column = saved_data["path"], saved_data.get("label_column")
-        flags.standardize = flags.standardize or bool(saved_data.get("standardize"))
+    if flags.dataset == "mnist":
+        flags.dataset = saved_data.get("dataset", "mnist")
+    flags.standardize = flags.standardize or bool(saved_data.get("standardize"))
     config = apply_overrides(config, flags.config_overrides)  # errors name the override
     if flags.seed is not None:
         flag = f"--seed={flags.seed}"

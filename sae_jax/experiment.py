@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from sae_jax._arrays import standardization, standardize
 from sae_jax.checkpoint import STANDARDIZATION, RunStore
 from sae_jax.config import Config, ConfigError
-from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist, default_cache_dir
+from sae_jax.data import DEFAULT_DATA, IDX_DATASETS, DataSpec, Mnist, default_cache_dir
+from sae_jax.data.arrays import standardization, standardize
 from sae_jax.files import (
     CheckpointError,
     WorkdirLock,
@@ -100,7 +100,7 @@ def load_data(config: Config, data: DataSpec, log: Callable[[str], None]) -> tup
     labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None]
     classes = max(int(y.max()) for y in labels) + 1 if labels else config.num_classes
     fitted = config.replace(input_features=features)
-    if data.path is not None:
+    if data.path is not None or data.dataset not in IDX_DATASETS:  # classes unknown
         fitted = fitted.replace(num_classes=classes)
     elif classes > config.num_classes:
         raise ConfigError(f"num_classes={config.num_classes} but the data has label {classes - 1}")

@@ -21,12 +21,13 @@ from sae_jax.recipes import evaluate
 
 
 def saved_data(workdir: Path, data: DataSpec) -> DataSpec:
-    """``data``, or the own data that the run in ``workdir`` recorded when ``data``
-    names none (its path, label column and standardization, from ``config.json``)."""
-    if data.path is not None:
-        return data
+    """``data``, or, where it names MNIST by default, the data that the run in
+    ``workdir`` recorded in its ``config.json`` (its own file and label column, or
+    another dataset); a run that standardized its inputs standardizes these too."""
     saved = read_config(workdir / "config.json").get(RUN_KEY, {}).get("data", {})
-    return dataclasses.replace(data, **saved) if saved.get("path") else data
+    if data.path is None and data.dataset == "mnist":
+        data = dataclasses.replace(data, **saved)
+    return dataclasses.replace(data, standardize=data.standardize or bool(saved.get("standardize")))
 
 
 def evaluate_saved(

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_digits
 
-from sae_jax._arrays import load_arrays, standardization, standardize
 from sae_jax.data import DataError
+from sae_jax.data.arrays import load_arrays, standardization, standardize
 
 
 def test_npz_with_both_splits_and_images_of_any_shape(tmp_path):

@@ -1,6 +1,7 @@
 """MNIST loading: IDX parsing and its damage cases, downloads from a local server,
 tensorflow-datasets, the bundled sample, and the real files (where present)."""
 
+import dataclasses
 import gzip
 import hashlib
 import struct
@@ -16,9 +17,15 @@ import pytest
 from conftest import MNIST_NAMES, free_port, make_synthetic_mnist
 
 from sae_jax import data
-from sae_jax.data import DataError, load_idx_dir, load_mnist, read_idx, write_idx
+from sae_jax.data import DataError, download, load_idx_dir, load_mnist, read_idx, write_idx
 
 RNG = np.random.default_rng(0)
+
+
+def _trust(monkeypatch, sha256: dict, dataset: str = "mnist") -> None:
+    """Make ``sha256`` (file name -> hash) the published hashes of ``dataset``."""
+    spec = dataclasses.replace(data.IDX_DATASETS[dataset], sha256=sha256)
+    monkeypatch.setitem(data.IDX_DATASETS, dataset, spec)
 
 
 def _fake_mnist_dir(folder: Path, n_train=6, n_test=4, gz=True, labels=None) -> Path:
@@ -104,7 +111,7 @@ def test_read_idx_reads_hand_built_files(tmp_path, array, expected):
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_dir_reads_hand_built_files(tmp_path, monkeypatch, synthetic_mnist, gz):
-    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    _trust(monkeypatch, synthetic_mnist.sha256)
     m = load_idx_dir(synthetic_mnist.write(tmp_path, gz=gz))  # verified with their own hashes
     for key, want in synthetic_mnist.arrays.items():
         np.testing.assert_array_equal(getattr(m, key), want, err_msg=key)
@@ -112,7 +119,7 @@ def test_idx_dir_reads_hand_built_files(tmp_path, monkeypatch, synthetic_mnist, 
 
 
 def test_idx_dir_with_raw_and_gzipped_files_mixed(tmp_path, monkeypatch, synthetic_mnist):
-    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    _trust(monkeypatch, synthetic_mnist.sha256)
     for name, raw in synthetic_mnist.raw.items():
         if name.startswith("t10k"):
             (tmp_path / name).write_bytes(raw)
@@ -266,7 +273,7 @@ def server(monkeypatch):
     in for the canonical ones; yields its handler class (``files``, ``truncate``,
     ``status``, ``requests``), its ``url`` and the ``mnist`` it serves."""
     mnist = make_synthetic_mnist(n_train=160)  # a training-image file of over 100 kB
-    monkeypatch.setattr(data, "CANONICAL_SHA256", mnist.sha256)
+    _trust(monkeypatch, mnist.sha256)
     handler = type(
         "Handler",
         (_Handler,),
@@ -286,7 +293,7 @@ def server(monkeypatch):
 def sleeps(monkeypatch):
     """The seconds the download back-off asks to sleep, recorded instead of slept."""
     asked = []
-    monkeypatch.setattr(data.time, "sleep", asked.append)
+    monkeypatch.setattr(download.time, "sleep", asked.append)
     return asked
 
 
@@ -399,7 +406,7 @@ def test_404_is_not_retried(server, tmp_path, sleeps):
 
 
 def test_auto_prefers_data_dir_then_sample(tmp_path, monkeypatch, synthetic_mnist):
-    monkeypatch.setattr(data, "CANONICAL_SHA256", synthetic_mnist.sha256)
+    _trust(monkeypatch, synthetic_mnist.sha256)
     folder = synthetic_mnist.write(tmp_path / "idx")
     logs = []
     m = load_mnist("auto", folder, need=(1000, 500), log=logs.append)
@@ -476,3 +483,109 @@ def test_data_paths_may_be_relative_or_start_with_home(tmp_path, monkeypatch):
         mnist = load_mnist("idx", given, verify=False, log=lambda line: None)
         assert mnist.source == f"IDX files in {tmp_path}/home/mnist", given
         assert mnist.train_images.shape == (6, 28, 28)
+
+
+# --------------------------------------------------------------------------- other datasets
+
+
+def test_published_hashes_are_tensorflow_datasets_own():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    lists = Path(tfds.__file__).parent / "url_checksums"
+    for name, spec in data.IDX_DATASETS.items():
+        rows = [line.split("\t") for line in (lists / f"{name}.txt").read_text().splitlines()]
+        published = {Path(url).name: sha for url, _size, sha, *_ in rows if url}
+        assert spec.gz_sha256 == (name != "mnist")  # MNIST's are of the uncompressed files
+        if spec.gz_sha256:
+            assert {f"{stem}.gz": sha for stem, sha in spec.sha256.items()} == published
+        urls = {url.rsplit("/", 1)[0] + "/" for url, *_ in rows}
+        assert urls == {spec.mirror}, name
+
+
+def _gz_hashes(files: dict) -> dict:
+    return {
+        name.removesuffix(".gz"): hashlib.sha256(raw).hexdigest() for name, raw in files.items()
+    }
+
+
+def test_fashion_mnist_downloads_into_its_own_cache_verified_by_its_gz_hashes(
+    server, tmp_path, monkeypatch
+):
+    _trust(monkeypatch, _gz_hashes(server.handler.files), "fashion_mnist")
+    logs = []
+    got = data.load_dataset(
+        "fashion_mnist",
+        "download",
+        cache_dir=tmp_path,
+        mirror=server.url,
+        log=logs.append,
+        progress=False,
+    )
+    for key, want in server.mnist.arrays.items():
+        np.testing.assert_array_equal(getattr(got, key), want, err_msg=key)
+    folder = tmp_path / "fashion_mnist"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(server.handler.files)
+    assert logs == [f"Fashion-MNIST: IDX files in the cache {folder} (downloaded where missing)"]
+    # "auto" finds the cache (nothing is fetched again), and a local folder verifies too
+    server.handler.requests.clear()
+    again = data.load_dataset("fashion_mnist", cache_dir=tmp_path, log=logs.append)
+    np.testing.assert_array_equal(again.train_images, got.train_images)
+    assert server.handler.requests == []
+
+
+def test_a_changed_fashion_mnist_file_is_refused_and_nothing_is_kept(server, tmp_path, monkeypatch):
+    _trust(monkeypatch, _gz_hashes(server.handler.files), "fashion_mnist")
+    name = "t10k-labels-idx1-ubyte.gz"
+    # the same content in another gzip wrapper: the published hash is of the file itself
+    content = gzip.decompress(server.handler.files[name])
+    server.handler.files = {**server.handler.files, name: gzip.compress(content, mtime=1)}
+    with pytest.raises(DataError, match=rf"{name}: sha256 of the downloaded file is .*nothing"):
+        data.load_dataset(
+            "fashion_mnist",
+            "download",
+            cache_dir=tmp_path,
+            mirror=server.url,
+            progress=False,
+            log=lambda s: None,
+        )
+    assert name not in [p.name for p in (tmp_path / "fashion_mnist").iterdir()]
+
+
+def test_a_raw_file_of_a_gz_verified_dataset_needs_no_verify(tmp_path, monkeypatch):
+    folder = _fake_mnist_dir(tmp_path / "kmnist", gz=False)
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte: KMNIST's published sha256 "
+        r"is of train-images-idx3-ubyte.gz; keep the .gz file",
+    ):
+        data.load_dataset("kmnist", "idx", folder, log=lambda s: None)
+    got = data.load_dataset("kmnist", "idx", folder, verify=False, log=lambda s: None)
+    assert got.train_images.shape == (6, 28, 28)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: sha256 of the file is"):
+        data.load_dataset("kmnist", "idx", _fake_mnist_dir(tmp_path / "gz"), log=lambda s: None)
+
+
+@pytest.mark.parametrize(
+    "dataset,source,message",
+    [
+        ("emnist", "auto", "--dataset=emnist: choose from mnist, fashion_mnist, kmnist"),
+        ("kmnist", "sample", "the bundled sample is MNIST's, not kmnist"),
+    ],
+)
+def test_unknown_dataset_or_no_sample(dataset, source, message):
+    with pytest.raises(DataError, match=message):
+        data.load_dataset(dataset, source, log=lambda s: None)
+
+
+def test_any_tfds_image_dataset_by_name():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):  # its own random records, of cifar10's form
+        got = data.load_dataset("cifar10", "tfds", log=lambda s: None)
+    assert got.train_images.shape == (6, 32, 32, 3) and got.train_images.dtype == np.uint8
+    assert got.test_labels.shape == (6,) and got.source == "tensorflow-datasets"
+
+    def text_records(builder, split, **kwargs):  # a dataset of another kind
+        return [[{"text": b"good", "label": 1}] for _ in split]
+
+    not_images = pytest.raises(DataError, match="tensorflow-datasets imdb_reviews: not an image")
+    with tfds.testing.mock_data(as_data_source_fn=text_records), not_images:
+        data.load_dataset("imdb_reviews", "tfds", log=lambda s: None)

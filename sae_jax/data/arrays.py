@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.data import DataError, Mnist
+from sae_jax.data.base import DataError, Dataset
 
 NPZ_ARRAYS = ("x", "y", "x_test", "y_test")
 FORMATS = (".npz", ".npy", ".csv")
@@ -33,7 +33,7 @@ def load_arrays(
     *,
     label_column: str | None = None,
     standardize: bool = False,
-) -> Mnist:
+) -> Dataset:
     """Load a user's own data (see the module's docstring for the formats).
 
     Args:
@@ -43,7 +43,7 @@ def load_arrays(
         (otherwise uint8, or floats in ``[0, 1]``).
 
     Returns:
-      ``Mnist`` with images ``[n, features]`` (uint8 or float32), labels int32 ``[n]``
+      ``Dataset`` with images ``[n, features]`` (uint8 or float32), labels int32 ``[n]``
       or None, and the test split (None when the file has none).
     """
     path = Path(path).expanduser()
@@ -76,7 +76,7 @@ def load_arrays(
         y_test = _labels(arrays.get("y_test"), len(x_test), f"{path}: y_test")
     if (y is None) != (y_test is None) and x_test is not None:
         raise DataError(f"{path}: labels for one split only: give both y and y_test, or neither")
-    return Mnist(x, y, x_test, y_test, source=f"{path.suffix[1:]} file {path}")
+    return Dataset(x, y, x_test, y_test, source=f"{path.suffix[1:]} file {path}")
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
