@@ -47,6 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default: pretrain)",
     )
     p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write every epoch's metrics, the hparams and the figures to "
+        "<workdir>/tensorboard/ (needs the tensorboard extra; default: off)",
+    )
+    p.add_argument(
         "--data_parallel",
         action="store_true",
         help="split every minibatch over all devices, even one (default: only when there "
@@ -73,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait=flags.wait,
             log=cli.log,
             progress_stream=cli.progress_stream(),
+            tensorboard=flags.tensorboard,
         )
 
     return cli.run_command(body)

@@ -70,6 +70,7 @@ MANAGED = (
     "reconstructions.png",
     "curves.png",
     STANDARDIZATION,
+    "tensorboard",
 )
 
 

@@ -353,6 +353,7 @@ def run_command(body: Callable[[], Any]) -> int:
         os_error_line,
         stop_on_sigterm,
     )
+    from sae_jax.tensorboard import TensorBoardUnavailable
 
     stop_on_sigterm()
     # Storage libraries log their failures from worker threads and abandoned tasks;
@@ -363,7 +364,7 @@ def run_command(body: Callable[[], Any]) -> int:
     try:
         body()
         return 0
-    except (ConfigError, DataError, UserError, CheckpointError) as e:
+    except (ConfigError, DataError, UserError, CheckpointError, TensorBoardUnavailable) as e:
         message, status = str(e), 2
     except NonFiniteLossError as e:
         message, status = str(e), 1

@@ -10,7 +10,7 @@ import io
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,7 +34,9 @@ from sae_jax.files import (
 from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
 from sae_jax.pipeline import PipelineResult, pretrain_stack, run_pipeline
 from sae_jax.progress import Progress
+from sae_jax.recipes import StageCallback
 from sae_jax.report import run_summary, write_figures, write_json_atomic
+from sae_jax.tensorboard import TensorBoard, check_available
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -191,8 +193,10 @@ def run_mnist(
     wait: bool = False,
     log: Callable[[str], None] = print,
     progress_stream: TextIO | None = None,
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
-    """Run ``config`` on MNIST with checkpoints in ``workdir``, resuming what is there.
+    """Run ``config`` on MNIST (or the data ``data`` names) with checkpoints in
+    ``workdir``, resuming what is there.
 
     Writes to ``workdir`` (relative to the current directory, ``~`` expanded):
     orbax checkpoints after every epoch (see ``sae_jax.checkpoint``),
@@ -208,6 +212,8 @@ def run_mnist(
         is refused).
       progress_stream: a terminal to draw progress bars on; None prints one line
         per epoch through ``log``.
+      tensorboard: also write every epoch's metrics, the hparams and the figures to
+        ``<workdir>/tensorboard/`` (see ``sae_jax.tensorboard``; needs tensorboardX).
 
     Returns:
       The summary: ``test_accuracy`` (0..1), ``test_loss``, ``total_wall_s`` (this
@@ -225,6 +231,8 @@ def run_mnist(
       Stopped: on SIGINT (or SIGTERM, see ``files.stop_on_sigterm``), saying where.
     """
     start = time.perf_counter()
+    if tensorboard:
+        check_available()  # a user mistake, found before anything is written
     ready = prepare(config, workdir, data, log)
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
@@ -235,26 +243,45 @@ def run_mnist(
         if ready.standardization is not None and is_primary():
             mean, std = ready.standardization
             write_bytes_atomic(workdir / STANDARDIZATION, npz_bytes(mean=mean, std=std))
-        try:
-            result, mesh = _train(
-                config, dataset, store, data_parallel, pretrain, log, progress_stream
-            )
-        except KeyboardInterrupt as e:
-            raise stopped(e, store.where()) from None
-        summary = run_summary(config, result, dataset, mesh, pretrain)
-        summary["total_wall_s"] = time.perf_counter() - start
-        if figures and pretrain:
-            x = dataset.test_images if dataset.test_images is not None else dataset.train_images
-            paths = write_figures(workdir, config, result, x, write=is_primary())
-            summary["figures"] = [str(p) for p in paths]
-        if is_primary():
-            write_json_atomic(workdir / "summary.json", summary)
+        board = TensorBoard(workdir / "tensorboard") if tensorboard and is_primary() else None
+        with board or nullcontext():
+            progress = Progress(config, log, progress_stream)
+            on_epoch = progress if board is None else _both(progress, board.epoch)
+            try:
+                result, mesh = _train(
+                    config, dataset, store, data_parallel, pretrain, log, on_epoch
+                )
+            except KeyboardInterrupt as e:
+                raise stopped(e, store.where()) from None
+            summary = run_summary(config, result, dataset, mesh, pretrain)
+            summary["total_wall_s"] = time.perf_counter() - start
+            paths = []
+            if figures and pretrain:
+                x = dataset.test_images if dataset.test_images is not None else dataset.train_images
+                paths = write_figures(workdir, config, result, x, write=is_primary())
+                summary["figures"] = [str(p) for p in paths]
+            if is_primary():
+                write_json_atomic(workdir / "summary.json", summary)
+            if board is not None:
+                results = {k: summary[k] for k in ("test_accuracy", "test_loss")}
+                board.hparams(summary["config"], results)
+                board.images(paths)
     accuracy = summary.get("test_accuracy")
     log(
         (f"test_accuracy {accuracy:.4f} " if accuracy is not None else "")
         + f"total {summary['total_wall_s']:.1f}s -> {workdir / 'summary.json'}"
     )
     return summary
+
+
+def _both(first: StageCallback, second: StageCallback) -> StageCallback:
+    """An ``on_epoch`` callback that calls ``first``, then ``second``."""
+
+    def on_epoch(stage: str, epoch: int, metrics: dict[str, float], seconds: float) -> None:
+        first(stage, epoch, metrics, seconds)
+        second(stage, epoch, metrics, seconds)
+
+    return on_epoch
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -271,7 +298,7 @@ def _train(
     data_parallel: bool,
     pretrain: bool,
     log: Callable[[str], None],
-    progress_stream: TextIO | None,
+    on_epoch: StageCallback,
 ) -> tuple[PipelineResult, Mesh | None]:
     """Run the pipeline on the data, over all devices when there are several; the last
     ``config.validation_examples`` training images are the validation split. Data
@@ -287,7 +314,6 @@ def _train(
         f"{config.layer_sizes}, {jax.default_backend()} x{mesh.size if mesh else 1}"
         f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
-    on_epoch = Progress(config, log, progress_stream)
     if y is None:
         if not pretrain:
             raise UserError("--no_pretraining: the data has no labels, so nothing to fine-tune")

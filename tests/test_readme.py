@@ -1,6 +1,7 @@
 """The README runs as written: every block marked runnable, in order, from the root of a
 copy of the repository (default flags, relative paths), with ../shared beside it."""
 
+import json
 import os
 import re
 import shlex
@@ -79,6 +80,22 @@ def test_readme_runs_as_written(clone):
     loaded = next(out for cmd, out in ran if "load_model" in cmd)
     predicted = np.array(re.search(r"\[([0-9 ]+)\]", loaded).group(1).split(), int)
     assert predicted.shape == (8,) and (predicted == [7, 2, 1, 0, 4, 1, 4, 9]).mean() >= 0.5
+    # configs as files: the replayed config.json reproduces the run
+    runs = {w: clone / "checkpoints" / w for w in ("tiny_beta1", "tiny_again", "own")}
+    config = {w: json.loads((d / "config.json").read_text()) for w, d in runs.items()}
+    summary = {w: json.loads((d / "summary.json").read_text()) for w, d in runs.items()}
+    assert (
+        config["tiny_beta1"]["layers"][0]["beta"] == 1 == config["tiny_again"]["layers"][0]["beta"]
+    )
+    assert config["tiny_again"] == config["tiny_beta1"]
+    assert summary["tiny_again"]["test_accuracy"] == summary["tiny_beta1"]["test_accuracy"]
+    # your own data, and features out
+    assert config["own"]["_run"] == {"data": {"path": str(clone / "my_digits.npz")}}
+    assert summary["own"]["test_accuracy"] >= 0.8
+    assert np.load(clone / "codes.npy").shape == (500, 64)
+    assert list((runs["own"] / "tensorboard").glob("events.out.tfevents.*"))
+    shapes = next(out for cmd, out in ran if "model.reconstruct" in cmd)
+    assert shapes.split() == ["(8,", "64)", "(8,", "32)", "(8,", "784)"]
     if skipped:
         pytest.skip(f"{len(ran)} README steps ran; skipped for want of ../shared: {skipped}")
 
