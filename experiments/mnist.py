@@ -7,6 +7,8 @@ it resumes where it stopped. The results go to <workdir>/summary.json.
   python experiments/mnist.py --config=tiny      # seconds, on the bundled sample
   python experiments/mnist.py --platform=cpu --config=seed \\
       --data_dir=../shared/data/mnist --workdir=checkpoints/seed
+  python experiments/mnist.py --config=tiny --config.layers.0.beta=1 \\
+      --data=my_data.npz --workdir=checkpoints/own   # any field, your own data
 """
 
 # Flags only: the experiment itself is sae_jax.experiment.run_mnist.

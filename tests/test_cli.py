@@ -72,6 +72,9 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
             "--seed=4294967296: seed must be an integer in [0, 4294967296), got 4294967296",
         ),
         (["--config=sead"], "unknown preset 'sead'"),
+        (["--config.layers.0.bta=2"], "--config.layers.0.bta=2: no field 'bta' in layers.0"),
+        (["--data=/nonexistent/d.npz"], "/nonexistent/d.npz: file not found"),
+        (["--dataset=emnist"], "--dataset=emnist: choose from mnist, fashion_mnist, kmnist"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
         (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
         (
