@@ -41,19 +41,38 @@ _experiment.run_mnist = _recorded
 """
 
 
-def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
+def _notebook(path):
+    """The notebook at ``path`` and what its ``parameters`` cell defines (skip without
+    the notebook packages)."""
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
+    nb = nbformat.read(path, as_version=4)
+    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    shipped = {}
+    exec(params.source, shipped)
+    return nb, shipped
+
+
+def _execute(nb, folder) -> tuple[list, str]:
+    """Run ``nb`` in ``folder`` with the python3 kernel (raising on the first cell that
+    fails); its outputs, and their text."""
+    import nbclient
+
+    resources = {"metadata": {"path": str(folder)}}
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources=resources).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    return outputs, "".join(o.get("text", "") for o in outputs)
+
+
+def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
+    nb, shipped = _notebook(NOTEBOOK)
+    import nbformat
     from packaging.requirements import Requirement
 
     from sae_jax.checkpoint import config_to_json
     from sae_jax.config import seed
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    shipped = {}
-    exec(params.source, shipped)
     assert shipped["PRESET"] == "seed" and shipped["INSTALL"] is True
     assert shipped["WORKDIR"] == "checkpoints/mnist"
 
@@ -69,11 +88,7 @@ def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
 
     workspace = tmp_path / "runtime"
     workspace.mkdir()
-    nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workspace)}}
-    ).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    text = "".join(o.get("text", "") for o in outputs)
+    outputs, text = _execute(nb, workspace)
 
     # The install cell: one pip install of sae-jax with its tfds extra from SAE_JAX_SOURCE,
     # into the kernel's own Python.
@@ -104,20 +119,9 @@ TUTORIAL = REPO / "experiments" / "tutorial.ipynb"
 
 
 def test_tutorial_notebook_runs_as_shipped(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.read(TUTORIAL, as_version=4)
-    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    shipped = {}
-    exec(params.source, shipped)
+    nb, shipped = _notebook(TUTORIAL)
     assert shipped["EPOCHS"] == 3 and shipped["WORKDIR"] == "checkpoints/tutorial"
-    nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()  # raises on the first cell that fails
-    text = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
+    _, text = _execute(nb, tmp_path)
     assert "codes (500, 128)" in text and "pretrained top codes (500, 64)" in text
     accuracy = float(re.search(r"^test accuracy ([0-9.]+)$", text, re.M).group(1))
     assert accuracy >= 0.7

@@ -191,28 +191,11 @@ def load_dataset(
 
 
 def load_mnist(
-    source: str = "auto",
-    data_dir: str | os.PathLike[str] | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    verify: bool = True,
-    need: tuple[int | None, int | None] = (None, None),
-    progress: bool = True,
-    log: Log = print,
+    source: str = "auto", data_dir: str | os.PathLike[str] | None = None, **options: Any
 ) -> Dataset:
-    """``load_dataset("mnist", ...)``: MNIST (uint8 images ``[n, 28, 28]``, labels ``[n]``)."""
-    return load_dataset(
-        "mnist",
-        source,
-        data_dir,
-        cache_dir=cache_dir,
-        mirror=mirror,
-        verify=verify,
-        need=need,
-        progress=progress,
-        log=log,
-    )
+    """``load_dataset("mnist", source, data_dir, **options)``: MNIST (uint8 images
+    ``[n, 28, 28]``, labels ``[n]``)."""
+    return load_dataset("mnist", source, data_dir, **options)
 
 
 __all__ = [

@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sae_jax.data.base import DataError
 from sae_jax.data.idx import (
@@ -177,21 +178,7 @@ def download_idx(
 
 
 def download_mnist(
-    cache_dir: str | os.PathLike[str] | None = None,
-    mirror: str | None = None,
-    *,
-    verify: bool = True,
-    timeout: float = 10.0,
-    retries: int = 3,
-    progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None, mirror: str | None = None, **options: Any
 ) -> Path:
     """``download_idx`` of MNIST: the four ``.gz`` files into ``<cache_dir>/mnist``."""
-    return download_idx(
-        "mnist",
-        cache_dir,
-        mirror,
-        verify=verify,
-        timeout=timeout,
-        retries=retries,
-        progress=progress,
-    )
+    return download_idx("mnist", cache_dir, mirror, **options)
