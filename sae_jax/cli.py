@@ -134,8 +134,8 @@ def _data_flags(p: Parser) -> None:
     p.add_argument(
         "--data_dir",
         default=None,
-        help="folder with the four MNIST IDX files, .gz or raw; for tfds its data folder "
-        "(default: none)",
+        help="folder with the dataset's four IDX files, .gz or raw; for tfds its data "
+        "folder (default: none)",
     )
     p.add_argument(
         "--cache_dir",
@@ -145,14 +145,14 @@ def _data_flags(p: Parser) -> None:
     p.add_argument(
         "--mirror",
         default=None,
-        help="base URL to download MNIST from (default: $SAE_JAX_MNIST_MIRROR, else the "
-        "tensorflow-datasets mirror)",
+        help="base URL to download the dataset from (default: the tensorflow-datasets "
+        "mirror; for MNIST $SAE_JAX_MNIST_MIRROR first)",
     )
     p.add_argument(
         "--no_verify",
         action="store_true",
-        help="skip the check against canonical MNIST's sha256, for your own data in IDX "
-        "format (default: check)",
+        help="skip the check against the dataset's published sha256, for your own data "
+        "in IDX format (default: check)",
     )
 
 
