@@ -16,6 +16,14 @@ import pytest
 # scripts the tests start inherit this.
 os.environ.setdefault("SAE_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="sae_jax_test_cache_"))
 
+# Every program the tests compile, in this process and in the ones it starts (scripts,
+# notebook kernels, ``python -c``), goes through one compilation cache in that folder,
+# as the scripts' own programs do by default: the same small pipeline is compiled once.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["SAE_JAX_CACHE_DIR"], "jax")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
