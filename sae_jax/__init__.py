@@ -52,7 +52,7 @@ _EXPORTS = {
     "load_idx_dir": "sae_jax.data",
     "DataError": "sae_jax.data",
     "run_mnist": "sae_jax.experiment",
-    "load_model": "sae_jax.checkpoint",
+    "load_model": "sae_jax.trained",
     "RunStore": "sae_jax.checkpoint",
     "TrainedModel": "sae_jax.trained",
     "load_mnist": "sae_jax.data",

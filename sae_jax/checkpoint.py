@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax.config import Config
@@ -52,10 +51,8 @@ from sae_jax.files import (
     user_path,
     write_text_atomic,
 )
-from sae_jax.models import FrozenLayer, autoencoder, classifier, init_params
 from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
 from sae_jax.recipes import StageRecord
-from sae_jax.trained import TrainedModel
 
 STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
 MANAGED = (
@@ -100,7 +97,7 @@ def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
+def checkpoint_manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory, options=options)
 
@@ -220,7 +217,7 @@ class RunStore:
         directory = self.workdir / "frozen" / stage
         if not _agreed(directory.exists()):
             return None
-        restored = self._restore_latest(_manager(directory, None), directory, template)
+        restored = self._restore_latest(checkpoint_manager(directory, None), directory, template)
         if restored is None:
             return None
         params, meta = restored
@@ -243,7 +240,9 @@ class RunStore:
 
         self._stage, restored = stage, None
         if _agreed(directory.exists()):
-            restored = self._restore_latest(_manager(directory, self.keep), directory, structure)
+            restored = self._restore_latest(
+                checkpoint_manager(directory, self.keep), directory, structure
+            )
         if restored is None:
             self._rewrite_metrics()
             return None
@@ -268,7 +267,7 @@ class RunStore:
         tree = replicated(tree)  # a checkpoint of several processes holds global arrays
         meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
         with signals_deferred():  # SIGINT and SIGTERM wait until the epoch is saved
-            manager = _manager(self.workdir / "checkpoints" / stage, self.keep)
+            manager = checkpoint_manager(self.workdir / "checkpoints" / stage, self.keep)
             self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
             self._saved = (stage, epoch)
             if is_primary():
@@ -279,7 +278,7 @@ class RunStore:
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None:
         """Keep the final params of ``stage`` as its own frozen pytree."""
         with signals_deferred():
-            manager = _manager(self.workdir / "frozen" / stage, None)
+            manager = checkpoint_manager(self.workdir / "frozen" / stage, None)
             if not _agreed(manager.latest_step() is not None):
                 meta = _meta(record, stage=stage, config=self._config)
                 self._save(manager, 0, replicated(params), meta)
@@ -330,7 +329,7 @@ class RunStore:
             if step < 0:
                 return None
             step_dir = directory / str(step)
-            tree, meta = _restore_intact(manager, step, template, step_dir)
+            tree, meta = restore_intact(manager, step, template, step_dir)
             self._check_saved_config(meta, step_dir)
             return tree, meta
         finally:
@@ -389,7 +388,7 @@ def _agreed(fact: bool) -> bool:
     return bool(broadcast_int(int(fact) if is_primary() else 0))
 
 
-def _restore_intact(
+def restore_intact(
     manager: ocp.CheckpointManager, step: int, template: Any, step_dir: Path
 ) -> tuple[Any, dict]:
     """``_restore`` a checkpoint whose files match its manifest; ``CheckpointError``
@@ -407,70 +406,3 @@ def _restore_intact(
 # The structure of a saved PRNG key (metadata only: importing this module must not
 # start a JAX backend, or --platform and --distributed would come too late).
 _KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
-
-
-def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
-    """The stack saved in ``workdir``: the fine-tuned classifier (``predict``,
-    ``encode``) and the pretrained autoencoders (``encoder``, ``reconstruct``), as far
-    as the run got (a run of data without labels has no classifier).
-
-    ``workdir`` is relative to the current directory (``~`` expanded).
-
-    Raises:
-      CheckpointError: ``workdir`` holds no finished stage to use, or a file of it is
-        damaged (the message names the file).
-    """
-    workdir = user_path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{workdir}: no finished run here (no config.json)")
-    saved = read_config(config_path)
-    config = config_from_json(saved)
-    params = None
-    if (workdir / "frozen" / "finetune").exists():
-        params = _load_frozen(workdir, "finetune", classifier(config), config.input_features)
-    pretrained, in_features = [], config.input_features
-    for i, layer in enumerate(config.layers):
-        if not (workdir / "frozen" / f"pretrain_{i + 1}").exists():
-            break
-        module = autoencoder(layer, in_features, config.bias_init)
-        pretrained.append(
-            FrozenLayer(module, _load_frozen(workdir, f"pretrain_{i + 1}", module, in_features))
-        )
-        in_features = layer.features
-    if params is None and not pretrained:
-        raise CheckpointError(
-            f"{workdir}: no finished run here (no frozen/finetune or frozen/pretrain_1 checkpoint)"
-        )
-    stats = None
-    if saved.get(RUN_KEY, {}).get("data", {}).get("standardize"):
-        stats = _standardization(workdir / STANDARDIZATION, config.input_features)
-    return TrainedModel(config, params, tuple(pretrained), stats)
-
-
-def _load_frozen(workdir: Path, stage: str, module: Any, in_features: int) -> Params:
-    """The params saved in ``frozen/<stage>``, checked against their manifest."""
-    directory = workdir / "frozen" / stage
-    step_dir = directory / "0"
-    problem = manifest_problem(workdir, step_dir)
-    if problem is not None:
-        raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
-    template = init_params(module, jax.random.PRNGKey(0), in_features)
-    manager = _manager(directory, None)
-    try:
-        params, _ = _restore_intact(manager, 0, template, step_dir)
-    finally:
-        manager.close()
-    return params
-
-
-def _standardization(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(mean, std)`` a run standardized its data with, each ``[features]``."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            mean, std = f["mean"], f["std"]
-    except (OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the run's standardization ({e})") from None
-    if mean.shape != (features,) or std.shape != (features,) or not (std > 0).all():
-        raise CheckpointError(f"{path}: not a standardization of {features} features")
-    return mean, std

@@ -12,12 +12,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.checkpoint import load_model, read_config
+from sae_jax.checkpoint import read_config
 from sae_jax.config_files import RUN_KEY
 from sae_jax.data import DEFAULT_DATA, DataSpec
 from sae_jax.experiment import UserError, load_data
 from sae_jax.files import user_path, write_bytes_atomic
 from sae_jax.recipes import evaluate
+from sae_jax.trained import load_model
 
 
 def saved_data(workdir: Path, data: DataSpec) -> DataSpec:

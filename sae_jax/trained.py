@@ -1,22 +1,40 @@
-"""A trained stack ready for use on raw images: predict, encode, reconstruct.
-
-``sae_jax.load_model(workdir)`` builds a ``TrainedModel`` from a run's checkpoints.
+"""A trained stack ready for use on raw images: predict, encode, reconstruct; and
+``load_model``, which builds one from a run's checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.checkpoint import (
+    STANDARDIZATION,
+    checkpoint_manager,
+    read_config,
+    restore_intact,
+)
 from sae_jax.config import Config
-from sae_jax.models import Autoencoder, Classifier, FrozenLayer, Params, classifier, to_float
+from sae_jax.config_files import RUN_KEY, config_from_json
+from sae_jax.files import CheckpointError, manifest_problem, user_path
+from sae_jax.models import (
+    Autoencoder,
+    Classifier,
+    FrozenLayer,
+    Params,
+    autoencoder,
+    classifier,
+    init_params,
+    to_float,
+)
 
 
 def _image_shapes(features: int) -> str:
@@ -189,3 +207,70 @@ def _reconstruct(modules: tuple[Autoencoder, ...], params: tuple, x: jax.Array) 
     for module, p in reversed(list(zip(modules, params, strict=True))):
         h = module.apply(p, h, method=Autoencoder.decode)
     return h
+
+
+def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
+    """The stack saved in ``workdir``: the fine-tuned classifier (``predict``,
+    ``encode``) and the pretrained autoencoders (``encoder``, ``reconstruct``), as far
+    as the run got (a run of data without labels has no classifier).
+
+    ``workdir`` is relative to the current directory (``~`` expanded).
+
+    Raises:
+      CheckpointError: ``workdir`` holds no finished stage to use, or a file of it is
+        damaged (the message names the file).
+    """
+    workdir = user_path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{workdir}: no finished run here (no config.json)")
+    saved = read_config(config_path)
+    config = config_from_json(saved)
+    params = None
+    if (workdir / "frozen" / "finetune").exists():
+        params = _load_frozen(workdir, "finetune", classifier(config), config.input_features)
+    pretrained, in_features = [], config.input_features
+    for i, layer in enumerate(config.layers):
+        if not (workdir / "frozen" / f"pretrain_{i + 1}").exists():
+            break
+        module = autoencoder(layer, in_features, config.bias_init)
+        pretrained.append(
+            FrozenLayer(module, _load_frozen(workdir, f"pretrain_{i + 1}", module, in_features))
+        )
+        in_features = layer.features
+    if params is None and not pretrained:
+        raise CheckpointError(
+            f"{workdir}: no finished run here (no frozen/finetune or frozen/pretrain_1 checkpoint)"
+        )
+    stats = None
+    if saved.get(RUN_KEY, {}).get("data", {}).get("standardize"):
+        stats = _standardization(workdir / STANDARDIZATION, config.input_features)
+    return TrainedModel(config, params, tuple(pretrained), stats)
+
+
+def _load_frozen(workdir: Path, stage: str, module: Any, in_features: int) -> Params:
+    """The params saved in ``frozen/<stage>``, checked against their manifest."""
+    directory = workdir / "frozen" / stage
+    step_dir = directory / "0"
+    problem = manifest_problem(workdir, step_dir)
+    if problem is not None:
+        raise CheckpointError(f"{step_dir}: the saved model is damaged ({problem})")
+    template = init_params(module, jax.random.PRNGKey(0), in_features)
+    manager = checkpoint_manager(directory, None)
+    try:
+        params, _ = restore_intact(manager, 0, template, step_dir)
+    finally:
+        manager.close()
+    return params
+
+
+def _standardization(path: Path, features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(mean, std)`` a run standardized its data with, each ``[features]``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mean, std = f["mean"], f["std"]
+    except (OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the run's standardization ({e})") from None
+    if mean.shape != (features,) or std.shape != (features,) or not (std > 0).all():
+        raise CheckpointError(f"{path}: not a standardization of {features} features")
+    return mean, std

@@ -24,7 +24,6 @@ from sae_jax.checkpoint import (
     _record,
     config_differences,
     config_to_json,
-    load_model,
 )
 from sae_jax.config import ADAM, tiny
 from sae_jax.engine import TrainState, init_state
@@ -32,6 +31,7 @@ from sae_jax.models import classifier, init_params
 from sae_jax.pipeline import run_pipeline
 from sae_jax.progress import Progress
 from sae_jax.recipes import StageRecord, classifier_loss, run_stage
+from sae_jax.trained import load_model
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys

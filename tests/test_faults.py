@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 
-from sae_jax.checkpoint import RunStore, load_model
+from sae_jax.checkpoint import RunStore
 from sae_jax.config import tiny
 from sae_jax.data import load_sample
 from sae_jax.files import CheckpointError, WorkdirLock, file_manifest
+from sae_jax.trained import load_model
 
 SCRIPT = str(REPO / "experiments" / "mnist.py")
 TINY = ["--config=tiny", "--epochs=1", "--no_figures"]
