@@ -52,7 +52,9 @@ TESTS = {
         "test_parallel.py",
         "test_checkpoint.py",
     ],
+    "pipeline": ["test_pipeline.py", "test_recipes.py", "test_parallel.py", "test_checkpoint.py"],
     "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
+    "config_files": ["test_config_files.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
 
