@@ -10,16 +10,49 @@ from conftest import synthetic_config, synthetic_digits
 
 from sae_jax.data import DataSpec
 from sae_jax.experiment import run_mnist
-from sae_jax.tensorboard import TensorBoardUnavailable, check_available, flatten
+from sae_jax.tensorboard import TensorBoard, TensorBoardUnavailable, check_available, flatten
+
+
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def _crc32c(data):
+    """CRC-32C (Castagnoli), as TFRecord files use it."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data):
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _records(path):
     """The records of a TFRecord file: a little-endian uint64 length, its masked CRC
-    (4 bytes), the data, the data's masked CRC (4 bytes), over and over."""
+    (uint32), the data, the data's masked CRC (uint32), over and over; the CRCs are
+    checked."""
     raw, at = path.read_bytes(), 0
     while at < len(raw):
-        (length,) = struct.unpack("<Q", raw[at : at + 8])
-        yield raw[at + 12 : at + 12 + length]
+        header = raw[at : at + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", raw[at + 8 : at + 12])
+        assert header_crc == _masked_crc(header), f"{path}: bad length CRC at {at}"
+        data = raw[at + 12 : at + 12 + length]
+        (data_crc,) = struct.unpack("<I", raw[at + 12 + length : at + 16 + length])
+        assert len(data) == length and data_crc == _masked_crc(data), f"{path}: bad record"
+        yield data
         at += 12 + length + 4
     assert at == len(raw)
 
@@ -104,3 +137,24 @@ def test_without_tensorboardx_the_flag_is_one_line_naming_the_extra(monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
     with pytest.raises(TensorBoardUnavailable, match=r"^--tensorboard needs tensorboardX "):
         check_available()
+
+
+def test_crc32c_of_the_test_reader():
+    assert _crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
+
+
+def test_without_tensorboardx_the_writer_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_tensorboardx(name, *args, **kwargs):
+        if name.split(".")[0] == "tensorboardX":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboardx)
+    with pytest.raises(TensorBoardUnavailable) as caught:
+        TensorBoard(tmp_path / "tensorboard")
+    message = str(caught.value)
+    assert message == ("--tensorboard needs tensorboardX (pip install 'sae-jax[tensorboard]')")
+    assert isinstance(caught.value, ValueError) and not isinstance(caught.value, ImportError)
+    assert not (tmp_path / "tensorboard").exists()
