@@ -80,12 +80,16 @@ class TensorBoard:
         self._writer.flush()
 
     def images(self, paths: Sequence[Path]) -> None:
-        """Each PNG in ``paths`` as an image named by its file's stem."""
+        """Each PNG in ``paths`` as an image named by its file's stem (at step 0): RGB(A)
+        as RGB (alpha dropped), grayscale as is; floats in [0, 1] or uint8."""
         from matplotlib.image import imread
 
         for path in paths:
-            image = np.asarray(imread(path))  # [H, W, 3 or 4], floats in [0, 1]
-            self._writer.add_image(Path(path).stem, image[..., :3], 0, dataformats="HWC")
+            image = np.asarray(imread(path))  # [H, W] grayscale or [H, W, 3 or 4]
+            if image.ndim == 2:
+                self._writer.add_image(Path(path).stem, image, 0, dataformats="HW")
+            else:
+                self._writer.add_image(Path(path).stem, image[..., :3], 0, dataformats="HWC")
         self._writer.flush()
 
     def close(self) -> None:

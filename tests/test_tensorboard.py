@@ -2,6 +2,7 @@
 back here with a TFRecord reader of the test's own and tensorboardX's protobufs."""
 
 import builtins
+import json
 import struct
 
 import numpy as np
@@ -141,6 +142,85 @@ def test_without_tensorboardx_the_flag_is_one_line_naming_the_extra(monkeypatch)
 
 def test_crc32c_of_the_test_reader():
     assert _crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C
+
+
+def _scalars(events):
+    return {
+        (v.tag, e.step): v.simple_value
+        for e in events
+        for v in e.summary.value
+        if v.HasField("simple_value")
+    }
+
+
+def test_the_writer_writes_epochs_hparams_text_and_images(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from matplotlib.image import imsave
+    from PIL import Image
+    from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+
+    rgba = tmp_path / "filters.png"
+    imsave(rgba, np.linspace(0, 1, 6 * 10).reshape(6, 10))  # RGBA, 6 high, 10 wide
+    gray = tmp_path / "curves.png"
+    Image.fromarray(np.arange(4 * 9, dtype=np.uint8).reshape(4, 9), mode="L").save(gray)
+    config = {
+        "batch_size": 160,
+        "layers": [{"features": 1000, "top_k": None, "optimizer": {"name": "adam"}}],
+        "finetune_optimizer": {"learning_rate": 0.5},
+        "tied": True,
+    }
+    logdir = tmp_path / "tensorboard"
+    with TensorBoard(logdir) as board:
+        for epoch in (1, 2, 3):
+            board.epoch("pretrain_1", epoch, {"loss": 1.0 / epoch, "sparsity": 0.25}, 0.5 * epoch)
+        board.epoch("finetune", 1, {"loss": 0.125, "test_accuracy": 0.875}, 2.0)
+        board.hparams(config, {"test_accuracy": 0.875, "missing": None})
+        board.images([rgba, gray])
+
+    events = _events(logdir)
+    assert _scalars(events) == {
+        **{("pretrain_1/loss", e): pytest.approx(1.0 / e) for e in (1, 2, 3)},
+        **{("pretrain_1/sparsity", e): 0.25 for e in (1, 2, 3)},
+        **{("pretrain_1/epoch_seconds", e): 0.5 * e for e in (1, 2, 3)},
+        ("finetune/loss", 1): 0.125,
+        ("finetune/test_accuracy", 1): 0.875,
+        ("finetune/epoch_seconds", 1): 2.0,
+    }
+
+    values = {v.tag: v for e in events for v in e.summary.value}
+    text = values["config/text_summary"].tensor.string_val[0].decode()
+    assert text.startswith("```\n") and text.endswith("\n```")
+    assert json.loads(text[4:-4]) == config
+    for path, (height, width, channels) in [(rgba, (6, 10, 3)), (gray, (4, 9, 3))]:
+        image = values[path.stem].image
+        assert (image.height, image.width, image.colorspace) == (height, width, channels)
+        assert image.encoded_image_string.startswith(b"\x89PNG")
+
+    # The hparams session lands in <logdir>/hparams, not in a folder named by the time.
+    assert [p.name for p in logdir.iterdir() if p.is_dir()] == ["hparams"]
+    session = _events(logdir / "hparams")
+    plugin = {
+        v.tag: HParamsPluginData.FromString(v.metadata.plugin_data.content)
+        for e in session
+        for v in e.summary.value
+        if v.metadata.plugin_data.plugin_name == "hparams"
+    }
+    hparams = dict(plugin["_hparams_/session_start_info"].session_start_info.hparams)
+    assert {k: v.WhichOneof("kind") for k, v in hparams.items()} == {
+        "batch_size": "number_value",
+        "layers.0.features": "number_value",
+        "layers.0.top_k": "string_value",
+        "layers.0.optimizer.name": "string_value",
+        "finetune_optimizer.learning_rate": "number_value",
+        "tied": "bool_value",
+    }
+    assert hparams["layers.0.features"].number_value == 1000
+    assert hparams["layers.0.top_k"].string_value == "None"
+    assert hparams["finetune_optimizer.learning_rate"].number_value == 0.5
+    assert hparams["tied"].bool_value is True
+    metric_tags = [m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos]
+    assert metric_tags == ["result/test_accuracy"]
+    assert _scalars(session) == {("result/test_accuracy", 0): 0.875}
 
 
 def test_without_tensorboardx_the_writer_is_one_line_naming_the_extra(monkeypatch, tmp_path):
