@@ -1,4 +1,4 @@
-"""Features out: the codes of a trained stack for a whole split of the data, as .npy.
+"""Features out: the codes of a trained stack for a split of the data, as .npy.
 
 By default the fine-tuned stack of the run in --workdir encodes that run's own data
 (MNIST, or the --data file it trained on); --pretrained takes the stack as it was

@@ -73,10 +73,11 @@ def encode_saved(
     data: DataSpec = DEFAULT_DATA,
     log: Callable[[str], None] = print,
 ) -> np.ndarray:
-    """The codes of a whole split of the data by the stack saved in ``workdir``.
+    """The codes of a split of the data, as the run used it (its ``train_examples`` /
+    ``test_examples``), by the stack saved in ``workdir``.
 
     Args:
-      split: ``train`` (all of it, a validation split included) or ``test``.
+      split: ``train`` (a validation split included) or ``test``.
       depth: the layer whose code to give (1-based; default the top).
       pretrained: True for the stack as pretrained, before fine-tuning; False for the
         fine-tuned one; None (default) for the fine-tuned one where there is one.
@@ -91,8 +92,7 @@ def encode_saved(
     workdir = user_path(workdir)
     model = load_model(workdir)
     data = saved_data(workdir, data)
-    every = model.config.replace(train_examples=None, test_examples=None)
-    _, dataset = load_data(every, data, log)
+    _, dataset = load_data(model.config, data, log)
     x = dataset.train_images if split == "train" else dataset.test_images
     if x is None:
         raise UserError(f"--split=test: {data.path} has no test split (x_test)")
