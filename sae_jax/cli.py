@@ -201,7 +201,8 @@ def _run_flags(p: Parser) -> None:
 
 
 def data_spec(flags: argparse.Namespace):
-    """The ``DataSpec`` that the data flags describe."""
+    """The ``DataSpec`` that the data flags describe, or (where they name MNIST by
+    default) the data of the run whose ``config.json`` ``start`` loaded."""
     from sae_jax.data import DataSpec
 
     return DataSpec(
@@ -214,7 +215,7 @@ def data_spec(flags: argparse.Namespace):
         label_column=flags.label_column,
         standardize=flags.standardize,
         dataset=flags.dataset,
-    )
+    ).with_run_options(getattr(flags, "saved_data", {}))
 
 
 def checked(flag: str, check: Callable[[], T]) -> T:
@@ -264,12 +265,7 @@ def start(flags: argparse.Namespace) -> Config:
     config, options = load_config(flags.config)  # errors name the file or the preset
     if options.get("pretrain") is False and hasattr(flags, "no_pretraining"):
         flags.no_pretraining = True  # the config.json of a --no_pretraining run
-    saved_data = options.get("data", {})
-    if flags.data is None and saved_data.get("path"):  # and of a run on its own data
-        flags.data, flags.label_column = saved_data["path"], saved_data.get("label_column")
-    if flags.dataset == "mnist":
-        flags.dataset = saved_data.get("dataset", "mnist")
-    flags.standardize = flags.standardize or bool(saved_data.get("standardize"))
+    flags.saved_data = options.get("data", {})  # and its data, see data_spec
     config = apply_overrides(config, flags.config_overrides)  # errors name the override
     if flags.seed is not None:
         flag = f"--seed={flags.seed}"

@@ -237,8 +237,8 @@ def run_mnist(
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
         options = {"pretrain": False} if not pretrain else {}
-        if data.run_options():
-            options["data"] = data.run_options()
+        if own := data.run_options():
+            options["data"] = own
         store = RunStore(workdir, config, restart=restart, log=log, options=options or None)
         if ready.standardization is not None and is_primary():
             mean, std = ready.standardization

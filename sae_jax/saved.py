@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 from collections.abc import Callable
@@ -26,9 +25,7 @@ def saved_data(workdir: Path, data: DataSpec) -> DataSpec:
     ``workdir`` recorded in its ``config.json`` (its own file and label column, or
     another dataset); a run that standardized its inputs standardizes these too."""
     saved = read_config(workdir / "config.json").get(RUN_KEY, {}).get("data", {})
-    if data.path is None and data.dataset == "mnist":
-        data = dataclasses.replace(data, **saved)
-    return dataclasses.replace(data, standardize=data.standardize or bool(saved.get("standardize")))
+    return data.with_run_options(saved)
 
 
 def evaluate_saved(

@@ -15,6 +15,7 @@ a user chooses and loads it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,17 @@ class DataSpec:
         }
         defaults = {"path": None, "label_column": None, "standardize": False, "dataset": "mnist"}
         return {k: v for k, v in options.items() if v != defaults[k]}
+
+    def with_run_options(self, saved: dict[str, Any]) -> DataSpec:
+        """The inverse of ``run_options``: where this spec names MNIST by default (no
+        ``path``, dataset ``mnist``), the data a run recorded (``saved``); and a run that
+        standardized its inputs standardizes these too."""
+        spec = self
+        if self.path is None and self.dataset == "mnist":
+            spec = dataclasses.replace(self, **saved)
+        return dataclasses.replace(
+            spec, standardize=spec.standardize or bool(saved.get("standardize"))
+        )
 
     def load(self, need: tuple[int | None, int | None] = (None, None), log: Log = print) -> Dataset:
         """The data: your own file (``path``), else ``load_dataset`` with these settings;
