@@ -96,6 +96,7 @@ def test_bad_arrays_are_one_named_error(tmp_path, write, message):
     "text,label_column,message",
     [
         ("a,b,c\n1,0,1\n0,1\n", None, "d.csv: line 3 has 2 values, expected 3"),
+        ("1,0,1\n\n1,1,1\n0,1\n", None, "d.csv: line 4 has 2 values, expected 3"),
         ("0,1,1\n1,0,1,0\n", None, "d.csv: line 2 has 4 values, expected 3"),
         ("a,b\n1,x\n", None, "d.csv: line 2: 'x' is not a number"),
         ("1,nan\n", None, "d.csv: x: nan at example 0, feature 1"),

@@ -98,14 +98,16 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
 def _csv(path: Path, label_column: str | None) -> dict[str, np.ndarray]:
     """Rows of numbers, an optional header; the label column split off as ``y``."""
     with open(path, newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if not rows:
+        reader = csv.reader(f)
+        numbered = [(reader.line_num, row) for row in reader if row]  # blank lines skipped
+    if not numbered:
         raise DataError(f"{path}: empty CSV file")
     header = None
-    if not all(_is_number(v) for v in rows[0]):
-        header, rows = [name.strip() for name in rows[0]], rows[1:]
+    if not all(_is_number(v) for v in numbered[0][1]):
+        header, numbered = [name.strip() for name in numbered[0][1]], numbered[1:]
+    rows = [row for _, row in numbered]
     width = len(header) if header is not None else len(rows[0])
-    for line, row in enumerate(rows, start=2 if header else 1):
+    for line, row in numbered:
         if len(row) != width:
             raise DataError(f"{path}: line {line} has {len(row)} values, expected {width}")
         bad = next((v for v in row if not _is_number(v)), None)
