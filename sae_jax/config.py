@@ -32,6 +32,8 @@ class OptimizerConfig:
 
     ``rmsprop`` follows TensorFlow 1's ``RMSPropOptimizer``: the mean square starts at
     1, ``eps`` is added inside the square root, and ``momentum`` is 0 by default.
+    Schedules count epochs (see ``sae_jax.optim.make_optimizer``); ``max_norm`` keeps
+    the incoming weights of every unit within an L2 ball (Srivastava et al., 2014).
     """
 
     name: str = "adam"
@@ -39,6 +41,10 @@ class OptimizerConfig:
     decay: float = 0.9  # rmsprop only
     momentum: float = 0.0  # rmsprop and sgd
     eps: float = 1e-8
+    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
+    momentum_start: float | None = None  # rises linearly from here to momentum ...
+    momentum_epochs: int = 0  # ... over this many epochs
+    max_norm: float | None = None  # the norm limit of each unit's incoming weights
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ class Config:
     fine-tuning stages are then judged on them after every epoch, each keeps its
     best epoch's params, fine-tuning stops after ``finetune_patience`` epochs
     without improvement (None: never), and the test set is used once, at the end.
+    ``finetune_input_keep`` / ``finetune_hidden_keep`` below 1 fine-tune with dropout
+    (Srivastava et al., 2014): each input / hidden unit is kept with that probability
+    and scaled by its inverse during training, and the whole network is evaluated.
     """
 
     name: str
@@ -95,6 +104,8 @@ class Config:
     finetune_epochs: int = 10
     finetune_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     finetune_weight_decay: float = 0.0
+    finetune_input_keep: float = 1.0
+    finetune_hidden_keep: float = 1.0
     eval_batch_size: int = 1000
     train_examples: int | None = None
     test_examples: int | None = None
@@ -144,6 +155,11 @@ class Config:
             _positive_int("finetune_patience", self.finetune_patience)
         _non_negative("softmax_weight_decay", self.softmax_weight_decay)
         _non_negative("finetune_weight_decay", self.finetune_weight_decay)
+        for name in ("finetune_input_keep", "finetune_hidden_keep"):
+            value = getattr(self, name)
+            _positive(name, value)
+            if value > 1.0:
+                raise ConfigError(f"{name} is a probability and must be in (0, 1], got {value!r}")
         _choice("bias_init", self.bias_init, BIAS_INITS)
         for name in ("train_examples", "test_examples"):
             if getattr(self, name) is not None:
@@ -216,6 +232,19 @@ def _optimizer(name: str, opt: OptimizerConfig) -> None:
         raise ConfigError(f"{name}.decay must be in [0, 1), got {opt.decay!r}")
     if not 0.0 <= opt.momentum < 1.0:
         raise ConfigError(f"{name}.momentum must be in [0, 1), got {opt.momentum!r}")
+    _positive(f"{name}.lr_decay", opt.lr_decay)
+    if opt.lr_decay > 1.0:
+        raise ConfigError(f"{name}.lr_decay must be in (0, 1], got {opt.lr_decay!r}")
+    if opt.max_norm is not None:
+        _positive(f"{name}.max_norm", opt.max_norm)
+    if opt.momentum_start is not None:
+        if opt.name == "adam":
+            raise ConfigError(f"{name}.momentum_start: adam has no momentum to schedule")
+        if not 0.0 <= opt.momentum_start < 1.0:
+            raise ConfigError(
+                f"{name}.momentum_start must be in [0, 1), got {opt.momentum_start!r}"
+            )
+        _positive_int(f"{name}.momentum_epochs", opt.momentum_epochs)
 
 
 def _layer(name: str, layer: LayerConfig) -> None:

@@ -12,7 +12,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["CORRUPTIONS", "corrupt", "gaussian_noise", "masking_noise", "salt_and_pepper"]
+__all__ = [
+    "CORRUPTIONS",
+    "corrupt",
+    "dropout",
+    "gaussian_noise",
+    "masking_noise",
+    "salt_and_pepper",
+]
 
 
 def masking_noise(key: jax.Array, x: ArrayLike, rate: ArrayLike) -> jax.Array:
@@ -33,6 +40,24 @@ def masking_noise(key: jax.Array, x: ArrayLike, rate: ArrayLike) -> jax.Array:
     x = jnp.asarray(x)
     keep = jax.random.uniform(key, x.shape) >= rate
     return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+
+def dropout(key: jax.Array, x: ArrayLike, keep: ArrayLike) -> jax.Array:
+    """Inverted dropout (Srivastava et al., 2014): keep each entry of ``x`` with
+    probability ``keep`` and scale the kept ones by ``1 / keep``, so that the
+    expected value of every entry is unchanged and nothing is rescaled at test time.
+
+    Args:
+      key: a PRNG key.
+      x: ``[..., features]``.
+      keep: probability in ``(0, 1]`` (may be traced); 1 returns ``x`` unchanged.
+
+    Returns:
+      ``[..., features]``.
+    """
+    x = jnp.asarray(x)
+    kept = jax.random.uniform(key, x.shape) < keep
+    return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
 def gaussian_noise(key: jax.Array, x: ArrayLike, stddev: ArrayLike) -> jax.Array:

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sae_jax.config import OptimizerConfig
+from sae_jax.optim import make_optimizer  # noqa: F401  (part of the engine's API)
 from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put, to_host
 
 Params = Any
@@ -57,36 +57,6 @@ class FitResult(NamedTuple):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the stage and the epoch."""
-
-
-def make_optimizer(
-    config: OptimizerConfig, injectable: bool = False
-) -> optax.GradientTransformation:
-    """The optax optimizer for ``config`` (adam, rmsprop in TF1's form, or sgd).
-
-    With ``injectable``, the learning rate lives in the optimizer state
-    (``optax.inject_hyperparams``), so models vmapped together can differ in it.
-    """
-    momentum = config.momentum or None
-    if config.name == "adam":
-        make, kwargs = optax.adam, {"eps": config.eps}
-    elif config.name == "rmsprop":
-        make = optax.rmsprop
-        kwargs = {
-            "decay": config.decay,
-            "eps": config.eps,
-            "initial_scale": 1.0,
-            "eps_in_sqrt": True,
-            "momentum": momentum,
-        }
-    elif config.name == "sgd":
-        make, kwargs = optax.sgd, {"momentum": momentum}
-    else:
-        raise ValueError(f"unknown optimizer {config.name!r}")
-    if injectable:
-        static = tuple(k for k, v in kwargs.items() if v is None or isinstance(v, bool))
-        make = optax.inject_hyperparams(make, static_args=static)
-    return make(learning_rate=config.learning_rate, **kwargs)
 
 
 def init_state(
@@ -134,7 +104,7 @@ def make_epoch(
     models: bool = False,
     data_axis: int | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """One jitted epoch ``(state, data, key) -> (state, mean metrics)``.
+    """One jitted epoch ``(state, data, key, active=None) -> (state, mean metrics)``.
 
     ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
     step ``t`` gets ``fold_in(key, t)``. Metrics are means over the epoch's
@@ -144,7 +114,9 @@ def make_epoch(
     params and optimizer state stay replicated (data parallelism; XLA inserts the
     gradient all-reduce). With ``models``, the epoch is ``vmap``-ed over a leading
     model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``),
-    which a mesh with a ``"models"`` axis spreads over that axis's devices.
+    which a mesh with a ``"models"`` axis spreads over that axis's devices; then
+    ``active`` (bool ``[models]``, or None for all) says which models train: the
+    others' states come back unchanged.
     """
     full, remainder = divmod(num_examples, batch_size)
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
@@ -156,23 +128,28 @@ def make_epoch(
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, jax.random.fold_in(key, state.step))
 
-    def epoch(state: TrainState, data: Batch, key: jax.Array):
+    def epoch(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
         perm_key, step_key = jax.random.split(key)
         perm = jax.random.permutation(perm_key, num_examples)
         batches = perm[: full * batch_size].reshape(full, batch_size)
-        state, metrics = jax.lax.scan(
-            lambda s, idx: run_step(s, data, idx, step_key), state, batches
-        )
+        new, metrics = jax.lax.scan(lambda s, idx: run_step(s, data, idx, step_key), state, batches)
         totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * batch_size, metrics)
         if remainder:
-            state, last = run_step(state, data, perm[full * batch_size :], step_key)
+            new, last = run_step(new, data, perm[full * batch_size :], step_key)
             totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
-        return state, jax.tree.map(lambda t: t / num_examples, totals)
+        if active is not None:  # a finished model keeps its state
+            new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+        return new, jax.tree.map(lambda t: t / num_examples, totals)
 
     spread = models and mesh is not None and MODEL_AXIS in mesh.axis_names
     fn = epoch
     if models:
-        fn = jax.vmap(epoch, (0, data_axis, 0), spmd_axis_name=MODEL_AXIS if spread else None)
+        axis_name = MODEL_AXIS if spread else None
+
+        def fn(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
+            in_axes = (0, data_axis, 0, 0)
+            return jax.vmap(epoch, in_axes, spmd_axis_name=axis_name)(state, data, key, active)
+
     out = state_sharding(mesh, models) if mesh is not None else None
     return jax.jit(fn, donate_argnums=0, out_shardings=out)
 
@@ -220,6 +197,7 @@ def fit(
     models: int | None = None,
     data_axis: int | None = None,
     hparams: dict[str, Any] | None = None,
+    drop_nonfinite: bool = False,
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -237,7 +215,10 @@ def fit(
       name: the stage's name, used in error messages.
       on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
         epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
-        next epoch reuses (copy what it needs). Returning True stops training.
+        next epoch reuses (copy what it needs). Returning True stops training; with
+        ``models``, returning a bool array ``[models]`` stops the models that are
+        False in it (their state no longer changes), and training ends when every
+        model has stopped.
       state: resume from this state (e.g. restored from a checkpoint) instead of a
         fresh one built from ``params``; it is copied, never donated.
       start_epoch: the first epoch to run; with the ``state`` saved after epoch
@@ -251,12 +232,15 @@ def fit(
         (``[models, num_examples, ...]``), None when they share it, or a tuple with
         one of those per array of ``data``.
       hparams: a dict of scalars (or ``[models]`` arrays) for the loss.
+      drop_nonfinite: with ``models``, a model whose loss becomes NaN or infinite
+        stops (as above) instead of raising, and the others go on.
 
     Returns:
       ``FitResult(state, history)``.
 
     Raises:
-      NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model).
+      NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model
+        still training, unless ``drop_nonfinite``).
     """
     axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
     data = tuple(
@@ -288,20 +272,36 @@ def fit(
         state = put(state, state_sharding(mesh, models is not None))
         key = put(key, state_sharding(mesh, models is not None))
     fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
+    active = None if models is None else np.ones(models, bool)
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
-        state, metrics = epoch_fn(state, data, fold(key, epoch))
+        mask = None if active is None else _put_mask(active, mesh)
+        state, metrics = epoch_fn(state, data, fold(key, epoch), mask)
         host = {k: v.tolist() for k, v in to_host(metrics).items()}
         seconds = time.perf_counter() - start
-        if not np.all(np.isfinite(host["loss"])):
+        finite = np.isfinite(np.asarray(host["loss"]))
+        stopped = False if active is None else ~active  # frozen, whatever their loss
+        if drop_nonfinite and active is not None:
+            active &= finite
+        elif not np.all(finite | stopped):
             raise NonFiniteLossError(
                 f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
             )
         history.append(host)
-        if on_epoch is not None and on_epoch(epoch, state, host, seconds):
+        verdict = None if on_epoch is None else on_epoch(epoch, state, host, seconds)
+        if isinstance(verdict, np.ndarray) and active is not None:
+            active &= verdict
+        elif verdict:
             break  # the callback asked to stop early
+        if active is not None and not active.any():
+            break
     return FitResult(state, history)
+
+
+def _put_mask(active: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """The models' ``active`` flags ``[models]`` where their states live."""
+    return jnp.asarray(active) if mesh is None else put(active, state_sharding(mesh, True))
 
 
 def map_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int) -> Any:

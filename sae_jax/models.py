@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sae_jax.config import Config, LayerConfig
+from sae_jax.corruption import dropout
 
 Params = dict[str, Any]
 
@@ -180,6 +181,18 @@ class Classifier(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.encode(x))
+
+    def dropout_logits(
+        self, x: jax.Array, key: jax.Array, input_keep: Any, hidden_keep: Any
+    ) -> jax.Array:
+        """Logits ``[batch, classes]`` with inverted dropout (``corruption.dropout``) on
+        the input (keep probability ``input_keep``) and on every hidden code
+        (``hidden_keep``), as in training; ``__call__`` is the evaluated network."""
+        keys = jax.random.split(key, len(self.encoders) + 1)
+        x = dropout(keys[0], x, input_keep)
+        for encoder, k in zip(self.encoders, keys[1:], strict=True):
+            x = dropout(k, encoder(x), hidden_keep)
+        return self.head(x)
 
 
 def autoencoder(layer: LayerConfig, in_features: int, bias_init: str) -> Autoencoder:

@@ -103,3 +103,49 @@ def test_rate_zero_spares_an_entry_whose_draw_is_exactly_zero():
     for fn in (corruption.masking_noise, corruption.salt_and_pepper):
         out = jax.jit(fn)(key, x, 0.0)
         assert int(jnp.sum(out != x)) == 0, fn.__name__
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_dropout_keeps_with_probability_keep_and_scales_by_its_inverse(keep):
+    out = np.asarray(jax.jit(corruption.dropout)(KEY, X, keep))
+    x = np.asarray(X)
+    kept = out != 0
+    assert _within_binomial(kept.sum(), N, keep)
+    np.testing.assert_allclose(out[kept], x[kept] / keep, rtol=1e-6)  # inverted scaling
+    assert abs(out.mean() - x.mean()) < 5 * x.std() / np.sqrt(N) / keep  # unbiased
+    np.testing.assert_array_equal(jax.jit(corruption.dropout)(KEY, X, 1.0), X)
+
+
+def test_classifier_dropout_logits_match_a_numpy_forward_pass_and_eval_has_none():
+    from sae_jax.config import tiny
+    from sae_jax.models import classifier, init_params
+    from sae_jax.recipes import classifier_loss
+
+    config = tiny().replace(input_features=6)
+    model = classifier(config)
+    params = init_params(model, jax.random.PRNGKey(0), 6)
+    x = np.asarray(jax.random.uniform(KEY, (5, 6)))
+    key = jax.random.PRNGKey(3)
+    got = jax.jit(lambda p, x, k: model.apply(p, x, k, 0.8, 0.5, method="dropout_logits"))(
+        params, x, key
+    )
+    # The reference: the same masks (uniform draws below keep), numpy arithmetic.
+    keys = jax.random.split(key, 3)
+    mask = lambda k, shape, keep: np.asarray(jax.random.uniform(k, shape)) < keep
+    p = jax.tree.map(np.asarray, params["params"])
+    h = np.where(mask(keys[0], x.shape, 0.8), x / 0.8, 0.0)
+    for i in range(2):
+        h = 1 / (1 + np.exp(-(h @ p[f"encoders_{i}"]["kernel"] + p[f"encoders_{i}"]["bias"])))
+        h = np.where(mask(keys[i + 1], h.shape, 0.5), h / 0.5, 0.0)
+    expected = h @ p["head"]["kernel"] + p["head"]["bias"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # Evaluation runs the whole network; keep = 1 is that network, whatever the key.
+    whole = model.apply(params, x)
+    same = model.apply(params, x, key, 1.0, 1.0, method="dropout_logits")
+    np.testing.assert_allclose(same, whole, rtol=1e-6)
+    batch = (x, np.array([0, 1, 2, 3, 4]))
+    plain = classifier_loss(model)(params, batch, key)[0]
+    dropped = jax.jit(classifier_loss(model, input_keep=0.8, hidden_keep=0.5))
+    assert dropped(params, batch, key)[0] != plain
+    swept = classifier_loss(model)(params, batch, key, hparams={"hidden_keep": jnp.float32(0.5)})
+    assert swept[0] != plain

@@ -309,3 +309,31 @@ def test_an_epoch_donates_the_state_and_not_the_data():
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert not x.is_deleted() and not y.is_deleted()
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new))
+
+
+def test_a_model_that_stops_keeps_its_state_while_the_others_train():
+    # The callback stops model 2 after the first epoch and model 1 after the second;
+    # model 0 trains all 4. Each ends where a separate fit of its epochs ends, and
+    # training ends with the last model; a model whose loss diverges stops too.
+    x, y, _ = _regression(n=20)
+    keys, opt = jax.random.split(KEY, 3), optax.sgd(0.05, momentum=0.9)
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    stops = [4, 2, 1]
+    together = fit(
+        _mse, stack(*[_params()] * 3), opt, (x, y), batch_size=5, epochs=6, key=keys, models=3,
+        on_epoch=lambda epoch, state, metrics, s: np.array([epoch + 1 < n for n in stops]),
+    )  # fmt: skip
+    assert len(together.history) == 4
+    for i, n in enumerate(stops):
+        alone = fit(_mse, _params(), opt, (x, y), batch_size=5, epochs=n, key=keys[i])
+        assert int(together.state.step[i]) == int(alone.state.step) == 4 * n
+        ours = jax.tree.leaves(together.state.params)
+        for a, b in zip(jax.tree.leaves(alone.state.params), ours, strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-7)
+    data = (jnp.stack([x, 30 * x]), jnp.stack([y, y]))  # model 1's steps are far too big
+    two = {"batch_size": 5, "epochs": 3, "key": keys[:2], "models": 2, "data_axis": 0}
+    with pytest.raises(NonFiniteLossError):
+        fit(_mse, stack(_params(), _params()), opt, data, **two)
+    kept = fit(_mse, stack(_params(), _params()), opt, data, drop_nonfinite=True, **two)
+    assert len(kept.history) == 3 and np.isfinite(kept.history[-1]["loss"][0])
+    assert not np.isfinite(kept.history[-1]["loss"][1])
