@@ -1,5 +1,6 @@
-"""The whole pipeline: greedy layer-wise pretraining of a stack, the softmax stage,
-end-to-end fine-tuning, and sweeps of many such runs in one compiled program.
+"""The whole pipeline: greedy layer-wise pretraining of a stack, the softmax stage and
+end-to-end fine-tuning, for one model or for many in one compiled program
+(``sae_jax.selection`` builds sweeps and searches on it).
 
 Built on the recipes (``sae_jax.recipes``); like them, it takes arrays and
 callbacks and never opens files or prints.
@@ -7,8 +8,6 @@ callbacks and never opens files or prints.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +19,8 @@ from jax.sharding import Mesh
 from sae_jax.config import Config
 from sae_jax.engine import Params, place_data
 from sae_jax.models import FrozenLayer, classifier, compose, softmax_head
-from sae_jax.parallel import default_mesh
 from sae_jax.recipes import (
+    DROPOUT,
     SWEEP_NAMES,
     SWEEPABLE,
     StageCallback,
@@ -96,8 +95,9 @@ def run_pipeline(
       seeds: train one model per seed, all in one compiled program per stage
         (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
       hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
-        ``SWEEPABLE`` loss terms (for every pretraining layer),
-        ``pretrain_learning_rate`` and ``finetune_learning_rate``.
+        ``SWEEP_NAMES``: ``SWEEPABLE`` loss terms (for every pretraining layer),
+        ``pretrain_learning_rate``, ``finetune_learning_rate`` and the fine-tuning
+        dropout keep probabilities ``input_keep`` and ``hidden_keep``.
       pretrain: False skips pretraining and the softmax stage: the same stack is
         fine-tuned from its random initialisation (the no-pretraining baseline).
       validation: held-out images and labels: the softmax and fine-tuning stages
@@ -105,6 +105,7 @@ def run_pipeline(
         best epoch, fine-tuning stops after ``config.finetune_patience`` epochs
         without improvement, and ``test`` is only used at the end. The result's
         ``test_before_finetune`` is then the softmax-on-frozen-features model's.
+        With ``seeds``, every model keeps its own best epoch and stops on its own.
 
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
@@ -116,112 +117,160 @@ def run_pipeline(
         ``[n, input_features]`` with ``n >= 1`` and integer labels ``[n]`` in
         ``[0, num_classes)``.
     """
+    run = _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch)
+    layers, head_params, stages = [], None, []
+    if pretrain:
+        layers, stages, top_codes = _pretrain(
+            config, run.train[0], run.keys, run.loss_hparams, run.rate("pretrain"), run.common
+        )
+        head_params, record = _train_softmax(run, layers, top_codes)
+        stages.append(record)
+        start = compose(layers, head_params)
+    else:
+        start = init_stage_params(classifier(config), run.keys[-2], config.input_features)
+    params, record = _finetune(run, start)
+    stages.append(record)
+    test_metrics, before = _evaluate_test(run, layers, head_params, params)
+    return PipelineResult(layers, params, test_metrics, stages, before)
+
+
+@dataclass
+class _Run:
+    """What the stages of one ``run_pipeline`` call share: the splits on the device,
+    the stage keys, the per-model hyperparameters and ``run_stage``'s common kwargs."""
+
+    config: Config
+    train: tuple[jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array] | None
+    validation: tuple[jax.Array, jax.Array] | None
+    keys: jax.Array
+    models: int | None
+    hparams: dict[str, jax.Array]
+    common: dict[str, Any]
+
+    @property
+    def loss_hparams(self) -> dict[str, jax.Array] | None:
+        """The swept pretraining loss terms (``SWEEPABLE``), or None."""
+        return {k: v for k, v in self.hparams.items() if k in SWEEPABLE} or None
+
+    def rate(self, stage: str) -> jax.Array | None:
+        """The per-model learning rates of ``"pretrain"`` or ``"finetune"``, or None."""
+        return self.hparams.get(f"{stage}_learning_rate")
+
+    @property
+    def judge(self) -> tuple[jax.Array, jax.Array] | None:
+        """The split judged after every epoch: validation if given, else test."""
+        return self.validation if self.validation is not None else self.test
+
+    def selection(self) -> dict[str, Any]:
+        """``run_stage``'s keep-best options: with a validation split only."""
+        return {"metric": "validation_accuracy", "keep_best": True} if self.validation else {}
+
+    def accuracy(self, module: nn.Module, inputs: jax.Array | None):
+        """``params -> accuracy`` of ``module`` on ``inputs`` and the judged labels."""
+        if self.judge is None:
+            return None
+        batch, models = self.config.eval_batch_size, self.models is not None
+        return lambda p: evaluate(module, p, inputs, self.judge[1], batch, models)["accuracy"]
+
+
+def _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch) -> _Run:
+    """Check the arguments of ``run_pipeline`` and put the splits on the device(s)."""
     hparams = dict(hparams or {})
     models = None if seeds is None else len(seeds)
     if models is None and hparams:
         raise ValueError("hparams need seeds: one value per model")
     if models is not None and store is not None:
         raise ValueError("a sweep (seeds) is not checkpointed: pass no store")
-    if models is not None and validation is not None:
-        raise ValueError("a sweep (seeds) takes no validation set")
     for name, values in hparams.items():
         if name not in SWEEP_NAMES:
             raise ValueError(f"cannot sweep {name!r}")
         if len(values) != models:
             raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
-    as_array = lambda name: jnp.asarray(hparams[name], jnp.float32) if name in hparams else None
-    loss_hparams = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items() if k in SWEEPABLE}
-
-    for name, split in {"train": train, "test": test, "validation": validation}.items():
+    splits = {"train": train, "test": test, "validation": validation}
+    for name, split in splits.items():
         if split is not None:
             _check_split(name, split, config)
     # On the device(s) once; with a mesh every process holds its shards of each split.
     train, test, validation = (
         None if split is None else tuple(place_data(a, mesh) for a in split)
-        for split in (train, test, validation)
+        for split in splits.values()
+    )
+    common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
+    common |= {"mesh": mesh, "models": models}
+    as_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    keys = _stage_keys(config, seeds)
+    return _Run(config, train, test, validation, keys, models, as_arrays, common)
+
+
+def _train_softmax(
+    run: _Run, layers: list[FrozenLayer], top_codes: jax.Array
+) -> tuple[Params, StageRecord]:
+    """The softmax-only stage on the top code of the frozen stack."""
+    config, models = run.config, bool(run.models)
+    head = softmax_head(config)
+    head_key, softmax_key = split2(run.keys[-2])
+    judge_codes = None
+    if run.judge is not None:
+        judge_codes = encode_dataset(layers, run.judge[0], config.eval_batch_size, models)
+    return run_stage(
+        "softmax",
+        classifier_loss(head, config.softmax_weight_decay),
+        init_stage_params(head, head_key, head.in_features),
+        config.softmax_optimizer,
+        (top_codes, run.train[1]),
+        epochs=config.softmax_epochs,
+        key=softmax_key,
+        evaluate_fn=run.accuracy(head, judge_codes),
+        data_axis=(0, None) if models else None,
+        **run.selection(),
+        **run.common,
     )
 
-    x, y = train
-    keys = _stage_keys(config, seeds)
-    stages: list[StageRecord] = []
-    common = {
-        "batch_size": config.batch_size,
-        "store": store,
-        "on_epoch": on_epoch,
-        "mesh": mesh,
-        "models": models,
-    }
 
-    judge = validation if validation is not None else test  # judged after every epoch
-    selection = {"metric": "validation_accuracy", "keep_best": True} if validation else {}
-
-    def accuracy(module: nn.Module, inputs: jax.Array | None):
-        if judge is None:
-            return None
-        return lambda p: evaluate(
-            module, p, inputs, judge[1], config.eval_batch_size, models is not None
-        )["accuracy"]
-
+def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
+    """End-to-end fine-tuning of the whole stack from ``start`` (with dropout when
+    the config or the swept ``hparams`` ask for it), judged after every epoch."""
+    config = run.config
     model = classifier(config)
-    if pretrain:
-        layers, records, top_codes = _pretrain(
-            config, x, keys, loss_hparams or None, as_array("pretrain_learning_rate"), common
-        )
-        stages += records
-
-        # Softmax-only stage on the top code (the encoders stay frozen).
-        head = softmax_head(config)
-        head_key, softmax_key = split2(keys[-2])
-        judge_codes = (
-            encode_dataset(layers, judge[0], config.eval_batch_size, bool(models))
-            if judge
-            else None
-        )
-        head_params, record = run_stage(
-            "softmax",
-            classifier_loss(head, config.softmax_weight_decay),
-            init_stage_params(head, head_key, head.in_features),
-            config.softmax_optimizer,
-            (top_codes, y),
-            epochs=config.softmax_epochs,
-            key=softmax_key,
-            evaluate_fn=accuracy(head, judge_codes),
-            data_axis=(0, None) if models else None,
-            **selection,
-            **common,
-        )
-        stages.append(record)
-        del top_codes, judge_codes
-        start = compose(layers, head_params)
-    else:
-        layers = []
-        start = init_stage_params(model, keys[-2], config.input_features)
-
-    # End-to-end fine-tuning of the whole stack.
-    params, record = run_stage(
+    dropout = {k: v for k, v in run.hparams.items() if k in DROPOUT}
+    return run_stage(
         "finetune",
-        classifier_loss(model, config.finetune_weight_decay),
+        classifier_loss(
+            model,
+            config.finetune_weight_decay,
+            config.finetune_input_keep,
+            config.finetune_hidden_keep,
+        ),
         start,
         config.finetune_optimizer,
-        (x, y),
+        run.train,
         epochs=config.finetune_epochs,
-        key=keys[-1],
-        evaluate_fn=accuracy(model, judge[0] if judge else None),
-        learning_rate=as_array("finetune_learning_rate"),
-        patience=config.finetune_patience if validation else None,
-        **selection,
-        **common,
+        key=run.keys[-1],
+        evaluate_fn=run.accuracy(model, None if run.judge is None else run.judge[0]),
+        learning_rate=run.rate("finetune"),
+        hparams=dropout or None,
+        patience=config.finetune_patience if run.validation else None,
+        **run.selection(),
+        **run.common,
     )
-    stages.append(record)
-    test_metrics, before = {}, {}
-    if test:
-        test_metrics = evaluate(
-            model, params, test[0], test[1], config.eval_batch_size, models is not None
-        )
-        if validation is not None and pretrain:
-            codes = encode_dataset(layers, test[0], config.eval_batch_size)
-            before = evaluate(head, head_params, codes, test[1], config.eval_batch_size)
-    return PipelineResult(layers, params, test_metrics, stages, before)
+
+
+def _evaluate_test(
+    run: _Run, layers: list[FrozenLayer], head_params: Params | None, params: Params
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test metrics of the fine-tuned classifier, and (with a validation split
+    and pretraining) of the softmax on the frozen features before fine-tuning."""
+    if run.test is None:
+        return {}, {}
+    config, models = run.config, run.models is not None
+    x, y = run.test
+    batch = config.eval_batch_size
+    metrics = evaluate(classifier(config), params, x, y, batch, models)
+    if run.validation is None or head_params is None:
+        return metrics, {}
+    codes = encode_dataset(layers, x, batch, models)
+    return metrics, evaluate(softmax_head(config), head_params, codes, y, batch, models)
 
 
 def _stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
@@ -309,88 +358,3 @@ def pretrain_stack(
     keys = _stage_keys(config, None)
     layers, records, _ = _pretrain(config, place_data(x, mesh), keys, None, None, common)
     return layers, records
-
-
-def sweep(
-    config: Config,
-    train: tuple[jax.Array, jax.Array],
-    test: tuple[jax.Array, jax.Array] | None = None,
-    *,
-    seeds: list[int],
-    hparams: dict[str, list[float]] | None = None,
-    pretrain: bool = True,
-    on_epoch: StageCallback | None = None,
-    mesh: Mesh | str | None = "all",
-) -> PipelineResult:
-    """Train ``len(seeds)`` independent models in one compiled program per stage.
-
-    Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
-    i), ...)`` trains alone (up to float rounding): its own seed, its own
-    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
-    ``grid`` makes them for every combination of values with every seed).
-    Metrics and test results are lists with one value per model.
-
-    ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
-    device of every process when there are several, else None) spreads the models
-    over its ``"models"`` axis, each device training its share without talking to
-    the others, and splits every minibatch over its ``"data"`` axis.
-    """
-    if isinstance(mesh, str):
-        if mesh != "all":
-            raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
-        mesh = default_mesh(models=len(seeds))
-    return run_pipeline(
-        config,
-        train,
-        test,
-        seeds=list(seeds),
-        hparams=hparams,
-        pretrain=pretrain,
-        on_epoch=on_epoch,
-        mesh=mesh,
-    )
-
-
-def model_config(
-    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None, i: int
-) -> Config:
-    """The config of model ``i`` of a sweep, for training it alone."""
-    hparams = hparams or {}
-    layer_changes = {k: float(v[i]) for k, v in hparams.items() if k in SWEEPABLE}
-    layers = tuple(dataclasses.replace(layer, **layer_changes) for layer in config.layers)
-    if "pretrain_learning_rate" in hparams:
-        rate = float(hparams["pretrain_learning_rate"][i])
-        layers = tuple(
-            dataclasses.replace(
-                layer, optimizer=dataclasses.replace(layer.optimizer, learning_rate=rate)
-            )
-            for layer in layers
-        )
-    changes: dict[str, Any] = {"seed": seeds[i], "layers": layers}
-    if "finetune_learning_rate" in hparams:
-        changes["finetune_optimizer"] = dataclasses.replace(
-            config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
-        )
-    return config.replace(**changes)
-
-
-def grid(
-    seeds: list[int], hparams: dict[str, list[float]] | None = None
-) -> tuple[list[int], dict[str, list[float]], list[dict[str, float]]]:
-    """Every combination of ``hparams``' values with every seed, as per-model lists.
-
-    The combinations (grid points) come in ``itertools.product`` order, the first
-    name varying slowest. Models are value-major: all seeds of the first point
-    first, so model ``k`` is point ``k // len(seeds)`` with seed
-    ``seeds[k % len(seeds)]``. Without ``hparams`` there is one point, ``{}``.
-
-    Returns:
-      ``(model_seeds, model_hparams, points)``: the ``seeds`` and ``hparams`` to
-      pass to ``sweep`` (and ``model_config``), and the points as dicts.
-    """
-    hparams = hparams or {}
-    combinations = itertools.product(*hparams.values())
-    points = [dict(zip(hparams, values, strict=True)) for values in combinations]
-    model_seeds = [seed for _ in points for seed in seeds]
-    model_hparams = {name: [p[name] for p in points for _ in seeds] for name in hparams}
-    return model_seeds, model_hparams, points

@@ -28,7 +28,6 @@ from sae_jax.engine import (
     TrainState,
     fit,
     init_state,
-    make_optimizer,
     map_batches,
 )
 from sae_jax.models import (
@@ -39,6 +38,7 @@ from sae_jax.models import (
     init_params,
     to_float,
 )
+from sae_jax.optim import make_optimizer, set_learning_rate
 from sae_jax.parallel import to_host
 
 History = list[dict[str, float]]
@@ -47,8 +47,11 @@ StageCallback = Callable[[str, int, dict[str, float], float], None]
 
 
 SWEEPABLE = ("rho", "beta", "l1", "contractive", "weight_decay", "noise_level")
-# What a sweep's ``hparams`` may name: the loss terms above and two learning rates.
-SWEEP_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate")
+# Fine-tuning's dropout keep probabilities (Config.finetune_input_keep / _hidden_keep).
+DROPOUT = ("input_keep", "hidden_keep")
+# What a sweep's ``hparams`` may name: the loss terms above, two learning rates and
+# the dropout keep probabilities.
+SWEEP_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate", *DROPOUT)
 
 
 def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
@@ -84,16 +87,24 @@ def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
     return loss_fn
 
 
-def classifier_loss(module: nn.Module, weight_decay: float = 0.0) -> LossFn:
+def classifier_loss(
+    module: nn.Module, weight_decay: float = 0.0, input_keep: float = 1.0, hidden_keep: float = 1.0
+) -> LossFn:
     """Mean softmax cross-entropy (+ weight decay) of ``module``'s logits.
 
-    ``(params, (x [batch, in], labels [batch]), key) -> (loss, terms)``.
+    ``(params, (x [batch, in], labels [batch]), key) -> (loss, terms)``. With a keep
+    probability below 1 (or ``hparams`` naming one of ``DROPOUT``), the logits come
+    from ``module.dropout_logits`` (a ``Classifier``) with the step's key.
     """
 
     def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
-        del key, hparams
         x, y = batch
-        logits = module.apply(params, to_float(x))
+        swept = {k: v for k, v in (hparams or {}).items() if k in DROPOUT}
+        keep = {"input_keep": input_keep, "hidden_keep": hidden_keep} | swept
+        if swept or input_keep < 1.0 or hidden_keep < 1.0:
+            logits = module.apply(params, to_float(x), key, **keep, method="dropout_logits")
+        else:
+            logits = module.apply(params, to_float(x))
         terms = {"cross_entropy": jnp.mean(losses.softmax_cross_entropy(logits, y))}
         if weight_decay:
             terms["weight_decay"] = weight_decay * losses.l2_weight_decay(params)
@@ -181,7 +192,7 @@ class StageRecord:
     epochs: int
     wall_s: float = 0.0
     history: History = field(default_factory=list)
-    best_epoch: int = 0  # with keep_best: the epoch whose params the stage returned
+    best_epoch: int | list[int] = 0  # with keep_best: the epoch returned (per model)
 
     @property
     def final_loss(self) -> float | None:
@@ -226,6 +237,46 @@ class StageStore(Protocol):
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None: ...
 
 
+class _Best:
+    """The best epoch so far by ``metric``: of one model, or of each of ``models``.
+
+    ``params`` are a copy of the best epoch's params (per model, with a leading model
+    axis); ``epoch`` counts from 1 (0: none yet); ``value`` is the best metric.
+    """
+
+    def __init__(self, models: int | None, patience: int | None):
+        shape = () if models is None else (models,)
+        self.models, self.patience = models, patience
+        self.value, self.epoch = np.full(shape, -np.inf), np.zeros(shape, int)
+        self.params: Params | None = None
+
+    def update(self, epoch: int, value: Any, params: Params) -> bool | np.ndarray:
+        """Keep ``params`` where ``value`` improves on the best; return the stop
+        verdict for ``fit``: True to stop (one model), or which models go on."""
+        improved = np.asarray(value, np.float64) > self.value  # NaN never improves
+        if improved.any():
+            if self.params is None or improved.all():
+                self.params = jax.tree.map(jnp.copy, params)
+            else:
+                self.params = _keep_improved(jnp.asarray(improved), params, self.params)
+        self.value = np.where(improved, value, self.value)
+        self.epoch = np.where(improved, epoch + 1, self.epoch)
+        if self.patience is None:
+            return False if self.models is None else np.ones(self.models, bool)
+        going = epoch + 1 - self.epoch < self.patience
+        return bool(not going) if self.models is None else going
+
+    def best_epoch(self) -> int | list[int]:
+        return int(self.epoch) if self.models is None else self.epoch.tolist()
+
+
+@jax.jit
+def _keep_improved(improved: jax.Array, new: Params, old: Params) -> Params:
+    """Per model (leading axis): ``new`` where ``improved``, else ``old``."""
+    pick = lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)
+
+
 def run_stage(
     name: str,
     loss_fn: LossFn,
@@ -255,7 +306,9 @@ def run_stage(
     called. With ``keep_best`` the stage returns the params of its epoch with the
     highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
     without a new best; the best params travel in every checkpoint, so a resumed
-    stage returns what an uninterrupted one would.
+    stage returns what an uninterrupted one would. With ``models``, every model
+    keeps its own best epoch (``record.best_epoch`` is a list) and stops on its own
+    patience while the others go on; a model whose loss diverges stops too.
     ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
     ``learning_rate`` (``[models]``) gives each model its own learning rate.
 
@@ -265,18 +318,18 @@ def run_stage(
     if store is not None and (done := store.finished(name, params)) is not None:
         return done
     start = time.perf_counter()
-    optimizer = make_optimizer(optimizer_config, injectable=learning_rate is not None)
+    steps = -(-_num_examples(data, models, data_axis) // batch_size)
+    optimizer = make_optimizer(optimizer_config, learning_rate is not None, steps)
     record, state = StageRecord(name, epochs), None
-    best: dict[str, Any] = {"value": -np.inf, "params": None}
+    best = _Best(models, patience) if keep_best else None
     if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
         state, record, best_params = resumed
         if best_params is not None:  # saved only by a keep-best stage, after its best epoch
-            best.update(value=record.history[record.best_epoch - 1][metric], params=best_params)
+            best.value = np.float64(record.history[record.best_epoch - 1][metric])
+            best.epoch, best.params = np.asarray(record.best_epoch), best_params
     if learning_rate is not None:
         state = init_state(params, optimizer, hparams, models)
-        opt_state = state.opt_state
-        rates = {**opt_state.hyperparams, "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
-        state = state._replace(opt_state=opt_state._replace(hyperparams=rates))
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
     earlier_wall = record.wall_s
 
     def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
@@ -285,14 +338,14 @@ def run_stage(
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start
-        if keep_best and metrics[metric] > best["value"]:
-            best.update(value=metrics[metric], params=jax.tree.map(jnp.copy, state.params))
-            record.best_epoch = epoch + 1
+        verdict = None if best is None else best.update(epoch, metrics[metric], state.params)
+        if best is not None:
+            record.best_epoch = best.best_epoch()
         if store is not None:
-            store.save_epoch(name, state, key, record, best["params"])
+            store.save_epoch(name, state, key, record, None if best is None else best.params)
         if on_epoch is not None:
             on_epoch(name, epoch + 1, metrics, seconds)
-        return patience is not None and epoch + 1 - record.best_epoch >= patience
+        return verdict
 
     result = fit(
         loss_fn,
@@ -310,12 +363,19 @@ def run_stage(
         models=models,
         data_axis=data_axis,
         hparams=hparams,
+        drop_nonfinite=models is not None and keep_best,
     )
     record.wall_s = earlier_wall + time.perf_counter() - start
-    final = best["params"] if best["params"] is not None else result.state.params
+    final = result.state.params if best is None or best.params is None else best.params
     if store is not None:
         store.save_finished(name, final, record)
     return final, record
+
+
+def _num_examples(data: tuple[jax.Array, ...], models: int | None, data_axis: Any) -> int:
+    """The number of examples in ``data`` (see ``fit``'s ``data_axis``)."""
+    axis = data_axis[0] if isinstance(data_axis, tuple) else data_axis
+    return data[0].shape[1 if models is not None and axis == 0 else 0]
 
 
 def split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -21,9 +21,10 @@ from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.experiment import UserError, hold_workdir, prepare
 from sae_jax.files import stopped
 from sae_jax.parallel import default_mesh, is_primary
-from sae_jax.pipeline import grid, model_config, run_pipeline, sweep
+from sae_jax.pipeline import run_pipeline
 from sae_jax.recipes import SWEEP_NAMES
 from sae_jax.report import provenance, write_json_atomic
+from sae_jax.selection import grid, model_config, sweep
 
 NO_RESUME = "a sweep keeps no checkpoints: the same command starts it over"
 
@@ -32,7 +33,7 @@ def check_models(
     config: Config, seeds: list[int], hparams: dict[str, list[float]] | None = None
 ) -> list[Config]:
     """The validated config of each model of a sweep (``seeds`` and ``hparams`` as
-    ``pipeline.sweep`` takes them: one entry per model), see ``model_config``.
+    ``selection.sweep`` takes them: one entry per model), see ``model_config``.
 
     Raises:
       ConfigError: for a name not in ``SWEEP_NAMES``, and for the first model whose
@@ -100,7 +101,7 @@ def run_sweep(
     """Train a grid of models in one compiled program per stage; write ``sweep.json``.
 
     Every combination of the ``hparams`` values (a list per name in ``SWEEP_NAMES``)
-    is trained with every seed, value-major (see ``pipeline.grid``); every model's
+    is trained with every seed, value-major (see ``selection.grid``); every model's
     config is checked before the data is loaded. Prints one row per combination:
     the mean and sample standard deviation of the test error over the seeds.
 

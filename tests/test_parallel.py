@@ -12,8 +12,9 @@ from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
 from sae_jax.config import ADAM, LayerConfig
-from sae_jax.pipeline import grid, model_config, run_pipeline
+from sae_jax.pipeline import run_pipeline
 from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE
+from sae_jax.selection import grid, model_config
 
 SHARDED = textwrap.dedent(r"""
     import os
@@ -90,7 +91,7 @@ SWEEP_SHARDED = textwrap.dedent(r"""
     from sae_jax.engine import place_data, state_sharding
     from sae_jax.models import autoencoder, init_params
     from sae_jax.parallel import make_mesh
-    from sae_jax.pipeline import sweep
+    from sae_jax.selection import sweep
     from sae_jax.recipes import layer_loss
 
     shapes = {m: dict(make_mesh(models=m).shape) for m in (32, 8, 2, 6, 3)}
@@ -175,6 +176,8 @@ SWEPT = {
     "noise_level": [0.1, 0.25, 0.3, 0.4],
     "pretrain_learning_rate": [2e-3, 4e-3, 1e-2, 2e-2],
     "finetune_learning_rate": [1e-3, 2e-3, 4e-3, 5e-3],
+    "input_keep": [0.9, 0.8, 0.95, 1.0],
+    "hidden_keep": [0.5, 0.7, 0.9, 0.6],
 }
 
 
@@ -212,6 +215,8 @@ def test_sweep_equals_separate_runs():
             finetune_optimizer=dataclasses.replace(
                 config.finetune_optimizer, learning_rate=v["finetune_learning_rate"][i]
             ),
+            finetune_input_keep=v["input_keep"][i],
+            finetune_hidden_keep=v["hidden_keep"][i],
         )
         assert model_config(config, seeds, SWEPT, i) == alone_config
         alone = run_pipeline(alone_config, train, test)

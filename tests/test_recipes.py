@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_config, synthetic_digits
 from flax import linen as nn
 
-from sae_jax import pipeline, recipes
+from sae_jax import pipeline, recipes, selection
 from sae_jax.config import LayerConfig, OptimizerConfig
 from sae_jax.models import FrozenLayer, autoencoder, init_params
 
@@ -229,14 +229,14 @@ def test_model_config_is_the_config_of_one_model_of_a_sweep():
     config = synthetic_config()
     hparams = {"beta": [0.5, 2.0], "pretrain_learning_rate": [0.1, 0.2],
                "finetune_learning_rate": [0.3, 0.4]}  # fmt: skip
-    one = pipeline.model_config(config, [7, 8], hparams, 1)
+    one = selection.model_config(config, [7, 8], hparams, 1)
     assert one.seed == 8
     assert [(lay.beta, lay.optimizer.learning_rate) for lay in one.layers] == [(2.0, 0.2)] * 2
     assert one.finetune_optimizer.learning_rate == 0.4
     assert one.softmax_optimizer == config.softmax_optimizer
-    plain = pipeline.model_config(config, [7, 8], None, 0)
+    plain = selection.model_config(config, [7, 8], None, 0)
     assert plain == config.replace(seed=7)
-    rho = pipeline.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
+    rho = selection.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
     assert rho == config.replace(
         seed=7, layers=tuple(dataclasses.replace(lay, rho=0.1) for lay in config.layers)
     )

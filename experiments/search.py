@@ -1,0 +1,104 @@
+"""Choose a config on the validation split: a grid (or N random points) of a search
+space times seeds, trained as vmapped models grouped by shape. Every model keeps its
+own best fine-tuning epoch and stops on its own patience; points are ranked by mean
+validation accuracy; the test set is evaluated once, for the chosen point. The
+results go to <workdir>/search.json and <workdir>/search.md. Searches keep no
+checkpoints.
+
+A grid over the fine-tuning rate and the dropout keep rate of hidden units, 2 seeds:
+
+  python experiments/search.py --config=tiny --config.validation_examples=200 \\
+      --space=finetune_learning_rate=1e-3,3e-3 --space=hidden_keep=0.5,1 --seeds=2
+
+Eight random points of the published SdA protocol, with its no-pretraining baseline:
+
+  python experiments/search.py --config=sda3 --points=8 --study=pretraining \\
+      --space=noise_level=0,0.1,0.25,0.4 --space=pretrain_learning_rate=log:1e-4:1e-2 \\
+      --space=finetune_learning_rate=log:1e-4:3e-3 --space=features=1000,2000 \\
+      --data_dir=../shared/data/mnist --workdir=checkpoints/search_sda3
+"""
+
+# Flags only: the search itself is sae_jax.searches.run_search.
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from sae_jax import cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.parser(__doc__)
+    p.add_argument(
+        "--workdir",
+        default="checkpoints/search",
+        help="folder for search.json and search.md (default: checkpoints/search)",
+    )
+    p.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="NAME=VALUES",
+        help="a searched name and its values: NAME=V1,V2,... (a list), NAME=LOW:HIGH "
+        "(uniform) or NAME=log:LOW:HIGH (log-uniform; ranges need --points). Names: "
+        "the loss terms rho, beta, l1, contractive, weight_decay, noise_level (of every "
+        "pretraining layer), pretrain_learning_rate, finetune_learning_rate, input_keep, "
+        "hidden_keep (dropout), features (every layer's width), pretrain_epochs. Repeat "
+        "it for several names",
+    )
+    p.add_argument(
+        "--points",
+        type=int,
+        default=None,
+        help="N random points of the space (default: the grid of its lists)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="N: every point is trained with the seeds S, ..., S+N-1, S being --seed (default: 1)",
+    )
+    p.add_argument(
+        "--sample_seed", type=int, default=0, help="seed of the random points (default: 0)"
+    )
+    p.add_argument(
+        "--study",
+        default=None,
+        help="'pretraining': also search without pretraining, the same number of points "
+        "over the fine-tuning names, as the baseline (default: none)",
+    )
+    flags = p.parse_args(argv)
+
+    def body() -> None:
+        from sae_jax.experiment import UserError
+        from sae_jax.searches import parse_space, run_search
+
+        config = cli.start(flags)
+        if flags.seeds < 1:
+            raise UserError(f"--seeds={flags.seeds}: must be >= 1")
+        if flags.points is not None and flags.points < 1:
+            raise UserError(f"--points={flags.points}: must be >= 1")
+        if not flags.space:
+            raise UserError("--space: name at least one thing to search, e.g. --space=beta=1,3")
+        space = parse_space(flags.space)
+        last = config.seed + flags.seeds - 1
+        cli.checked(f"--seeds={flags.seeds}", config.replace(seed=last).validate)
+        run_search(
+            config,
+            flags.workdir,
+            space=space,
+            seeds=list(range(config.seed, last + 1)),
+            points=flags.points,
+            sample_seed=flags.sample_seed,
+            study=flags.study,
+            data=cli.data_spec(flags),
+            wait=flags.wait,
+            log=cli.log,
+        )
+
+    return cli.run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Many models in one compiled program: sweeps of seeds and hyperparameters, and
+searches that choose a config on a validation split.
+
+``sweep`` trains a list of models (one seed and one set of ``SWEEP_NAMES`` values
+each) as one ``vmap``-ed program per stage. ``search`` does the same for a grid or
+N random points of a search space, groups points by the shape of their models,
+keeps every model's best fine-tuning epoch on the validation split, ranks the
+points by mean validation accuracy over seeds and evaluates the chosen point alone
+on the test set, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sae_jax.config import Config, ConfigError
+from sae_jax.engine import Params
+from sae_jax.models import classifier
+from sae_jax.parallel import default_mesh
+from sae_jax.pipeline import PipelineResult, run_pipeline
+from sae_jax.recipes import DROPOUT, SWEEP_NAMES, SWEEPABLE, StageCallback, evaluate
+
+# Fields that change the models' shapes or loop lengths: one compiled program each.
+SHAPE_NAMES = ("features", "pretrain_epochs")
+SEARCH_NAMES = (*SWEEP_NAMES, *SHAPE_NAMES)
+# What only pretraining uses: left out of a no-pretraining search.
+PRETRAINING_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "pretrain_epochs")
+
+Split = tuple[jax.Array, jax.Array]
+
+
+def sweep(
+    config: Config,
+    train: tuple[jax.Array, jax.Array],
+    test: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    seeds: list[int],
+    hparams: dict[str, list[float]] | None = None,
+    pretrain: bool = True,
+    on_epoch: StageCallback | None = None,
+    mesh: Mesh | str | None = "all",
+) -> PipelineResult:
+    """Train ``len(seeds)`` independent models in one compiled program per stage.
+
+    Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
+    i), ...)`` trains alone (up to float rounding): its own seed, its own
+    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
+    ``grid`` makes them for every combination of values with every seed).
+    Metrics and test results are lists with one value per model.
+
+    ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
+    device of every process when there are several, else None) spreads the models
+    over its ``"models"`` axis, each device training its share without talking to
+    the others, and splits every minibatch over its ``"data"`` axis.
+    """
+    if isinstance(mesh, str):
+        if mesh != "all":
+            raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
+        mesh = default_mesh(models=len(seeds))
+    return run_pipeline(
+        config,
+        train,
+        test,
+        seeds=list(seeds),
+        hparams=hparams,
+        pretrain=pretrain,
+        on_epoch=on_epoch,
+        mesh=mesh,
+    )
+
+
+def model_config(
+    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None, i: int
+) -> Config:
+    """The config of model ``i`` of a sweep, for training it alone."""
+    hparams = hparams or {}
+    layer_changes = {k: float(v[i]) for k, v in hparams.items() if k in SWEEPABLE}
+    layers = tuple(dataclasses.replace(layer, **layer_changes) for layer in config.layers)
+    if "pretrain_learning_rate" in hparams:
+        rate = float(hparams["pretrain_learning_rate"][i])
+        layers = tuple(
+            dataclasses.replace(
+                layer, optimizer=dataclasses.replace(layer.optimizer, learning_rate=rate)
+            )
+            for layer in layers
+        )
+    changes: dict[str, Any] = {"seed": seeds[i], "layers": layers}
+    for name in DROPOUT:
+        if name in hparams:
+            changes[f"finetune_{name}"] = float(hparams[name][i])
+    if "finetune_learning_rate" in hparams:
+        changes["finetune_optimizer"] = dataclasses.replace(
+            config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
+        )
+    return config.replace(**changes)
+
+
+def grid(
+    seeds: list[int], hparams: dict[str, list[float]] | None = None
+) -> tuple[list[int], dict[str, list[float]], list[dict[str, float]]]:
+    """Every combination of ``hparams``' values with every seed, as per-model lists.
+
+    The combinations (grid points) come in ``itertools.product`` order, the first
+    name varying slowest. Models are value-major: all seeds of the first point
+    first, so model ``k`` is point ``k // len(seeds)`` with seed
+    ``seeds[k % len(seeds)]``. Without ``hparams`` there is one point, ``{}``.
+
+    Returns:
+      ``(model_seeds, model_hparams, points)``: the ``seeds`` and ``hparams`` to
+      pass to ``sweep`` (and ``model_config``), and the points as dicts.
+    """
+    hparams = hparams or {}
+    combinations = itertools.product(*hparams.values())
+    points = [dict(zip(hparams, values, strict=True)) for values in combinations]
+    model_seeds = [seed for _ in points for seed in seeds]
+    model_hparams = {name: [p[name] for p in points for _ in seeds] for name in hparams}
+    return model_seeds, model_hparams, points
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval ``[low, high]`` that random search draws from: uniformly, or
+    log-uniformly with ``log`` (learning rates); ``integer`` rounds the draw."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def draw(self, rng: np.random.Generator) -> float:
+        """One value from the interval."""
+        if self.log:
+            value = float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+        else:
+            value = float(rng.uniform(self.low, self.high))
+        return float(round(value)) if self.integer else value
+
+
+Space = dict[str, "list[float] | Range"]
+
+
+def search_points(space: Space, points: int | None = None, seed: int = 0) -> list[dict[str, float]]:
+    """The points of a search: every combination of ``space``'s lists (``points``
+    None, as ``grid``: the first name varying slowest), or ``points`` random draws,
+    each name independently: a ``Range`` by its ``draw``, a list uniformly.
+
+    Raises:
+      ConfigError: for a name not in ``SEARCH_NAMES``, an empty list, a ``Range``
+        with ``low > high`` (or ``low <= 0`` with ``log``), or a ``Range`` in a grid.
+    """
+    for name, values in space.items():
+        if name not in SEARCH_NAMES:
+            raise ConfigError(f"cannot search {name!r}; choose from {', '.join(SEARCH_NAMES)}")
+        if isinstance(values, Range):
+            if values.low > values.high or (values.log and values.low <= 0):
+                raise ConfigError(f"{name}: bad range {values.low}..{values.high}")
+            if points is None:
+                raise ConfigError(f"{name}: a range needs random points, not a grid")
+        elif not values:
+            raise ConfigError(f"{name}: no values to search")
+    if points is None:
+        return grid([0], {k: list(v) for k, v in space.items()})[2]
+    rng = np.random.default_rng(seed)
+    draw = lambda v: v.draw(rng) if isinstance(v, Range) else float(v[rng.integers(len(v))])
+    return [{name: draw(values) for name, values in space.items()} for _ in range(points)]
+
+
+def point_config(config: Config, point: dict[str, float]) -> Config:
+    """``config`` with every value of a search point applied (for every layer)."""
+    layers = config.layers
+    if "features" in point:
+        layers = tuple(dataclasses.replace(la, features=int(point["features"])) for la in layers)
+    if "pretrain_epochs" in point:
+        epochs = int(point["pretrain_epochs"])
+        layers = tuple(dataclasses.replace(la, epochs=epochs) for la in layers)
+    swept = {k: [v] for k, v in point.items() if k in SWEEP_NAMES}
+    return model_config(config.replace(layers=layers), [config.seed], swept, 0)
+
+
+@dataclass
+class SearchResult:
+    """What ``search`` returns.
+
+    ``points``: one dict per point, in search order: ``{"point", "seeds",
+    "validation_accuracy" (per seed, at its best epoch), "best_epoch" (per seed),
+    "validation_mean", "validation_std", "epochs_trained" (per seed)}``.
+    ``ranking``: point indices by mean validation accuracy, best first; ``chosen``
+    is ``ranking[0]``.
+    ``test_accuracy``: the chosen point's models on the test set, one per seed.
+    """
+
+    points: list[dict[str, Any]]
+    ranking: list[int]
+    chosen: int
+    config: Config  # the chosen point's config
+    test_accuracy: list[float]
+    params: Params  # the chosen point's fine-tuned classifiers, one per seed
+
+
+def search(
+    config: Config,
+    train: Split,
+    validation: Split,
+    test: Split | None,
+    space: Space,
+    *,
+    seeds: list[int],
+    points: int | None = None,
+    sample_seed: int = 0,
+    pretrain: bool = True,
+    on_epoch: StageCallback | None = None,
+    on_group: Callable[[dict[str, float], int], None] | None = None,
+    mesh: Mesh | str | None = "all",
+) -> SearchResult:
+    """Choose a config on ``validation``: every point of ``space`` times ``seeds``.
+
+    The points (``search_points(space, points, sample_seed)``) are grouped by the
+    values of ``SHAPE_NAMES`` they set; each group trains as one ``run_pipeline``
+    sweep, every model keeping its own best fine-tuning epoch on ``validation``
+    and stopping on its own ``config.finetune_patience``. Points are ranked by
+    their mean validation accuracy over ``seeds``; the test set is then evaluated
+    once, for the chosen point's models only.
+
+    Args:
+      config: the base config; ``finetune_patience`` None trains every model for
+        ``finetune_epochs`` and keeps its best epoch.
+      train, validation, test: images ``[n, input_features]`` and labels ``[n]``.
+      space: ``{name: [values] or Range}``, names from ``SEARCH_NAMES``.
+      seeds: the seeds of every point.
+      points: None for the grid of ``space``'s lists, else this many random points.
+      pretrain: False: the no-pretraining baseline (no pretraining, no softmax stage).
+      on_epoch: as for ``run_pipeline`` (metrics are per model).
+      on_group: ``on_group(shape, models)`` before each group trains.
+      mesh: ``"all"`` (default) spreads each group's models over every device.
+
+    Raises:
+      ConfigError: before anything trains, for a bad space or a point whose config
+        does not validate (the message names the point).
+    """
+    candidates = search_points(space, points, sample_seed)
+    for point in candidates:
+        try:
+            point_config(config, point).validate(len(train[0]))
+        except ConfigError as e:
+            raise ConfigError(f"search point {point}: {e}") from None
+    groups: dict[tuple, list[int]] = {}
+    for i, point in enumerate(candidates):
+        shape = tuple((k, point[k]) for k in SHAPE_NAMES if k in point)
+        groups.setdefault(shape, []).append(i)
+    rows: list[dict[str, Any]] = [{} for _ in candidates]
+    best: tuple[float, int, Params] | None = None
+    for shape, members in groups.items():
+        group_config = point_config(config, dict(shape))
+        model_seeds, hparams = _models(candidates, members, seeds)
+        if on_group is not None:
+            on_group(dict(shape), len(model_seeds))
+        group_mesh = default_mesh(models=len(model_seeds)) if mesh == "all" else mesh
+        result = run_pipeline(
+            group_config,
+            train,
+            validation=validation,
+            seeds=model_seeds,
+            hparams=hparams or None,
+            pretrain=pretrain,
+            on_epoch=on_epoch,
+            mesh=group_mesh,
+        )
+        for k, i in enumerate(members):
+            rows[i] = _point_row(candidates[i], seeds, result, k, config.finetune_patience)
+            if best is None or (-rows[i]["validation_mean"], i) < (-best[0], best[1]):
+                models = slice(k * len(seeds), (k + 1) * len(seeds))
+                chosen_params = jax.tree.map(lambda a, m=models: a[m], result.params)
+                best = (rows[i]["validation_mean"], i, chosen_params)
+        del result
+    ranking = sorted(range(len(rows)), key=lambda i: -rows[i]["validation_mean"])
+    chosen, params = ranking[0], best[2]
+    chosen_config = point_config(config, candidates[chosen])
+    accuracy: list[float] = []
+    if test is not None:  # the only look at the test set
+        accuracy = evaluate(
+            classifier(chosen_config), params, *test, config.eval_batch_size, models=True
+        )["accuracy"]
+    return SearchResult(rows, ranking, chosen, chosen_config, accuracy, params)
+
+
+def _models(
+    candidates: list[dict[str, float]], members: list[int], seeds: list[int]
+) -> tuple[list[int], dict[str, list[float]]]:
+    """The seeds and ``SWEEP_NAMES`` values of a group's models, point-major."""
+    names = [n for n in SWEEP_NAMES if n in candidates[members[0]]]
+    model_seeds = [s for _ in members for s in seeds]
+    hparams = {n: [candidates[i][n] for i in members for _ in seeds] for n in names}
+    return model_seeds, hparams
+
+
+def _point_row(
+    point: dict[str, float], seeds: list[int], result: PipelineResult, k: int, patience: int | None
+) -> dict[str, Any]:
+    """The validation results of point ``k`` of a group (its ``len(seeds)`` models);
+    a model stopped ``patience`` epochs after its best one, or at the end."""
+    finetune = result.stages[-1]
+    models = range(k * len(seeds), (k + 1) * len(seeds))
+    best_epochs = [int(finetune.best_epoch[m]) for m in models]
+    accuracy = [
+        float(finetune.history[e - 1]["validation_accuracy"][m]) if e else 0.0
+        for e, m in zip(best_epochs, models, strict=True)
+    ]
+    return {
+        "point": dict(point),
+        "seeds": list(seeds),
+        "validation_accuracy": accuracy,
+        "best_epoch": best_epochs,
+        "validation_mean": float(np.mean(accuracy)),
+        "validation_std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1 else 0.0,
+        "epochs_trained": [
+            min(len(finetune.history), e + patience) if patience else len(finetune.history)
+            for e in best_epochs
+        ],
+    }
