@@ -73,13 +73,14 @@ MANAGED = (
 
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON of a run's ``config.json``, checked to be a valid config;
-    ``CheckpointError`` naming the file if it is not."""
+    ``CheckpointError`` naming the file if it is not. Fields added to ``Config``
+    since the file was written come back with their defaults."""
     data = read_json(path, "run's config")
     try:
-        config_from_json(data).validate()
+        config = config_from_json(data).validate()
     except Exception as e:  # wrong type, missing, unknown or invalid fields
         raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
-    return data
+    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
 
 
 def config_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -531,3 +531,16 @@ def test_load_model_refuses_a_run_that_has_not_finished(tmp_path):
 def test_a_checkpoint_from_before_best_epoch_was_recorded_resumes_with_best_epoch_0():
     meta = {"epochs": 4, "wall_s": 2.5, "history": [{"loss": 1.0}]}  # no "best_epoch"
     assert _record("finetune", meta) == StageRecord("finetune", 4, 2.5, [{"loss": 1.0}], 0)
+
+
+def test_a_config_json_written_before_newer_fields_reads_with_their_defaults(tmp_path):
+    from sae_jax.checkpoint import read_config
+    from sae_jax.config_files import config_to_json
+
+    data = config_to_json(tiny())
+    del data["finetune_hidden_keep"], data["finetune_optimizer"]["max_norm"]
+    data["_run"] = {"pretrain": False}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert read_config(tmp_path / "config.json") == config_to_json(tiny()) | {
+        "_run": {"pretrain": False}
+    }
