@@ -75,20 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_jax.searches import parse_space, run_search
 
         config = cli.start(flags)
-        if flags.seeds < 1:
-            raise UserError(f"--seeds={flags.seeds}: must be >= 1")
         if flags.points is not None and flags.points < 1:
             raise UserError(f"--points={flags.points}: must be >= 1")
         if not flags.space:
             raise UserError("--space: name at least one thing to search, e.g. --space=beta=1,3")
         space = parse_space(flags.space)
-        last = config.seed + flags.seeds - 1
-        cli.checked(f"--seeds={flags.seeds}", config.replace(seed=last).validate)
+        seeds = cli.seed_list(flags, config)
         run_search(
             config,
             flags.workdir,
             space=space,
-            seeds=list(range(config.seed, last + 1)),
+            seeds=seeds,
             points=flags.points,
             sample_seed=flags.sample_seed,
             study=flags.study,

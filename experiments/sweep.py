@@ -92,8 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sae_jax.sweeps import run_sweep
 
         config = cli.start(flags)
-        if flags.seeds < 1:
-            raise UserError(f"--seeds={flags.seeds}: must be >= 1")
         if flags.layers:
             try:
                 sizes = [int(v) for v in flags.layers.split(",")]
@@ -103,15 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             layers = tuple(dataclasses.replace(base, features=n) for n in sizes)
             flag = f"--layers={flags.layers}"
             config = cli.checked(flag, lambda: config.replace(layers=layers).validate())
-        last = config.seed + flags.seeds - 1  # the seeds are --seed, ..., last
-        flag = f"--seeds={flags.seeds}"
-        if flags.seed is not None:
-            flag = f"--seed={flags.seed} {flag}"
-        cli.checked(flag, config.replace(seed=last).validate)
+        seeds = cli.seed_list(flags, config)
         run_sweep(
             config,
             flags.workdir,
-            seeds=list(range(config.seed, last + 1)),
+            seeds=seeds,
             hparams=parse_hparams(flags.hparam, config) or None,
             study=flags.study,
             compare_separate=flags.compare_separate,

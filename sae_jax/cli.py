@@ -232,6 +232,21 @@ def checked(flag: str, check: Callable[[], T]) -> T:
         raise UserError(f"{flag}: {e}") from None
 
 
+def seed_list(flags: argparse.Namespace, config: Config) -> list[int]:
+    """``--seeds=N`` as the seeds S, S+1, ..., S+N-1, S being the config's seed (what
+    ``--seed`` set); each checked, the message naming the flags."""
+    from sae_jax.experiment import UserError
+
+    if flags.seeds < 1:
+        raise UserError(f"--seeds={flags.seeds}: must be >= 1")
+    last = config.seed + flags.seeds - 1
+    flag = f"--seeds={flags.seeds}"
+    if flags.seed is not None:
+        flag = f"--seed={flags.seed} {flag}"
+    checked(flag, config.replace(seed=last).validate)
+    return list(range(config.seed, last + 1))
+
+
 def select(flags: argparse.Namespace) -> None:
     """Select the platform (joining a multi-host run first with ``--distributed``) and
     the compilation cache, as the flags say."""

@@ -96,6 +96,11 @@ def test_readme_runs_as_written(clone):
     assert list((runs["own"] / "tensorboard").glob("events.out.tfevents.*"))
     shapes = next(out for cmd, out in ran if "model.reconstruct" in cmd)
     assert re.findall(r"^\(8, \d+\)$", shapes, re.M) == ["(8, 64)", "(8, 32)", "(8, 784)"]
+    searched = json.loads((clone / "checkpoints" / "search" / "search.json").read_text())
+    assert (
+        len(searched["runs"][0]["points"]) == 4 and len(searched["runs"][0]["test_accuracy"]) == 2
+    )
+    assert (clone / "checkpoints" / "search" / "search.md").read_text().count("| yes |") == 4
     if skipped:
         pytest.skip(f"{len(ran)} README steps ran; skipped for want of ../shared: {skipped}")
 
