@@ -25,7 +25,7 @@ from sae_jax.checkpoint import (
     config_differences,
     config_to_json,
 )
-from sae_jax.config import ADAM, tiny
+from sae_jax.config import ADAM, OptimizerConfig, tiny
 from sae_jax.engine import TrainState, init_state
 from sae_jax.models import classifier, init_params
 from sae_jax.pipeline import run_pipeline
@@ -343,9 +343,16 @@ def test_progress_bar_on_a_terminal():
     assert os.linesep not in out[:-1]
 
 
-def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path):
+SCHEDULED = OptimizerConfig(
+    "sgd", 0.1, momentum=0.9, momentum_start=0.5, momentum_epochs=3, lr_decay=0.8, max_norm=2.0
+)
+
+
+@pytest.mark.parametrize("optimizer, keep", [(ADAM, 1.0), (SCHEDULED, 0.5)], ids=["adam", "sgd"])
+def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path, optimizer, keep):
     """The best params so far travel in the checkpoints: a stage interrupted after its
-    best epoch returns that epoch's params and stops on the same patience."""
+    best epoch returns that epoch's params and stops on the same patience (also with
+    schedules, a max-norm constraint and dropout)."""
     config = _small_config()
     x, y = synthetic_digits(100, 1)
     model = classifier(config)
@@ -355,9 +362,9 @@ def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path):
     def stage(workdir, score, on_epoch=None):
         return run_stage(
             "finetune",
-            classifier_loss(model),
+            classifier_loss(model, hidden_keep=keep),
             params,
-            ADAM,
+            optimizer,
             (x, y),
             epochs=len(scores),
             key=jax.random.PRNGKey(1),
