@@ -52,7 +52,7 @@ from sae_jax.files import (
     write_text_atomic,
 )
 from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
-from sae_jax.recipes import StageRecord
+from sae_jax.stages import StageRecord
 
 STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
 MANAGED = (

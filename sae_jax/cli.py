@@ -18,8 +18,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO, TypeVar
 
-from sae_jax.config import PRESETS, Config, ConfigError
+from sae_jax.config import Config, ConfigError
 from sae_jax.config_files import apply_overrides, load_config
+from sae_jax.presets import PRESETS
 
 T = TypeVar("T")
 
@@ -76,7 +77,7 @@ def _config_flags(p: Parser) -> None:
     p.add_argument(
         "--config",
         default="seed",
-        help=f"a preset ({', '.join(PRESETS)}; see sae_jax/config.py), a run's config.json, "
+        help=f"a preset ({', '.join(PRESETS)}; see sae_jax/presets.py), a run's config.json, "
         "or a Python file defining get_config(); then --config.<field>=<value> overrides "
         "any field, e.g. --config.layers.0.beta=2 (default: seed)",
     )

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sae_jax.config import Config, ConfigError, LayerConfig, OptimizerConfig, get_preset
+from sae_jax.config import Config, ConfigError, LayerConfig, OptimizerConfig
+from sae_jax.presets import get_preset
 
 RUN_KEY = "_run"  # a run's config.json keeps its run options (e.g. no pretraining) here
 

@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sae_jax.recipes import StageRecord
+from sae_jax.stages import StageRecord
 
 DPI = 100
 

@@ -23,17 +23,14 @@ from sae_jax.recipes import (
     DROPOUT,
     SWEEP_NAMES,
     SWEEPABLE,
-    StageCallback,
-    StageRecord,
-    StageStore,
     classifier_loss,
     encode_dataset,
     evaluate,
     init_stage_params,
     pretrain_layer,
-    run_stage,
     split2,
 )
+from sae_jax.stages import StageCallback, StageRecord, StageStore, run_stage
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Recipes on top of ``fit``: greedy pretraining, softmax stage, fine-tuning, evaluation.
+"""Recipes on top of ``fit``: the layer and classifier losses, encoding, evaluation
+and one pretrained layer (each stage runs through ``sae_jax.stages.run_stage``).
 
 Recipes take device arrays and callbacks; they never open files or print. Images
 may be uint8 ``[n, features]`` (scaled to ``[0, 1]`` on the device, per batch) or
@@ -7,11 +8,8 @@ floating point.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +18,11 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from sae_jax import losses
-from sae_jax.config import LayerConfig, OptimizerConfig
+from sae_jax.config import LayerConfig
 from sae_jax.corruption import corrupt
 from sae_jax.engine import (
     LossFn,
     Params,
-    TrainState,
-    fit,
-    init_state,
     map_batches,
 )
 from sae_jax.models import (
@@ -38,13 +33,8 @@ from sae_jax.models import (
     init_params,
     to_float,
 )
-from sae_jax.optim import make_optimizer, set_learning_rate
 from sae_jax.parallel import to_host
-
-History = list[dict[str, float]]
-# on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
-StageCallback = Callable[[str, int, dict[str, float], float], None]
-
+from sae_jax.stages import StageCallback, StageRecord, StageStore, run_stage
 
 SWEEPABLE = ("rho", "beta", "l1", "contractive", "weight_decay", "noise_level")
 # Fine-tuning's dropout keep probabilities (Config.finetune_input_keep / _hidden_keep).
@@ -178,204 +168,6 @@ def evaluate(
     x_axis = _model_axis(x, models)
     accuracy, loss = to_host(_evaluate(module, params, x, y, batch_size, models, x_axis))
     return {"accuracy": np.asarray(accuracy).tolist(), "loss": np.asarray(loss).tolist()}
-
-
-@dataclass
-class StageRecord:
-    """One stage of a run: its name, epochs, wall seconds and per-epoch metrics.
-
-    ``wall_s`` adds up the time of every run that worked on the stage (a resumed
-    stage counts its earlier runs too).
-    """
-
-    name: str
-    epochs: int
-    wall_s: float = 0.0
-    history: History = field(default_factory=list)
-    best_epoch: int | list[int] = 0  # with keep_best: the epoch returned (per model)
-
-    @property
-    def final_loss(self) -> float | None:
-        """The mean loss of the last epoch (None when the stage ran no epoch)."""
-        return self.history[-1]["loss"] if self.history else None
-
-    def summary(self) -> dict[str, Any]:
-        """``{name, epochs, wall_s, final_loss}`` as JSON-ready data."""
-        return {
-            "name": self.name,
-            "epochs": self.epochs,
-            "wall_s": self.wall_s,
-            "final_loss": self.final_loss,
-        }
-
-
-class StageStore(Protocol):
-    """Where stages keep their progress (``sae_jax.checkpoint.RunStore`` on disk).
-
-    ``finished`` returns the final params and record of a completed stage;
-    ``resume`` the state after the last saved epoch, the record so far and the
-    params of the best epoch so far (None unless ``save_epoch`` was given them).
-    Both return None when there is nothing to restore; ``template`` gives the
-    structure.
-    """
-
-    def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None: ...
-
-    def resume(
-        self, stage: str, template: TrainState
-    ) -> tuple[TrainState, StageRecord, Params | None] | None: ...
-
-    def save_epoch(
-        self,
-        stage: str,
-        state: TrainState,
-        key: jax.Array,
-        record: StageRecord,
-        best: Params | None = None,
-    ) -> None: ...
-
-    def save_finished(self, stage: str, params: Params, record: StageRecord) -> None: ...
-
-
-class _Best:
-    """The best epoch so far by ``metric``: of one model, or of each of ``models``.
-
-    ``params`` are a copy of the best epoch's params (per model, with a leading model
-    axis); ``epoch`` counts from 1 (0: none yet); ``value`` is the best metric.
-    """
-
-    def __init__(self, models: int | None, patience: int | None):
-        shape = () if models is None else (models,)
-        self.models, self.patience = models, patience
-        self.value, self.epoch = np.full(shape, -np.inf), np.zeros(shape, int)
-        self.params: Params | None = None
-
-    def update(self, epoch: int, value: Any, params: Params) -> bool | np.ndarray:
-        """Keep ``params`` where ``value`` improves on the best; return the stop
-        verdict for ``fit``: True to stop (one model), or which models go on."""
-        improved = np.asarray(value, np.float64) > self.value  # NaN never improves
-        if improved.any():
-            if self.params is None or improved.all():
-                self.params = jax.tree.map(jnp.copy, params)
-            else:
-                self.params = _keep_improved(jnp.asarray(improved), params, self.params)
-        self.value = np.where(improved, value, self.value)
-        self.epoch = np.where(improved, epoch + 1, self.epoch)
-        if self.patience is None:
-            return False if self.models is None else np.ones(self.models, bool)
-        going = epoch + 1 - self.epoch < self.patience
-        return bool(not going) if self.models is None else going
-
-    def best_epoch(self) -> int | list[int]:
-        return int(self.epoch) if self.models is None else self.epoch.tolist()
-
-
-@jax.jit
-def _keep_improved(improved: jax.Array, new: Params, old: Params) -> Params:
-    """Per model (leading axis): ``new`` where ``improved``, else ``old``."""
-    pick = lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o)
-    return jax.tree.map(pick, new, old)
-
-
-def run_stage(
-    name: str,
-    loss_fn: LossFn,
-    params: Params,
-    optimizer_config: OptimizerConfig,
-    data: tuple[jax.Array, ...],
-    *,
-    epochs: int,
-    key: jax.Array,
-    batch_size: int,
-    store: StageStore | None = None,
-    evaluate_fn: Callable[[Params], Any] | None = None,
-    on_epoch: StageCallback | None = None,
-    mesh: Mesh | None = None,
-    models: int | None = None,
-    data_axis: Any = None,
-    hparams: dict[str, Any] | None = None,
-    learning_rate: Any = None,
-    metric: str = "test_accuracy",
-    keep_best: bool = False,
-    patience: int | None = None,
-) -> tuple[Params, StageRecord]:
-    """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
-
-    After every epoch: ``evaluate_fn``'s accuracy (when given) joins the metrics as
-    ``metric``, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is
-    called. With ``keep_best`` the stage returns the params of its epoch with the
-    highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
-    without a new best; the best params travel in every checkpoint, so a resumed
-    stage returns what an uninterrupted one would. With ``models``, every model
-    keeps its own best epoch (``record.best_epoch`` is a list) and stops on its own
-    patience while the others go on; a model whose loss diverges stops too.
-    ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
-    ``learning_rate`` (``[models]``) gives each model its own learning rate.
-
-    Returns:
-      The final params and the stage's ``StageRecord``.
-    """
-    if store is not None and (done := store.finished(name, params)) is not None:
-        return done
-    start = time.perf_counter()
-    steps = -(-_num_examples(data, models, data_axis) // batch_size)
-    optimizer = make_optimizer(optimizer_config, learning_rate is not None, steps)
-    record, state = StageRecord(name, epochs), None
-    best = _Best(models, patience) if keep_best else None
-    if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
-        state, record, best_params = resumed
-        if best_params is not None:  # saved only by a keep-best stage, after its best epoch
-            best.value = np.float64(record.history[record.best_epoch - 1][metric])
-            best.epoch, best.params = np.asarray(record.best_epoch), best_params
-    if learning_rate is not None:
-        state = init_state(params, optimizer, hparams, models)
-        state = state._replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
-    earlier_wall = record.wall_s
-
-    def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
-        if evaluate_fn is not None:
-            metrics[metric] = evaluate_fn(state.params)
-        metrics["seconds"] = seconds
-        record.history.append(metrics)
-        record.wall_s = earlier_wall + time.perf_counter() - start
-        verdict = None if best is None else best.update(epoch, metrics[metric], state.params)
-        if best is not None:
-            record.best_epoch = best.best_epoch()
-        if store is not None:
-            store.save_epoch(name, state, key, record, None if best is None else best.params)
-        if on_epoch is not None:
-            on_epoch(name, epoch + 1, metrics, seconds)
-        return verdict
-
-    result = fit(
-        loss_fn,
-        params,
-        optimizer,
-        data,
-        batch_size=batch_size,
-        epochs=epochs,
-        key=key,
-        name=name,
-        on_epoch=after_epoch,
-        state=state,
-        start_epoch=len(record.history),
-        mesh=mesh,
-        models=models,
-        data_axis=data_axis,
-        hparams=hparams,
-        drop_nonfinite=models is not None and keep_best,
-    )
-    record.wall_s = earlier_wall + time.perf_counter() - start
-    final = result.state.params if best is None or best.params is None else best.params
-    if store is not None:
-        store.save_finished(name, final, record)
-    return final, record
-
-
-def _num_examples(data: tuple[jax.Array, ...], models: int | None, data_axis: Any) -> int:
-    """The number of examples in ``data`` (see ``fit``'s ``data_axis``)."""
-    axis = data_axis[0] if isinstance(data_axis, tuple) else data_axis
-    return data[0].shape[1 if models is not None and axis == 0 else 0]
 
 
 def split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:

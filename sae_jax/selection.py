@@ -26,7 +26,8 @@ from sae_jax.engine import Params
 from sae_jax.models import classifier
 from sae_jax.parallel import default_mesh
 from sae_jax.pipeline import PipelineResult, run_pipeline
-from sae_jax.recipes import DROPOUT, SWEEP_NAMES, SWEEPABLE, StageCallback, evaluate
+from sae_jax.recipes import DROPOUT, SWEEP_NAMES, SWEEPABLE, evaluate
+from sae_jax.stages import StageCallback
 
 # Fields that change the models' shapes or loop lengths: one compiled program each.
 SHAPE_NAMES = ("features", "pretrain_epochs")

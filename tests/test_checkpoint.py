@@ -30,7 +30,8 @@ from sae_jax.engine import TrainState, init_state
 from sae_jax.models import classifier, init_params
 from sae_jax.pipeline import run_pipeline
 from sae_jax.progress import Progress
-from sae_jax.recipes import StageRecord, classifier_loss, run_stage
+from sae_jax.recipes import classifier_loss
+from sae_jax.stages import StageRecord, run_stage
 from sae_jax.trained import load_model
 
 RUNNER = textwrap.dedent("""
@@ -276,8 +277,8 @@ def test_denoising_reconstructions_show_the_corrupted_row(tmp_path, drawn):
 def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
     from sae_jax.models import FrozenLayer, autoencoder
     from sae_jax.pipeline import PipelineResult
-    from sae_jax.recipes import StageRecord
     from sae_jax.report import write_figures
+    from sae_jax.stages import StageRecord
 
     config = tiny()
     assert [layer.noise for layer in config.layers] == ["none", "none"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_config, synthetic_digits
 from flax import linen as nn
 
-from sae_jax import pipeline, recipes, selection
+from sae_jax import pipeline, recipes, selection, stages
 from sae_jax.config import LayerConfig, OptimizerConfig
 from sae_jax.models import FrozenLayer, autoencoder, init_params
 
@@ -108,7 +108,7 @@ def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
             self.walls.append(record.wall_s)
 
     start = time.perf_counter()
-    params, record = recipes.run_stage(
+    params, record = stages.run_stage(
         "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
         (x, y), epochs=5, key=jax.random.PRNGKey(0), batch_size=4, evaluate_fn=evaluate_fn,
         on_epoch=lambda name, epoch, metrics, s: seen.append((name, epoch, metrics["metric"], s)),
@@ -127,7 +127,7 @@ def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
 def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
     x, y = _regression()
     sgd = OptimizerConfig("sgd", learning_rate=0.05)
-    params, record = recipes.run_stage(
+    params, record = stages.run_stage(
         "plain", _mse, {"w": jnp.zeros((3, 1))}, sgd, (x, y),
         epochs=4, key=jax.random.PRNGKey(0), batch_size=8,
     )  # fmt: skip
@@ -143,17 +143,17 @@ def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
     assert record.summary() == {
         "name": "plain", "epochs": 4, "wall_s": record.wall_s, "final_loss": record.final_loss
     }  # fmt: skip
-    assert recipes.StageRecord("none", 2).final_loss is None
+    assert stages.StageRecord("none", 2).final_loss is None
 
 
 def test_a_stage_its_store_has_finished_is_returned_without_training():
-    done = ({"w": jnp.full((3, 1), 2.0)}, recipes.StageRecord("stage", 3, 1.5, [{"loss": 0.1}]))
+    done = ({"w": jnp.full((3, 1), 2.0)}, stages.StageRecord("stage", 3, 1.5, [{"loss": 0.1}]))
 
     class Store:
         finished = lambda self, name, template: done if name == "stage" else None
         resume = save_epoch = save_finished = lambda self, *args: pytest.fail("trained")
 
-    out = recipes.run_stage(
+    out = stages.run_stage(
         "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
         _regression(), epochs=3, key=jax.random.PRNGKey(0), batch_size=4, store=Store(),
         on_epoch=lambda *args: pytest.fail("trained"),
@@ -167,12 +167,12 @@ def test_run_stage_gives_each_model_its_own_learning_rate():
     keys = jax.random.split(jax.random.PRNGKey(0))
     common = {"epochs": 2, "batch_size": 4}
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w0)
-    many, record = recipes.run_stage(
+    many, record = stages.run_stage(
         "many", _mse, stacked, OptimizerConfig("adam", learning_rate=0.3), (x, y),
         key=keys, models=2, learning_rate=jnp.asarray(rates), **common,
     )  # fmt: skip
     for i, rate in enumerate(rates):
-        one, alone = recipes.run_stage(
+        one, alone = stages.run_stage(
             "one", _mse, w0, OptimizerConfig("adam", learning_rate=rate), (x, y),
             key=keys[i], **common,
         )  # fmt: skip
@@ -186,7 +186,7 @@ def _recorded_pipeline(monkeypatch, config, **kwargs):
     the key of every ``init_params`` and, for every ``fit``, the stage's name, its key
     and the shape of its inputs."""
     init_keys, fits = [], []
-    real_init, real_fit = recipes.init_params, recipes.fit
+    real_init, real_fit = recipes.init_params, stages.fit
 
     def init_params(module, key, in_features):
         init_keys.append(np.asarray(key))
@@ -197,7 +197,7 @@ def _recorded_pipeline(monkeypatch, config, **kwargs):
         return real_fit(loss_fn, params, optimizer, data, name=name, key=key, **kw)
 
     monkeypatch.setattr(recipes, "init_params", init_params)
-    monkeypatch.setattr(recipes, "fit", fit)
+    monkeypatch.setattr(stages, "fit", fit)
     train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
     result = pipeline.run_pipeline(config, train, test, **kwargs)
     return result, init_keys, fits
