@@ -55,6 +55,9 @@ TESTS = {
     "pipeline": ["test_pipeline.py", "test_recipes.py", "test_parallel.py", "test_checkpoint.py"],
     "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
     "config_files": ["test_config_files.py"],
+    "optim": ["test_optim.py", "test_engine.py"],
+    "stages": ["test_recipes.py", "test_checkpoint.py", "test_selection.py", "test_engine.py"],
+    "selection": ["test_selection.py", "test_parallel.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
 

@@ -90,6 +90,9 @@ def test_search_ranks_on_validation_and_tests_the_chosen_point_once(monkeypatch)
 
 
 def test_search_points_grid_and_random_draws():
+    import sae_jax
+
+    assert sae_jax.search is search and sae_jax.Range is Range  # the public names
     space = {"beta": [1.0, 3.0], "noise_level": [0.1, 0.2, 0.3]}
     assert search_points(space) == [
         {"beta": b, "noise_level": r} for b in (1.0, 3.0) for r in (0.1, 0.2, 0.3)
