@@ -95,3 +95,13 @@ def test_bad_schedules_are_refused(change, message):
 def test_keep_probabilities_must_be_probabilities(name, value):
     with pytest.raises(ConfigError, match=name):
         tiny().replace(**{name: value}).validate()
+
+
+def test_a_configured_max_norm_bounds_every_unit_after_each_step():
+    config = OptimizerConfig("sgd", learning_rate=1.0, max_norm=0.5)
+    w = jnp.full((4, 3), 0.1)  # column norms 0.2, within the ball
+    opt = make_optimizer(config)
+    grad = jnp.array([[-1.0, 0.0, 0.0]] * 4)  # pushes column 0 out to norm 2.2
+    updates, _ = jax.jit(opt.update)(grad, opt.init(w), w)
+    norms = np.sqrt((np.asarray(w + updates) ** 2).sum(axis=0))
+    np.testing.assert_allclose(norms, [0.5, 0.2, 0.2], rtol=1e-6)
