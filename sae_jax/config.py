@@ -282,7 +282,17 @@ def _layer(name: str, layer: LayerConfig) -> None:
 
 
 # The presets live in ``sae_jax.presets``; their names are importable from here too.
-_PRESET_NAMES = ("ADAM", "TF1_RMSPROP", "PRESETS", "get_preset", "seed", "tiny", "ufldl", "sda3")
+_PRESET_NAMES = (
+    "ADAM",
+    "TF1_RMSPROP",
+    "PRESETS",
+    "get_preset",
+    "seed",
+    "tiny",
+    "ufldl",
+    "sda3",
+    "sda3_dropout",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -108,8 +108,7 @@ def test_batch_larger_than_data():
 def test_unknown_preset():
     with pytest.raises(
         ConfigError,
-        match=r"unknown preset 'sead'; choose from sda3, seed, "
-        r"tiny, ufldl",
+        match=r"unknown preset 'sead'; choose from sda3, sda3_dropout, seed, tiny, ufldl",
     ):
         get_preset("sead")
 
@@ -129,6 +128,9 @@ def test_paper_presets():
     assert [layer.noise_level for layer in s.layers] == [0.1, 0.2, 0.3]
     assert all(layer.tied and layer.reconstruction == "cross_entropy" for layer in s.layers)
     assert u.layer_sizes == [784, 200, 200] and s.layer_sizes == [784, 1000, 1000, 1000]
+    d = get_preset("sda3_dropout").validate(60000)  # sda3's pretraining, dropout fine-tuning
+    assert d.layers == s.layers and (d.finetune_input_keep, d.finetune_hidden_keep) == (0.8, 0.8)
+    assert d.finetune_optimizer.learning_rate == 1e-3 and s.finetune_input_keep == 1.0
 
 
 def test_layer_defaults_valid():
