@@ -26,9 +26,8 @@ from sae_jax.selection import (
     SEARCH_NAMES,
     Range,
     Space,
-    point_config,
+    checked_points,
     search,
-    search_points,
 )
 
 NO_RESUME = "a search keeps no checkpoints: the same command starts it over"
@@ -93,11 +92,7 @@ def run_search(
         raise UserError(
             "a search needs a validation split to choose on: set --config.validation_examples=N"
         )
-    for point in search_points(space, points, sample_seed):  # before the data loads
-        try:
-            point_config(config, point).validate()
-        except ConfigError as e:
-            raise ConfigError(f"search point {point}: {e}") from None
+    checked_points(config, space, points, sample_seed)  # before the data loads
     ready = prepare(config, workdir, data, log)
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     if dataset.train_labels is None or dataset.test_labels is None:

@@ -186,6 +186,24 @@ def point_config(config: Config, point: dict[str, float]) -> Config:
     return model_config(config.replace(layers=layers), [config.seed], swept, 0)
 
 
+def checked_points(
+    config: Config,
+    space: Space,
+    points: int | None = None,
+    seed: int = 0,
+    num_train: int | None = None,
+) -> list[dict[str, float]]:
+    """``search_points(space, points, seed)``, each point's config validated (against
+    ``num_train`` training examples when given); ``ConfigError`` names the point."""
+    candidates = search_points(space, points, seed)
+    for point in candidates:
+        try:
+            point_config(config, point).validate(num_train)
+        except ConfigError as e:
+            raise ConfigError(f"search point {point}: {e}") from None
+    return candidates
+
+
 @dataclass
 class SearchResult:
     """What ``search`` returns.
@@ -246,12 +264,7 @@ def search(
       ConfigError: before anything trains, for a bad space or a point whose config
         does not validate (the message names the point).
     """
-    candidates = search_points(space, points, sample_seed)
-    for point in candidates:
-        try:
-            point_config(config, point).validate(len(train[0]))
-        except ConfigError as e:
-            raise ConfigError(f"search point {point}: {e}") from None
+    candidates = checked_points(config, space, points, sample_seed, len(train[0]))
     groups: dict[tuple, list[int]] = {}
     for i, point in enumerate(candidates):
         shape = tuple((k, point[k]) for k in SHAPE_NAMES if k in point)
