@@ -46,7 +46,7 @@ _EXPORTS = {
     "search": "sae_jax.selection",
     "Range": "sae_jax.selection",
     "SearchResult": "sae_jax.selection",
-    "pretrain_stack": "sae_jax.pipeline",
+    "pretrain_stack": "sae_jax.recipes",
     "PipelineResult": "sae_jax.pipeline",
     # configs as files
     "load_config": "sae_jax.config_files",

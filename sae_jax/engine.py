@@ -161,6 +161,13 @@ def state_sharding(mesh: Mesh, models: bool = False) -> NamedSharding:
     return NamedSharding(mesh, P(MODEL_AXIS) if spread else P())
 
 
+def take_models(tree: Params, index: np.ndarray, mesh: Mesh | None = None) -> Params:
+    """Model ``index[i]`` of every leaf of ``tree`` (leading model axis) as model
+    ``i``, laid out over the mesh's ``"models"`` axis like a sweep's train state."""
+    out = None if mesh is None else state_sharding(mesh, models=True)
+    return jax.jit(lambda t: jax.tree.map(lambda a: a[index], t), out_shardings=out)(tree)
+
+
 def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Array:
     """Put ``a`` ``[n, ...]`` on the device(s): split over the mesh's ``"data"`` axis
     when ``n`` divides evenly, else replicated (no mesh: the default device).

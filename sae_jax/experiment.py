@@ -32,8 +32,9 @@ from sae_jax.files import (
     write_bytes_atomic,
 )
 from sae_jax.parallel import broadcast_int, default_mesh, initialize_distributed, is_primary
-from sae_jax.pipeline import PipelineResult, pretrain_stack, run_pipeline
+from sae_jax.pipeline import PipelineResult, run_pipeline
 from sae_jax.progress import Progress
+from sae_jax.recipes import pretrain_stack
 from sae_jax.report import run_summary, write_figures, write_json_atomic
 from sae_jax.stages import StageCallback
 from sae_jax.tensorboard import TensorBoard, check_available

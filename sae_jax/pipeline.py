@@ -8,27 +8,31 @@ callbacks and never opens files or prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from sae_jax.config import Config
-from sae_jax.engine import Params, place_data
+from sae_jax.engine import Params, place_data, take_models
 from sae_jax.models import FrozenLayer, classifier, compose, softmax_head
+from sae_jax.parallel import MODEL_AXIS, axis_size
 from sae_jax.recipes import (
     DROPOUT,
+    PRETRAINING_HPARAMS,
     SWEEP_NAMES,
     SWEEPABLE,
     classifier_loss,
     encode_dataset,
     evaluate,
     init_stage_params,
-    pretrain_layer,
+    pretrain_layers,
     split2,
+    stage_keys,
 )
 from sae_jax.stages import StageCallback, StageRecord, StageStore, run_stage
 
@@ -91,6 +95,8 @@ def run_pipeline(
         with ``seeds``, a mesh with a ``"models"`` axis spreads the models over it.
       seeds: train one model per seed, all in one compiled program per stage
         (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
+        Models with the same seed and the same pretraining values of ``hparams``
+        share one pretraining and softmax stage (they differ from fine-tuning on).
       hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
         ``SWEEP_NAMES``: ``SWEEPABLE`` loss terms (for every pretraining layer),
         ``pretrain_learning_rate``, ``finetune_learning_rate`` and the fine-tuning
@@ -117,11 +123,7 @@ def run_pipeline(
     run = _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch)
     layers, head_params, stages = [], None, []
     if pretrain:
-        layers, stages, top_codes = _pretrain(
-            config, run.train[0], run.keys, run.loss_hparams, run.rate("pretrain"), run.common
-        )
-        head_params, record = _train_softmax(run, layers, top_codes)
-        stages.append(record)
+        layers, head_params, stages = _pretrain_with_softmax(run)
         start = compose(layers, head_params)
     else:
         start = init_stage_params(classifier(config), run.keys[-2], config.input_features)
@@ -196,8 +198,66 @@ def _setting(config, train, test, validation, seeds, hparams, store, mesh, on_ep
     common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
     common |= {"mesh": mesh, "models": models}
     as_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-    keys = _stage_keys(config, seeds)
+    keys = stage_keys(config, seeds)
     return _Run(config, train, test, validation, keys, models, as_arrays, common)
+
+
+def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[StageRecord]]:
+    """Pretraining and the softmax stage, trained once for each distinct pretraining
+    among the models (``_shared_pretraining``) and then handed to every model."""
+    shared = _shared_pretraining(run)
+    sub = run if shared is None else _subset(run, shared[0])
+    layers, stages, top_codes = pretrain_layers(
+        run.config, sub.train[0], sub.keys, sub.loss_hparams, sub.rate("pretrain"), sub.common
+    )
+    head_params, record = _train_softmax(sub, layers, top_codes)
+    stages.append(record)
+    if shared is None:
+        return layers, head_params, stages
+    index = shared[1]
+    mesh = run.common["mesh"]
+    layers = [FrozenLayer(layer.module, take_models(layer.params, index, mesh)) for layer in layers]
+    return layers, take_models(head_params, index, mesh), [r.take(index) for r in stages]
+
+
+def _shared_pretraining(run: _Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """Which models pretrain, when several pretrain alike: the same seed (stage keys)
+    and the same ``SWEEPABLE`` values and pretraining rate.
+
+    Returns the models to pretrain (the first of each distinct kind, padded to a
+    multiple of the mesh's ``"models"`` axis) and each model's index among them; or
+    None when sharing would save nothing (one model, or all distinct)."""
+    if run.models is None:
+        return None
+    names = [k for k in run.hparams if k in PRETRAINING_HPARAMS]
+    keys = np.asarray(run.keys).swapaxes(0, 1).reshape(run.models, -1)
+    values = np.stack([np.asarray(run.hparams[k]) for k in names], 1) if names else None
+    kinds = [
+        (*keys[m].tolist(), *([] if values is None else values[m].tolist()))
+        for m in range(run.models)
+    ]
+    first: dict[tuple, int] = {}
+    for m, kind in enumerate(kinds):
+        first.setdefault(kind, m)
+    firsts = list(first.values())
+    mesh = run.common["mesh"]
+    spread = 1 if mesh is None else axis_size(mesh, MODEL_AXIS)
+    firsts += firsts[:1] * (-len(firsts) % spread)
+    if len(firsts) >= run.models:
+        return None
+    index = [firsts.index(first[kind]) for kind in kinds]
+    return np.asarray(firsts), np.asarray(index)
+
+
+def _subset(run: _Run, models: np.ndarray) -> _Run:
+    """``run`` restricted to ``models`` (indices of its models)."""
+    return replace(
+        run,
+        keys=run.keys[:, models],
+        models=len(models),
+        hparams={k: v[models] for k, v in run.hparams.items()},
+        common=run.common | {"models": len(models)},
+    )
 
 
 def _train_softmax(
@@ -268,90 +328,3 @@ def _evaluate_test(
         return metrics, {}
     codes = encode_dataset(layers, x, batch, models)
     return metrics, evaluate(softmax_head(config), head_params, codes, y, batch, models)
-
-
-def _stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
-    """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
-
-    ``[layers + 2, 2]``; with ``seeds`` ``[layers + 2, models, 2]``, model ``i``'s
-    keys being those its own run with ``config.seed = seeds[i]`` would use."""
-    num_keys = len(config.layers) + 2
-    if seeds is None:
-        return jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
-    return jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
-
-
-def _pretrain(
-    config: Config,
-    x: jax.Array,
-    keys: jax.Array,
-    hparams: dict[str, jax.Array] | None,
-    learning_rate: jax.Array | None,
-    common: dict[str, Any],
-) -> tuple[list[FrozenLayer], list[StageRecord], jax.Array]:
-    """Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
-
-    Returns the frozen layers, their stage records and the top layer's codes of ``x``
-    (``[n, features]``, or ``[models, n, features]`` in a sweep)."""
-    models = bool(common["models"])
-    layers: list[FrozenLayer] = []
-    records: list[StageRecord] = []
-    codes, in_features = x, config.input_features
-    for i, layer in enumerate(config.layers):
-        if layers:
-            codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
-        frozen, record = pretrain_layer(
-            layer,
-            in_features,
-            codes,
-            key=keys[i],
-            bias_init=config.bias_init,
-            name=f"pretrain_{i + 1}",
-            hparams=hparams,
-            learning_rate=learning_rate,
-            **common,
-        )
-        layers.append(frozen)
-        records.append(record)
-        in_features = layer.features
-    return layers, records, encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
-
-
-def pretrain_stack(
-    config: Config,
-    x: jax.Array,
-    *,
-    on_epoch: StageCallback | None = None,
-    store: StageStore | None = None,
-    mesh: Mesh | None = None,
-) -> tuple[list[FrozenLayer], list[StageRecord]]:
-    """Greedy layer-wise pretraining of ``config``'s stack on unlabelled images alone.
-
-    The same stages, keys and results as the pretraining part of ``run_pipeline``
-    with the same config (stages ``pretrain_1`` ... ``pretrain_k``); for data
-    without labels, or features without a classifier.
-
-    Args:
-      config: a validated ``Config`` (its softmax and fine-tuning fields are unused).
-      x: images ``[n, input_features]``, uint8 or float.
-      on_epoch, store, mesh: as for ``run_pipeline``.
-
-    Returns:
-      The frozen layers (bottom first; ``encode_dataset`` gives their codes) and one
-      ``StageRecord`` per layer.
-    """
-    if x.ndim != 2 or x.shape[1] != config.input_features or x.shape[0] == 0:
-        raise ValueError(
-            f"train images: expected [n, {config.input_features}] with n >= 1; "
-            f"got shape {tuple(x.shape)}"
-        )
-    common = {
-        "batch_size": config.batch_size,
-        "store": store,
-        "on_epoch": on_epoch,
-        "mesh": mesh,
-        "models": None,
-    }
-    keys = _stage_keys(config, None)
-    layers, records, _ = _pretrain(config, place_data(x, mesh), keys, None, None, common)
-    return layers, records

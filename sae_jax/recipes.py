@@ -1,5 +1,6 @@
 """Recipes on top of ``fit``: the layer and classifier losses, encoding, evaluation
-and one pretrained layer (each stage runs through ``sae_jax.stages.run_stage``).
+one pretrained layer and a greedily pretrained stack (each stage runs through
+``sae_jax.stages.run_stage``).
 
 Recipes take device arrays and callbacks; they never open files or print. Images
 may be uint8 ``[n, features]`` (scaled to ``[0, 1]`` on the device, per batch) or
@@ -18,12 +19,13 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from sae_jax import losses
-from sae_jax.config import LayerConfig
+from sae_jax.config import Config, LayerConfig
 from sae_jax.corruption import corrupt
 from sae_jax.engine import (
     LossFn,
     Params,
     map_batches,
+    place_data,
 )
 from sae_jax.models import (
     Autoencoder,
@@ -42,6 +44,8 @@ DROPOUT = ("input_keep", "hidden_keep")
 # What a sweep's ``hparams`` may name: the loss terms above, two learning rates and
 # the dropout keep probabilities.
 SWEEP_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate", *DROPOUT)
+# The sweep names that change pretraining (the others change fine-tuning only).
+PRETRAINING_HPARAMS = (*SWEEPABLE, "pretrain_learning_rate")
 
 
 def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
@@ -224,3 +228,90 @@ def pretrain_layer(
         learning_rate=learning_rate,
     )
     return FrozenLayer(module, params), record
+
+
+def stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
+    """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
+
+    ``[layers + 2, 2]``; with ``seeds`` ``[layers + 2, models, 2]``, model ``i``'s
+    keys being those its own run with ``config.seed = seeds[i]`` would use."""
+    num_keys = len(config.layers) + 2
+    if seeds is None:
+        return jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
+    return jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
+
+
+def pretrain_layers(
+    config: Config,
+    x: jax.Array,
+    keys: jax.Array,
+    hparams: dict[str, jax.Array] | None,
+    learning_rate: jax.Array | None,
+    common: dict[str, Any],
+) -> tuple[list[FrozenLayer], list[StageRecord], jax.Array]:
+    """Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
+
+    Returns the frozen layers, their stage records and the top layer's codes of ``x``
+    (``[n, features]``, or ``[models, n, features]`` in a sweep)."""
+    models = bool(common["models"])
+    layers: list[FrozenLayer] = []
+    records: list[StageRecord] = []
+    codes, in_features = x, config.input_features
+    for i, layer in enumerate(config.layers):
+        if layers:
+            codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+        frozen, record = pretrain_layer(
+            layer,
+            in_features,
+            codes,
+            key=keys[i],
+            bias_init=config.bias_init,
+            name=f"pretrain_{i + 1}",
+            hparams=hparams,
+            learning_rate=learning_rate,
+            **common,
+        )
+        layers.append(frozen)
+        records.append(record)
+        in_features = layer.features
+    return layers, records, encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+
+
+def pretrain_stack(
+    config: Config,
+    x: jax.Array,
+    *,
+    on_epoch: StageCallback | None = None,
+    store: StageStore | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[list[FrozenLayer], list[StageRecord]]:
+    """Greedy layer-wise pretraining of ``config``'s stack on unlabelled images alone.
+
+    The same stages, keys and results as the pretraining part of ``run_pipeline``
+    with the same config (stages ``pretrain_1`` ... ``pretrain_k``); for data
+    without labels, or features without a classifier.
+
+    Args:
+      config: a validated ``Config`` (its softmax and fine-tuning fields are unused).
+      x: images ``[n, input_features]``, uint8 or float.
+      on_epoch, store, mesh: as for ``run_pipeline``.
+
+    Returns:
+      The frozen layers (bottom first; ``encode_dataset`` gives their codes) and one
+      ``StageRecord`` per layer.
+    """
+    if x.ndim != 2 or x.shape[1] != config.input_features or x.shape[0] == 0:
+        raise ValueError(
+            f"train images: expected [n, {config.input_features}] with n >= 1; "
+            f"got shape {tuple(x.shape)}"
+        )
+    common = {
+        "batch_size": config.batch_size,
+        "store": store,
+        "on_epoch": on_epoch,
+        "mesh": mesh,
+        "models": None,
+    }
+    keys = stage_keys(config, None)
+    layers, records, _ = pretrain_layers(config, place_data(x, mesh), keys, None, None, common)
+    return layers, records

@@ -26,14 +26,14 @@ from sae_jax.engine import Params
 from sae_jax.models import classifier
 from sae_jax.parallel import default_mesh
 from sae_jax.pipeline import PipelineResult, run_pipeline
-from sae_jax.recipes import DROPOUT, SWEEP_NAMES, SWEEPABLE, evaluate
+from sae_jax.recipes import DROPOUT, PRETRAINING_HPARAMS, SWEEP_NAMES, SWEEPABLE, evaluate
 from sae_jax.stages import StageCallback
 
 # Fields that change the models' shapes or loop lengths: one compiled program each.
 SHAPE_NAMES = ("features", "pretrain_epochs")
 SEARCH_NAMES = (*SWEEP_NAMES, *SHAPE_NAMES)
 # What only pretraining uses: left out of a no-pretraining search.
-PRETRAINING_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "pretrain_epochs")
+PRETRAINING_NAMES = (*PRETRAINING_HPARAMS, "pretrain_epochs")
 
 Split = tuple[jax.Array, jax.Array]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import jax
@@ -42,6 +42,18 @@ class StageRecord:
     def final_loss(self) -> float | None:
         """The mean loss of the last epoch (None when the stage ran no epoch)."""
         return self.history[-1]["loss"] if self.history else None
+
+    def take(self, index: np.ndarray) -> StageRecord:
+        """The record of a stage shared by several models: per-model values (arrays
+        ``[k]``, the ``best_epoch`` list) are reordered, model ``index[i]`` as ``i``."""
+
+        def per_model(value: Any) -> Any:
+            return np.asarray(value)[index] if np.ndim(value) else value
+
+        history = [{k: per_model(v) for k, v in epoch.items()} for epoch in self.history]
+        best = self.best_epoch
+        best = [best[i] for i in index] if isinstance(best, list) else best
+        return replace(self, history=history, best_epoch=best)
 
     def summary(self) -> dict[str, Any]:
         """``{name, epochs, wall_s, final_loss}`` as JSON-ready data."""

@@ -113,6 +113,15 @@ SWEEP_SHARDED = textwrap.dedent(r"""
     for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(spread.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
+    # Two distinct pretrainings among 8 models, on a mesh of 4 x 1: pretrained as 4
+    # models (padded to the models axis), then spread out as 8, as without a mesh.
+    seeds, hparams = [0, 1] * 4, {"finetune_learning_rate": [1e-3 * (1 + i // 2) for i in range(8)]}
+    shared = sweep(config, train, test, seeds=seeds, hparams=hparams, mesh=make_mesh(4, models=8))
+    alone = sweep(config, train, test, seeds=seeds, hparams=hparams, mesh=None)
+    for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(shared.params)):
+        assert b.sharding.spec[0] == "models", b.sharding
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
     def compiled_epoch(models):
         mesh = make_mesh(models=models)
         module = autoencoder(layer, 64, "uniform")
@@ -249,6 +258,34 @@ def test_no_pretraining_baseline():
     swept = run_pipeline(config, train, test, seeds=[0, 1], pretrain=False)
     assert len(swept.test["accuracy"]) == 2
     np.testing.assert_allclose(swept.test["accuracy"][0], result.test["accuracy"], atol=0.011)
+
+
+def test_models_that_pretrain_alike_share_one_pretraining():
+    # Models 0 and 1 differ in fine-tuning only; 2 has another seed, 3 another beta.
+    config, train, test = _config(), synthetic_digits(200, 1), synthetic_digits(100, 2)
+    seeds = [0, 0, 1, 0]
+    hparams = {
+        "beta": [1.0, 1.0, 1.0, 2.0],
+        "finetune_learning_rate": [3e-3, 1e-2, 3e-3, 3e-3],
+        "hidden_keep": [1.0, 0.8, 1.0, 1.0],
+    }
+    trained: dict[str, tuple] = {}
+    on_epoch = lambda stage, epoch, metrics, s: trained.setdefault(stage, np.shape(metrics["loss"]))
+    sweep = run_pipeline(config, train, test, seeds=seeds, hparams=hparams, on_epoch=on_epoch)
+    assert trained == {"pretrain_1": (3,), "pretrain_2": (3,), "softmax": (3,), "finetune": (4,)}
+    for i in (1, 3):  # model 1 pretrained as model 0, against its own run alone
+        alone = run_pipeline(model_config(config, seeds, hparams, i), train, test)
+        for swept_stage, alone_stage in zip(sweep.stages, alone.stages, strict=True):
+            for got, want in zip(swept_stage.history, alone_stage.history, strict=True):
+                assert got["loss"][i] == pytest.approx(want["loss"], rel=1e-4), swept_stage.name
+        swept_params = [layer.params for layer in sweep.layers] + [sweep.params]
+        alone_params = [layer.params for layer in alone.layers] + [alone.params]
+        for a, b in zip(jax.tree.leaves(alone_params), jax.tree.leaves(swept_params), strict=True):
+            np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        sweep.layers[0].params["params"]["encoder"]["kernel"][0],
+        sweep.layers[0].params["params"]["encoder"]["kernel"][1],
+    )
 
 
 def test_sweep_arguments_are_checked():
