@@ -225,28 +225,20 @@ def _shared_pretraining(run: _Run) -> tuple[np.ndarray, np.ndarray] | None:
     and the same ``SWEEPABLE`` values and pretraining rate.
 
     Returns the models to pretrain (the first of each distinct kind, padded to a
-    multiple of the mesh's ``"models"`` axis) and each model's index among them; or
-    None when sharing would save nothing (one model, or all distinct)."""
+    multiple of the mesh's ``"models"`` axis) and each model's index among them
+    (``[models]``); or None when sharing would save nothing (one model, or all
+    distinct)."""
     if run.models is None:
         return None
     names = [k for k in run.hparams if k in PRETRAINING_HPARAMS]
     keys = np.asarray(run.keys).swapaxes(0, 1).reshape(run.models, -1)
-    values = np.stack([np.asarray(run.hparams[k]) for k in names], 1) if names else None
-    kinds = [
-        (*keys[m].tolist(), *([] if values is None else values[m].tolist()))
-        for m in range(run.models)
-    ]
-    first: dict[tuple, int] = {}
-    for m, kind in enumerate(kinds):
-        first.setdefault(kind, m)
-    firsts = list(first.values())
+    values = [np.asarray(run.hparams[k])[:, None] for k in names]
+    kinds = np.concatenate([keys.astype(np.float64), *values], 1)  # one row per model
+    _, firsts, index = np.unique(kinds, axis=0, return_index=True, return_inverse=True)
     mesh = run.common["mesh"]
     spread = 1 if mesh is None else axis_size(mesh, MODEL_AXIS)
-    firsts += firsts[:1] * (-len(firsts) % spread)
-    if len(firsts) >= run.models:
-        return None
-    index = [firsts.index(first[kind]) for kind in kinds]
-    return np.asarray(firsts), np.asarray(index)
+    firsts = np.concatenate([firsts, firsts[:1].repeat(-len(firsts) % spread)])
+    return None if len(firsts) >= run.models else (firsts, index.ravel())
 
 
 def _subset(run: _Run, models: np.ndarray) -> _Run:

@@ -276,15 +276,15 @@ def test_models_that_pretrain_alike_share_one_pretraining():
     on_epoch = lambda stage, epoch, metrics, s: trained.setdefault(stage, np.shape(metrics["loss"]))
     sweep = run_pipeline(config, train, test, seeds=seeds, hparams=hparams, on_epoch=on_epoch)
     assert trained == {"pretrain_1": (3,), "pretrain_2": (3,), "softmax": (3,), "finetune": (4,)}
-    for i in (1,):  # model 1, pretrained as model 0, against its own run alone
-        alone = run_pipeline(model_config(config, seeds, hparams, i), train, test)
-        for swept_stage, alone_stage in zip(sweep.stages, alone.stages, strict=True):
-            for got, want in zip(swept_stage.history, alone_stage.history, strict=True):
-                assert got["loss"][i] == pytest.approx(want["loss"], rel=1e-4), swept_stage.name
-        swept_params = [layer.params for layer in sweep.layers] + [sweep.params]
-        alone_params = [layer.params for layer in alone.layers] + [alone.params]
-        for a, b in zip(jax.tree.leaves(alone_params), jax.tree.leaves(swept_params), strict=True):
-            np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
+    i = 1  # model 1, pretrained as model 0, against its own run alone
+    alone = run_pipeline(model_config(config, seeds, hparams, i), train, test)
+    for swept_stage, alone_stage in zip(sweep.stages, alone.stages, strict=True):
+        for got, want in zip(swept_stage.history, alone_stage.history, strict=True):
+            assert got["loss"][i] == pytest.approx(want["loss"], rel=1e-4), swept_stage.name
+    swept_params = [layer.params for layer in sweep.layers] + [sweep.params]
+    alone_params = [layer.params for layer in alone.layers] + [alone.params]
+    for a, b in zip(jax.tree.leaves(alone_params), jax.tree.leaves(swept_params), strict=True):
+        np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(
         sweep.layers[0].params["params"]["encoder"]["kernel"][0],
         sweep.layers[0].params["params"]["encoder"]["kernel"][1],
