@@ -281,23 +281,14 @@ def _layer(name: str, layer: LayerConfig) -> None:
     _optimizer(f"{name}.optimizer", layer.optimizer)
 
 
-# The presets live in ``sae_jax.presets``; their names are importable from here too.
-_PRESET_NAMES = (
-    "ADAM",
-    "TF1_RMSPROP",
-    "PRESETS",
-    "get_preset",
-    "seed",
-    "tiny",
-    "ufldl",
-    "sda3",
-    "sda3_dropout",
-)
+# The presets live in ``sae_jax.presets``; their names (``PRESETS``) and these are
+# importable from here too.
+_PRESET_NAMES = ("ADAM", "TF1_RMSPROP", "PRESETS", "get_preset")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _PRESET_NAMES:
-        from sae_jax import presets
+    from sae_jax import presets
 
+    if name in _PRESET_NAMES or name in presets.PRESETS:
         return getattr(presets, name)
     raise AttributeError(f"module 'sae_jax.config' has no attribute {name!r}")
