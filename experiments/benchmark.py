@@ -84,12 +84,12 @@ def run_jax(data_dir: str, epochs: int, seed: int, cache: str | None) -> dict:
 
     jax.config.update("jax_platforms", "cpu")
     if cache:
-        from sae_jax.experiment import enable_compilation_cache
+        from sae_jax.commands.prepare import enable_compilation_cache
 
         enable_compilation_cache(cache)
     from sae_jax.config import seed as seed_preset
     from sae_jax.data import load_idx_dir
-    from sae_jax.pipeline import run_pipeline
+    from sae_jax.training.pipeline import run_pipeline
 
     config = seed_preset().with_epochs(epochs).replace(seed=seed)
     m = load_idx_dir(data_dir)

@@ -9,14 +9,15 @@ of images of the same size.
       --out=codes.npy
 """
 
-# Flags only: the work is sae_jax.saved.encode_saved.
+# Flags only: the work is sae_jax.commands.saved.encode_saved.
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from sae_jax import cli
+from sae_jax.commands import exits
+from sae_jax.commands import flags as cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,21 +48,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.saved import encode_saved, write_codes
+        from sae_jax.commands.saved import encode_saved, write_codes
 
-        cli.select(flags)
+        exits.select(flags)
         codes = encode_saved(
             flags.workdir,
             split=flags.split,
             depth=flags.depth,
             pretrained=True if flags.pretrained else None,
             data=cli.data_spec(flags),
-            log=cli.log,
+            log=exits.log,
         )
         write_codes(flags.out, codes)
-        cli.log(f"codes {list(codes.shape)} -> {flags.out}")
+        exits.log(f"codes {list(codes.shape)} -> {flags.out}")
 
-    return cli.run_command(body)
+    return exits.run_command(body)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,15 @@ it resumes where it stopped. The results go to <workdir>/summary.json.
       --data=my_data.npz --workdir=checkpoints/own   # any field, your own data
 """
 
-# Flags only: the experiment itself is sae_jax.experiment.run_mnist.
+# Flags only: the experiment itself is sae_jax.commands.train.run_mnist.
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from sae_jax import cli
+from sae_jax.commands import exits
+from sae_jax.commands import flags as cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,12 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.experiment import run_mnist
-        from sae_jax.saved import evaluate_saved
+        from sae_jax.commands.saved import evaluate_saved
+        from sae_jax.commands.train import run_mnist
 
         config = cli.start(flags)
         if flags.eval_only:
-            evaluate_saved(flags.workdir, data=cli.data_spec(flags), log=cli.log)
+            evaluate_saved(flags.workdir, data=cli.data_spec(flags), log=exits.log)
             return
         run_mnist(
             config,
@@ -79,12 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_parallel=flags.data_parallel,
             pretrain=not flags.no_pretraining,
             wait=flags.wait,
-            log=cli.log,
-            progress_stream=cli.progress_stream(),
+            log=exits.log,
+            progress_stream=exits.progress_stream(),
             tensorboard=flags.tensorboard,
         )
 
-    return cli.run_command(body)
+    return exits.run_command(body)
 
 
 if __name__ == "__main__":

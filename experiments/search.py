@@ -18,14 +18,15 @@ Eight random points of the published SdA protocol, with its no-pretraining basel
       --data_dir=../shared/data/mnist --workdir=checkpoints/search_sda3
 """
 
-# Flags only: the search itself is sae_jax.searches.run_search.
+# Flags only: the search itself is sae_jax.commands.search.run_search.
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from sae_jax import cli
+from sae_jax.commands import exits
+from sae_jax.commands import flags as cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.experiment import UserError
-        from sae_jax.searches import parse_space, run_search
+        from sae_jax.commands.search import parse_space, run_search
+        from sae_jax.errors import UserError
 
         config = cli.start(flags)
         if flags.points is not None and flags.points < 1:
@@ -91,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             study=flags.study,
             data=cli.data_spec(flags),
             wait=flags.wait,
-            log=cli.log,
+            log=exits.log,
         )
 
-    return cli.run_command(body)
+    return exits.run_command(body)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ A sweep of the KL weight: 4 values x 3 seeds, 12 models, one table row per value
   python experiments/sweep.py --config=tiny --seeds=3 --hparam=beta=0.5,1,2,3
 """
 
-# Flags only: the sweep itself is sae_jax.sweeps.run_sweep.
+# Flags only: the sweep itself is sae_jax.commands.sweep.run_sweep.
 
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 
-from sae_jax import cli
+from sae_jax.commands import exits
+from sae_jax.commands import flags as cli
 from sae_jax.config import Config
 
 
 def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
     """``--hparam`` flags as ``{name: values}``, each value checked on ``config``."""
-    from sae_jax.experiment import UserError
-    from sae_jax.sweeps import check_models
+    from sae_jax.commands.sweep import check_models
+    from sae_jax.errors import UserError
 
     hparams: dict[str, list[float]] = {}
     given: dict[str, str] = {}
@@ -88,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = p.parse_args(argv)
 
     def body() -> None:
-        from sae_jax.experiment import UserError
-        from sae_jax.sweeps import run_sweep
+        from sae_jax.commands.sweep import run_sweep
+        from sae_jax.errors import UserError
 
         config = cli.start(flags)
         if flags.layers:
@@ -111,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare_separate=flags.compare_separate,
             data=cli.data_spec(flags),
             wait=flags.wait,
-            log=cli.log,
+            log=exits.log,
         )
 
-    return cli.run_command(body)
+    return exits.run_command(body)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sae_jax.errors import CheckpointError, Stopped
+
 LOCK_NAME = "run.lock"
-
-
-class CheckpointError(ValueError):
-    """A workdir cannot be used (another config, nothing saved, a damaged file); the
-    message names the file or folder and says why."""
 
 
 def read_json(path: Path, what: str = "file") -> Any:
@@ -257,14 +254,6 @@ def signals_deferred() -> Iterator[None]:
 
 
 RESUME = "run the same command again to resume"
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped a run; the message says where, ``signum`` which."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.signum = signum
 
 
 def stop_on_sigterm() -> None:

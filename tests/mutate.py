@@ -1,7 +1,7 @@
 """Mutation testing: plant one small bug at a time in a module and see whether the tests
 catch it.
 
-    python tests/mutate.py sae_jax/losses.py [sae_jax/engine.py ...] [--jobs=2]
+    python tests/mutate.py sae_jax/losses.py [training.loop ...] [--jobs=2]
 
 Each mutant changes one expression or statement of a module (an arithmetic or
 comparison operator swapped, ``and``/``or`` swapped, a ``not`` or unary minus dropped,
@@ -42,24 +42,67 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The fast tests of each module: those that exercise it directly.
 TESTS = {
-    "losses": ["test_losses.py", "test_models.py", "test_engine.py"],
-    "corruption": ["test_corruption.py", "test_models.py", "test_engine.py"],
-    "engine": ["test_engine.py", "test_pipeline.py", "test_parallel.py"],
-    "recipes": [
-        "test_recipes.py",
-        "test_pipeline.py",
+    "losses": ["test_losses.py", "test_models.py", "training/test_loop.py"],
+    "corruption": ["test_corruption.py", "test_models.py", "training/test_loop.py"],
+    "training/loop": ["training/test_loop.py", "training/test_pipeline.py", "test_parallel.py"],
+    "training/objectives": [
+        "training/test_stage.py",
+        "training/test_pipeline.py",
         "test_models.py",
-        "test_parallel.py",
-        "test_checkpoint.py",
     ],
-    "pipeline": ["test_pipeline.py", "test_recipes.py", "test_parallel.py", "test_checkpoint.py"],
-    "checkpoint": ["test_checkpoint.py", "test_faults.py", "test_models.py"],
-    "config_files": ["test_config_files.py"],
-    "optim": ["test_optim.py", "test_engine.py"],
-    "stages": ["test_recipes.py", "test_checkpoint.py", "test_selection.py", "test_engine.py"],
-    "selection": ["test_selection.py", "test_parallel.py"],
+    "training/evaluate": [
+        "training/test_stage.py",
+        "training/test_pipeline.py",
+        "test_parallel.py",
+    ],
+    "training/layerwise": [
+        "training/test_stage.py",
+        "training/test_pipeline.py",
+        "test_models.py",
+        "workdir/test_checkpoint.py",
+    ],
+    "training/pipeline": [
+        "training/test_pipeline.py",
+        "training/test_stage.py",
+        "test_parallel.py",
+        "workdir/test_checkpoint.py",
+    ],
+    "workdir/checkpoint": [
+        "workdir/test_checkpoint.py",
+        "commands/test_faults.py",
+        "test_models.py",
+    ],
+    "config/files": ["config/test_config_files.py"],
+    "config/schema": ["config/test_schema.py"],
+    "training/optim": ["training/test_optim.py", "training/test_loop.py"],
+    "training/stage": [
+        "training/test_stage.py",
+        "workdir/test_checkpoint.py",
+        "training/test_search.py",
+        "training/test_loop.py",
+    ],
+    "training/sweep": ["training/test_search.py", "test_parallel.py"],
+    "training/search": ["training/test_search.py", "test_parallel.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
+
+
+def _own_tests(module: str) -> str:
+    """The test file beside a module's folder: ``training/loop`` -> ``training/test_loop.py``."""
+    folder, _, name = module.rpartition("/")
+    return f"{folder}/test_{name}.py" if folder else f"test_{name}.py"
+
+
+def module_name(spec: str | Path) -> str:
+    """A module of sae_jax as its path below ``sae_jax/`` without ``.py``
+    (``training/loop``), from that, a dotted name or a path to the file."""
+    text = str(spec).replace("\\", "/")
+    if text.endswith(".py"):
+        text = text[: -len(".py")]
+        if "sae_jax/" in text:
+            text = text.rpartition("sae_jax/")[2]
+    return text.replace(".", "/").removeprefix("sae_jax/")
+
 
 _SWAP = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -163,7 +206,7 @@ def mutants(path: Path) -> list[Mutant]:
                 text = f"({text})"
             found.append(
                 Mutant(
-                    module=path.stem,
+                    module=module_name(path),
                     line=node.lineno,
                     start=(node.lineno, node.col_offset),  # columns are UTF-8 byte offsets
                     end=(node.end_lineno, node.end_col_offset),
@@ -446,11 +489,17 @@ def _line_map(args: argparse.Namespace, modules: list[str], tests: list[str], re
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    modules = [Path(m).stem for m in args.modules]
+    modules = [module_name(m) for m in args.modules]
     for m in modules:
         if not (REPO / "sae_jax" / f"{m}.py").is_file():
             parser.error(f"no module sae_jax/{m}.py")
-    files = args.tests or sorted({t for m in modules for t in TESTS.get(m, [f"test_{m}.py"])})
+    files = args.tests or sorted(
+        {
+            t
+            for m in modules
+            for t in TESTS.get(m, [f"{m.rpartition('/')[0]}/test_{Path(m).name}.py".lstrip("/")])
+        }
+    )
     tests = [t if "/" in t else f"tests/{t}" for t in files]
     found = [mut for m in modules for mut in mutants(REPO / "sae_jax" / f"{m}.py")]
     found = _chosen(found, args.lines, args.retry)

@@ -119,7 +119,7 @@ def test_dropout_keeps_with_probability_keep_and_scales_by_its_inverse(keep):
 def test_classifier_dropout_logits_match_a_numpy_forward_pass_and_eval_has_none():
     from sae_jax.config import tiny
     from sae_jax.models import classifier, init_params
-    from sae_jax.recipes import classifier_loss
+    from sae_jax.training.objectives import classifier_loss
 
     config = tiny().replace(input_features=6)
     model = classifier(config)

@@ -11,14 +11,8 @@ import time
 
 import pytest
 
-from sae_jax.files import (
-    CheckpointError,
-    WorkdirLock,
-    signals_deferred,
-    storage_error,
-    user_path,
-    write_text_atomic,
-)
+from sae_jax.errors import CheckpointError
+from sae_jax.files import WorkdirLock, signals_deferred, storage_error, user_path, write_text_atomic
 
 HOLDER = textwrap.dedent("""
     import sys, time

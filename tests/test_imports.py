@@ -56,7 +56,8 @@ def test_public_names_resolve():
 def test_importing_the_package_starts_no_backend():
     # --platform and --distributed must take effect before a backend starts.
     code = (
-        "import sae_jax.experiment, sae_jax.checkpoint, sae_jax.cli, sae_jax.parallel\n"
+        "import sae_jax.commands.train, sae_jax.workdir.checkpoint, sae_jax.commands.flags\n"
+        "import sae_jax.parallel\n"
         "from jax._src import xla_bridge\n"
         "raise SystemExit(1 if xla_bridge._backends else 0)\n"
     )

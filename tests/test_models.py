@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae_jax import recipes
 from sae_jax.config import LayerConfig, seed, tiny
 from sae_jax.corruption import corrupt
+from sae_jax.inference import TrainedModel
 from sae_jax.models import (
     Autoencoder,
     FrozenLayer,
@@ -18,8 +18,8 @@ from sae_jax.models import (
     keep_top_k,
     softmax_head,
 )
-from sae_jax.recipes import layer_loss
-from sae_jax.trained import TrainedModel
+from sae_jax.training import layerwise, objectives
+from sae_jax.training.objectives import layer_loss
 
 KEY = jax.random.PRNGKey(3)
 
@@ -252,9 +252,9 @@ def _pretraining_masks(monkeypatch):
         jax.debug.callback(lambda o: masks.append(np.asarray(o) == 0), out, ordered=True)
         return out
 
-    monkeypatch.setattr(recipes, "corrupt", recording)
+    monkeypatch.setattr(objectives, "corrupt", recording)
     layer = LayerConfig(features=3, noise="masking", noise_level=0.5, epochs=2)
-    recipes.pretrain_layer(layer, 10, jnp.ones((20, 10)), key=jax.random.PRNGKey(0), batch_size=5)
+    layerwise.pretrain_layer(layer, 10, jnp.ones((20, 10)), key=jax.random.PRNGKey(0), batch_size=5)
     return masks
 
 

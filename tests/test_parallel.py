@@ -11,10 +11,11 @@ import pytest
 from conftest import REPO, synthetic_config, synthetic_digits
 
 import sae_jax
-from sae_jax.config import ADAM, LayerConfig
-from sae_jax.pipeline import run_pipeline
-from sae_jax.recipes import SWEEP_NAMES, SWEEPABLE
-from sae_jax.selection import grid, model_config
+from sae_jax.config import LayerConfig
+from sae_jax.config.presets import ADAM
+from sae_jax.training.objectives import SWEEP_NAMES, SWEEPABLE
+from sae_jax.training.pipeline import run_pipeline
+from sae_jax.training.sweep import grid, model_config
 
 SHARDED = textwrap.dedent(r"""
     import os
@@ -23,11 +24,12 @@ SHARDED = textwrap.dedent(r"""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from sae_jax.config import LayerConfig, tiny
-    from sae_jax.engine import fit, init_state, make_epoch, make_optimizer, make_train_step
-    from sae_jax.engine import place_data
+    from sae_jax.training.loop import fit, init_state, make_epoch, make_train_step
+    from sae_jax.training.optim import make_optimizer
+    from sae_jax.training.loop import place_data
     from sae_jax.models import autoencoder, classifier, init_params
     from sae_jax.parallel import make_mesh
-    from sae_jax.recipes import classifier_loss, layer_loss
+    from sae_jax.training.objectives import classifier_loss, layer_loss
 
     assert jax.device_count() == 8
     mesh = make_mesh()
@@ -87,12 +89,13 @@ SWEEP_SHARDED = textwrap.dedent(r"""
     from jax.sharding import PartitionSpec as P
     from conftest import synthetic_config, synthetic_digits
     from sae_jax.config import LayerConfig
-    from sae_jax.engine import init_state, make_epoch, make_optimizer, make_train_step
-    from sae_jax.engine import place_data, state_sharding
+    from sae_jax.training.loop import init_state, make_epoch, make_train_step
+    from sae_jax.training.optim import make_optimizer
+    from sae_jax.training.loop import place_data, state_sharding
     from sae_jax.models import autoencoder, init_params
     from sae_jax.parallel import make_mesh
-    from sae_jax.selection import sweep
-    from sae_jax.recipes import layer_loss
+    from sae_jax.training.sweep import sweep
+    from sae_jax.training.objectives import layer_loss
 
     shapes = {m: dict(make_mesh(models=m).shape) for m in (32, 8, 2, 6, 3)}
     assert shapes == {32: {"models": 8, "data": 1}, 8: {"models": 8, "data": 1},

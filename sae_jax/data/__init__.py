@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sae_jax.data.arrays import load_arrays, standardization, standardize
-from sae_jax.data.base import ARRAYS, DataError, Dataset, Log, Mnist
+from sae_jax.data.base import ARRAYS, Dataset, Log, Mnist
 from sae_jax.data.download import (
     CACHE_ENV,
     MIRROR_ENV,
@@ -50,6 +50,7 @@ from sae_jax.data.idx import (
     write_idx,
 )
 from sae_jax.data.tfds import load_tfds, tfds_prepared
+from sae_jax.errors import DataError
 from sae_jax.files import user_path
 
 SOURCES = ("auto", "idx", "download", "tfds", "sample")

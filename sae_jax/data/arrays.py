@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.data.base import DataError, Dataset
+from sae_jax.data.base import Dataset
+from sae_jax.errors import DataError
 
 NPZ_ARRAYS = ("x", "y", "x_test", "y_test")
 FORMATS = (".npz", ".npy", ".csv")

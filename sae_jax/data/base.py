@@ -12,10 +12,6 @@ Log = Callable[[str], None]
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")  # Dataset's arrays
 
 
-class DataError(ValueError):
-    """A data file is missing or malformed, or a download failed; the message names it."""
-
-
 class Dataset(NamedTuple):
     """A dataset as numpy arrays, and where it came from (``source``, as the loader
     reports it).

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sae_jax.data.base import DataError
 from sae_jax.data.idx import (
     MNIST_FILES,
     _check_sha256,
@@ -22,6 +21,7 @@ from sae_jax.data.idx import (
     idx_dataset,
     parse_idx,
 )
+from sae_jax.errors import DataError
 
 MIRROR_ENV = "SAE_JAX_MNIST_MIRROR"
 CACHE_ENV = "SAE_JAX_CACHE_DIR"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.data.base import DataError, Dataset
+from sae_jax.data.base import Dataset
+from sae_jax.errors import DataError
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",

@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-from sae_jax.data.base import DataError, Dataset
+from sae_jax.data.base import Dataset
+from sae_jax.errors import DataError
 
 
 def _tfds():

@@ -1,0 +1,168 @@
+"""Preparing a run before anything compiles: the platform, the compilation cache, the
+data (fitted to the config, standardized when asked) and the workdir's lock.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sae_jax.config import Config
+from sae_jax.data import IDX_DATASETS, DataSpec, Mnist, default_cache_dir
+from sae_jax.data.arrays import standardization, standardize
+from sae_jax.errors import CheckpointError, ConfigError, UserError
+from sae_jax.files import WorkdirLock, make_workdir, user_path
+from sae_jax.parallel import broadcast_int, initialize_distributed, is_primary
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
+def select_platform(platform: str, distributed: dict[str, Any] | None = None) -> None:
+    """Make ``platform`` (cpu, gpu or tpu) JAX's backend; call before any computation.
+
+    ``cpu`` and ``tpu`` restrict JAX to that backend; ``gpu`` lets JAX pick its GPU
+    plugin (CUDA or ROCm) and checks that it became the default backend. With
+    ``distributed`` (arguments of ``parallel.initialize_distributed``, possibly
+    empty), this process first joins a multi-host run.
+    """
+    if platform not in PLATFORMS:
+        raise UserError(f"--platform={platform}: choose from {', '.join(PLATFORMS)}")
+    if platform != "gpu":
+        jax.config.update("jax_platforms", platform)
+    try:
+        if distributed is not None:
+            initialize_distributed(**distributed)
+        backend = jax.default_backend()
+    except Exception as e:  # backend initialisation raises RuntimeError or worse
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if distributed is not None:
+            what = "cannot join the multi-host run"
+        else:
+            what = f"no {platform} backend here"
+        raise UserError(f"--platform={platform}: {what} ({reason})") from None
+    if backend != platform:
+        raise UserError(f"--platform={platform}: no {platform} backend here (found {backend})")
+
+
+def enable_compilation_cache(path: str | os.PathLike[str] | None = None) -> Path:
+    """Keep compiled XLA programs on disk, so a second run skips compilation.
+
+    ``path`` defaults to ``<cache root>/jax`` (cache root: ``$SAE_JAX_CACHE_DIR`` or
+    ``~/.cache/sae_jax``). Every program is cached, however fast it compiled.
+    """
+    path = user_path(path) if path is not None else default_cache_dir() / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--compilation_cache={path}: cannot create it ({e.strerror})") from None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def load_data(config: Config, data: DataSpec, log: Callable[[str], None]) -> tuple[Config, Mnist]:
+    """The examples ``config`` asks for, images flattened to ``[n, features]``, and the
+    config fitted to them: ``input_features`` from the images and, for your own
+    labelled data, ``num_classes`` from the largest label."""
+    dataset = data.load(need=(config.train_examples, config.test_examples), log=log)
+    dataset = dataset.head(config.train_examples, config.test_examples)
+    flat = lambda images: None if images is None else images.reshape(len(images), -1)
+    dataset = dataset._replace(
+        train_images=flat(dataset.train_images), test_images=flat(dataset.test_images)
+    )
+    features = dataset.train_images.shape[1]
+    labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None]
+    classes = max(int(y.max()) for y in labels) + 1 if labels else config.num_classes
+    fitted = config.replace(input_features=features)
+    if data.path is not None or data.dataset not in IDX_DATASETS:  # classes unknown
+        fitted = fitted.replace(num_classes=classes)
+    elif classes > config.num_classes:
+        raise ConfigError(f"num_classes={config.num_classes} but the data has label {classes - 1}")
+    if fitted != config:
+        log(
+            f"the data has {features} features and {fitted.num_classes} classes: "
+            f"input_features={features}, num_classes={fitted.num_classes}"
+        )
+    return fitted, dataset
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run's checked inputs: its workdir, its config fitted to the data, the data
+    (images ``[n, features]``, standardized when asked), and the standardization's
+    per-feature ``(mean, std)`` (None when not standardized)."""
+
+    workdir: Path
+    config: Config
+    data: Mnist
+    standardization: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def prepare(
+    config: Config, workdir: str | os.PathLike[str], data: DataSpec, log: Callable[[str], None]
+) -> Prepared:
+    """Check the config and the workdir, then load the data (before anything compiles)."""
+    config.validate()
+    if not str(workdir):
+        raise UserError("--workdir is empty: name a folder")
+    workdir = user_path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"--workdir={workdir}: exists and is not a directory")
+    config, dataset = load_data(config, data, log)
+    try:
+        config.validate(num_train=len(dataset.train_images))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (--config.batch_size, --config.validation_examples)") from None
+    stats = None
+    if data.standardize:
+        first = config.layers[0]
+        if (first.decoder_activation, first.reconstruction) != ("linear", "squared_error"):
+            raise ConfigError(
+                "--standardize: layers[0] reconstructs standardized values, which may be any "
+                "real number: set --config.layers.0.decoder_activation=linear (and "
+                "reconstruction=squared_error)"
+            )
+        fit = dataset.train_images[: len(dataset.train_images) - config.validation_examples]
+        stats = standardization(fit)
+        scale = lambda x: None if x is None else standardize(x, *stats)
+        dataset = dataset._replace(
+            train_images=scale(dataset.train_images), test_images=scale(dataset.test_images)
+        )
+    return Prepared(workdir, config, dataset, stats)
+
+
+@contextmanager
+def hold_workdir(workdir: Path, *, wait: bool, log: Callable[[str], None]) -> Iterator[None]:
+    """Create ``workdir`` and hold its lock for the run: a context manager.
+
+    Process 0 of a run of several processes holds the lock for all; when it cannot,
+    every process raises ``CheckpointError`` (process 0 with the holder's name).
+    """
+    make_workdir(workdir)
+    lock, refused = WorkdirLock(workdir, wait=wait, log=log), None
+    if is_primary():
+        try:
+            lock.__enter__()
+        except CheckpointError as e:
+            refused = e
+    if broadcast_int(refused is not None):
+        raise refused or CheckpointError(f"--workdir={workdir}: process 0 could not lock it")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """The ``.npz`` file of ``arrays``, for ``write_bytes_atomic``."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

@@ -1,0 +1,168 @@
+"""Greedy layer-wise pretraining: one autoencoder layer trained and frozen
+(``pretrain_layer``), and a stack in which layer k learns to reconstruct the codes of
+layers 1..k-1 (``pretrain_layers``, ``pretrain_stack``); each layer is one stage
+(``sae_jax.training.stage.run_stage``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from sae_jax.config import Config, LayerConfig
+from sae_jax.models import (
+    FrozenLayer,
+    autoencoder,
+    init_params,
+)
+from sae_jax.training.evaluate import _model_axis, encode_dataset
+from sae_jax.training.loop import Params, place_data
+from sae_jax.training.objectives import layer_loss
+from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
+
+
+def split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split a key ``[2]`` (or keys ``[models, 2]``) in two, model by model."""
+    keys = jax.vmap(jax.random.split)(key) if key.ndim == 2 else jax.random.split(key)
+    return keys[..., 0, :], keys[..., 1, :]
+
+
+def init_stage_params(module: nn.Module, key: jax.Array, in_features: int) -> Params:
+    """``init_params`` for one key ``[2]`` or for each of ``[models, 2]`` keys."""
+    if key.ndim == 2:
+        return jax.vmap(lambda k: init_params(module, k, in_features))(key)
+    return init_params(module, key, in_features)
+
+
+def pretrain_layer(
+    layer: LayerConfig,
+    in_features: int,
+    x: jax.Array,
+    *,
+    key: jax.Array,
+    batch_size: int,
+    bias_init: str = "uniform",
+    name: str = "pretrain",
+    store: StageStore | None = None,
+    on_epoch: StageCallback | None = None,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    learning_rate: Any = None,
+) -> tuple[FrozenLayer, StageRecord]:
+    """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it.
+
+    With ``models``, ``key`` is ``[models, 2]``, ``x`` is shared ``[n, in]`` or per
+    model ``[models, n, in]``, and the frozen params carry a leading model axis.
+    """
+    module = autoencoder(layer, in_features, bias_init)
+    init_key, fit_key = split2(key)
+    params, record = run_stage(
+        name,
+        layer_loss(module, layer),
+        init_stage_params(module, init_key, in_features),
+        layer.optimizer,
+        (x,),
+        epochs=layer.epochs,
+        key=fit_key,
+        batch_size=batch_size,
+        store=store,
+        on_epoch=on_epoch,
+        mesh=mesh,
+        models=models,
+        data_axis=_model_axis(x, models),
+        hparams=hparams,
+        learning_rate=learning_rate,
+    )
+    return FrozenLayer(module, params), record
+
+
+def stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
+    """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
+
+    ``[layers + 2, 2]``; with ``seeds`` ``[layers + 2, models, 2]``, model ``i``'s
+    keys being those its own run with ``config.seed = seeds[i]`` would use."""
+    num_keys = len(config.layers) + 2
+    if seeds is None:
+        return jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
+    return jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
+
+
+def pretrain_layers(
+    config: Config,
+    x: jax.Array,
+    keys: jax.Array,
+    hparams: dict[str, jax.Array] | None,
+    learning_rate: jax.Array | None,
+    common: dict[str, Any],
+) -> tuple[list[FrozenLayer], list[StageRecord], jax.Array]:
+    """Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
+
+    Returns the frozen layers, their stage records and the top layer's codes of ``x``
+    (``[n, features]``, or ``[models, n, features]`` in a sweep)."""
+    models = bool(common["models"])
+    layers: list[FrozenLayer] = []
+    records: list[StageRecord] = []
+    codes, in_features = x, config.input_features
+    for i, layer in enumerate(config.layers):
+        if layers:
+            codes = encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+        frozen, record = pretrain_layer(
+            layer,
+            in_features,
+            codes,
+            key=keys[i],
+            bias_init=config.bias_init,
+            name=f"pretrain_{i + 1}",
+            hparams=hparams,
+            learning_rate=learning_rate,
+            **common,
+        )
+        layers.append(frozen)
+        records.append(record)
+        in_features = layer.features
+    return layers, records, encode_dataset(layers[-1:], codes, config.eval_batch_size, models)
+
+
+def pretrain_stack(
+    config: Config,
+    x: jax.Array,
+    *,
+    on_epoch: StageCallback | None = None,
+    store: StageStore | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[list[FrozenLayer], list[StageRecord]]:
+    """Greedy layer-wise pretraining of ``config``'s stack on unlabelled images alone.
+
+    The same stages, keys and results as the pretraining part of ``run_pipeline``
+    with the same config (stages ``pretrain_1`` ... ``pretrain_k``); for data
+    without labels, or features without a classifier.
+
+    Args:
+      config: a validated ``Config`` (its softmax and fine-tuning fields are unused).
+      x: images ``[n, input_features]``, uint8 or float.
+      on_epoch, store, mesh: as for ``run_pipeline``.
+
+    Returns:
+      The frozen layers (bottom first; ``encode_dataset`` gives their codes) and one
+      ``StageRecord`` per layer.
+    """
+    if x.ndim != 2 or x.shape[1] != config.input_features or x.shape[0] == 0:
+        raise ValueError(
+            f"train images: expected [n, {config.input_features}] with n >= 1; "
+            f"got shape {tuple(x.shape)}"
+        )
+    common = {
+        "batch_size": config.batch_size,
+        "store": store,
+        "on_epoch": on_epoch,
+        "mesh": mesh,
+        "models": None,
+    }
+    keys = stage_keys(config, None)
+    layers, records, _ = pretrain_layers(config, place_data(x, mesh), keys, None, None, common)
+    return layers, records

@@ -1,0 +1,330 @@
+"""The training engine: one ``fit`` used by every stage.
+
+An epoch is ONE jit-compiled program: a ``lax.scan`` of the train step over a
+shuffled permutation of the device-resident data, cut into minibatches, plus one
+smaller step for the remainder when the batch size does not divide the data (no
+example is dropped). The program is compiled once per stage, the train state is
+donated, and metrics reach the host once per epoch.
+
+The train step is ``(state, batch, key) -> (state, metrics)`` with a loss function
+``loss_fn(params, batch, key) -> (loss, {name: term})``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sae_jax.errors import NonFiniteLossError
+from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put, to_host
+from sae_jax.training.optim import make_optimizer  # noqa: F401  (part of the engine's API)
+
+Params = Any
+Batch = tuple[jax.Array, ...]
+LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
+EpochCallback = Callable[[int, "TrainState", dict[str, float], float], bool | None]
+
+
+class TrainState(NamedTuple):
+    """What one stage trains: ``step`` (int32 scalar), ``params`` and ``opt_state``.
+
+    ``hparams`` (None, or a dict of scalars that are not trained) is passed to the
+    loss as ``loss_fn(params, batch, key, hparams=...)``, so a ``vmap`` over states
+    can give every model its own hyperparameters.
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+    hparams: dict[str, jax.Array] | None = None
+
+
+class FitResult(NamedTuple):
+    """The final state and one dict of mean metrics per epoch."""
+
+    state: TrainState
+    history: list[dict[str, float]]
+
+
+def init_state(
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    hparams: dict[str, Any] | None = None,
+    models: int | None = None,
+) -> TrainState:
+    """A fresh ``TrainState`` holding a copy of ``params`` (the caller's stay valid).
+
+    With ``models=N``, ``params`` and ``hparams`` carry a leading model axis and the
+    optimizer state is initialised per model.
+    """
+    params, hparams = jax.tree.map(jnp.array, (params, hparams))  # copies: the state is donated
+    if models is None:
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), hparams)
+    return TrainState(
+        jnp.zeros((models,), jnp.int32), params, jax.vmap(optimizer.init)(params), hparams
+    )
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> StepFn:
+    """The pure train step ``(state, batch, key) -> (state, metrics)``.
+
+    ``metrics`` holds ``"loss"`` and every term that ``loss_fn`` reports.
+    """
+
+    def step(state: TrainState, batch: Batch, key: jax.Array):
+        loss = loss_fn if state.hparams is None else partial(loss_fn, hparams=state.hparams)
+        (loss, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, opt_state, state.hparams)
+        return new_state, {"loss": loss, **terms}
+
+    return step
+
+
+def make_epoch(
+    step: StepFn,
+    num_examples: int,
+    batch_size: int,
+    *,
+    mesh: Mesh | None = None,
+    models: bool = False,
+    data_axis: int | None = None,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """One jitted epoch ``(state, data, key, active=None) -> (state, mean metrics)``.
+
+    ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
+    step ``t`` gets ``fold_in(key, t)``. Metrics are means over the epoch's
+    examples. ``state`` is donated.
+
+    With a ``mesh``, every minibatch is split over the mesh's ``"data"`` axis while
+    params and optimizer state stay replicated (data parallelism; XLA inserts the
+    gradient all-reduce). With ``models``, the epoch is ``vmap``-ed over a leading
+    model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``),
+    which a mesh with a ``"models"`` axis spreads over that axis's devices; then
+    ``active`` (bool ``[models]``, or None for all) says which models train: the
+    others' states come back unchanged.
+    """
+    full, remainder = divmod(num_examples, batch_size)
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
+    split = axis_size(mesh, DATA_AXIS) if mesh is not None else 1
+
+    def run_step(state: TrainState, data: Batch, idx: jax.Array, key: jax.Array):
+        batch = tuple(jnp.take(a, idx, axis=0) for a in data)
+        if batch_sharding is not None and len(idx) % split == 0:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return step(state, batch, jax.random.fold_in(key, state.step))
+
+    def epoch(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
+        perm_key, step_key = jax.random.split(key)
+        perm = jax.random.permutation(perm_key, num_examples)
+        batches = perm[: full * batch_size].reshape(full, batch_size)
+        new, metrics = jax.lax.scan(lambda s, idx: run_step(s, data, idx, step_key), state, batches)
+        totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * batch_size, metrics)
+        if remainder:
+            new, last = run_step(new, data, perm[full * batch_size :], step_key)
+            totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
+        if active is not None:  # a finished model keeps its state
+            new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+        return new, jax.tree.map(lambda t: t / num_examples, totals)
+
+    spread = models and mesh is not None and MODEL_AXIS in mesh.axis_names
+    fn = epoch
+    if models:
+        axis_name = MODEL_AXIS if spread else None
+
+        def fn(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
+            in_axes = (0, data_axis, 0, 0)
+            return jax.vmap(epoch, in_axes, spmd_axis_name=axis_name)(state, data, key, active)
+
+    out = state_sharding(mesh, models) if mesh is not None else None
+    return jax.jit(fn, donate_argnums=0, out_shardings=out)
+
+
+def state_sharding(mesh: Mesh, models: bool = False) -> NamedSharding:
+    """Where a train state lives on ``mesh``: replicated, or with ``models`` split
+    over the mesh's ``"models"`` axis (every leaf has a leading model axis)."""
+    spread = models and MODEL_AXIS in mesh.axis_names
+    return NamedSharding(mesh, P(MODEL_AXIS) if spread else P())
+
+
+def take_models(tree: Params, index: np.ndarray, mesh: Mesh | None = None) -> Params:
+    """Model ``index[i]`` of every leaf of ``tree`` (leading model axis) as model
+    ``i``, laid out over the mesh's ``"models"`` axis like a sweep's train state."""
+    out = None if mesh is None else state_sharding(mesh, models=True)
+    return jax.jit(lambda t: jax.tree.map(lambda a: a[index], t), out_shardings=out)(tree)
+
+
+def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Array:
+    """Put ``a`` ``[n, ...]`` on the device(s): split over the mesh's ``"data"`` axis
+    when ``n`` divides evenly, else replicated (no mesh: the default device).
+
+    With ``models``, ``a`` is ``[models, n, ...]`` and its first axis is also split
+    over the mesh's ``"models"`` axis (when it has one and the count divides).
+    Every process passes the whole of ``a`` and keeps only its own shards.
+    """
+    if mesh is None:
+        return jnp.asarray(a)
+    spec = []
+    if models:
+        spread = MODEL_AXIS in mesh.axis_names and a.shape[0] % axis_size(mesh, MODEL_AXIS) == 0
+        spec.append(MODEL_AXIS if spread else None)
+    n = a.shape[len(spec)]
+    spec.append(DATA_AXIS if n % axis_size(mesh, DATA_AXIS) == 0 else None)
+    return jax.device_put(a, NamedSharding(mesh, P(*spec)))
+
+
+def fit(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: optax.GradientTransformation,
+    data: Sequence[jax.Array],
+    *,
+    batch_size: int,
+    epochs: int,
+    key: jax.Array,
+    name: str = "fit",
+    on_epoch: EpochCallback | None = None,
+    state: TrainState | None = None,
+    start_epoch: int = 0,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    data_axis: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    drop_nonfinite: bool = False,
+) -> FitResult:
+    """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
+
+    Args:
+      loss_fn: ``(params, batch, key) -> (scalar loss, {name: scalar term})``; the
+        batch is the tuple of ``data``'s arrays gathered at ``batch_size`` indices.
+        With ``hparams`` it is called as ``loss_fn(params, batch, key, hparams=...)``.
+      params: the initial parameter pytree; it is copied, never donated.
+      optimizer: an optax transformation.
+      data: arrays ``[num_examples, ...]`` with one leading size, kept on the device.
+      batch_size: examples per step (the global batch, whatever the devices); a
+        smaller last step takes the remainder.
+      epochs: number of passes over the data (0 returns the initial state).
+      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)``.
+      name: the stage's name, used in error messages.
+      on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
+        epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
+        next epoch reuses (copy what it needs). Returning True stops training; with
+        ``models``, returning a bool array ``[models]`` stops the models that are
+        False in it (their state no longer changes), and training ends when every
+        model has stopped.
+      state: resume from this state (e.g. restored from a checkpoint) instead of a
+        fresh one built from ``params``; it is copied, never donated.
+      start_epoch: the first epoch to run; with the ``state`` saved after epoch
+        ``start_epoch - 1``, the result is the same as one uninterrupted run.
+      mesh: a ``Mesh`` with a ``"data"`` axis (see ``sae_jax.parallel``): data
+        parallelism over its devices.
+      models: train this many models at once in one compiled program: ``params``,
+        ``key`` (``[models, 2]``) and every ``hparams`` leaf carry a leading model
+        axis, and metrics are lists with one value per model.
+      data_axis: with ``models``, 0 when every model has its own data
+        (``[models, num_examples, ...]``), None when they share it, or a tuple with
+        one of those per array of ``data``.
+      hparams: a dict of scalars (or ``[models]`` arrays) for the loss.
+      drop_nonfinite: with ``models``, a model whose loss becomes NaN or infinite
+        stops (as above) instead of raising, and the others go on.
+
+    Returns:
+      ``FitResult(state, history)``.
+
+    Raises:
+      NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model
+        still training, unless ``drop_nonfinite``).
+    """
+    axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
+    data = tuple(
+        place_data(a, mesh, models is not None and ax == 0)
+        for a, ax in zip(data, axes, strict=True)
+    )
+    lengths = {
+        a.shape[1 if models is not None and ax == 0 else 0]
+        for a, ax in zip(data, axes, strict=True)
+    }
+    if len(lengths) != 1:
+        raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in data]}")
+    (num_examples,) = lengths
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
+    epoch_fn = make_epoch(
+        make_train_step(loss_fn, optimizer),
+        num_examples,
+        batch_size,
+        mesh=mesh,
+        models=models is not None,
+        data_axis=data_axis,
+    )
+    if state is None:
+        state = init_state(params, optimizer, hparams, models)
+    else:
+        state = jax.tree.map(jnp.array, state)
+    if mesh is not None:
+        state = put(state, state_sharding(mesh, models is not None))
+        key = put(key, state_sharding(mesh, models is not None))
+    fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
+    active = None if models is None else np.ones(models, bool)
+    history: list[dict[str, Any]] = []
+    for epoch in range(start_epoch, epochs):
+        start = time.perf_counter()
+        mask = None if active is None else _put_mask(active, mesh)
+        state, metrics = epoch_fn(state, data, fold(key, epoch), mask)
+        host = {k: v.tolist() for k, v in to_host(metrics).items()}
+        seconds = time.perf_counter() - start
+        finite = np.isfinite(np.asarray(host["loss"]))
+        stopped = False if active is None else ~active  # frozen, whatever their loss
+        if drop_nonfinite and active is not None:
+            active &= finite
+        elif not np.all(finite | stopped):
+            raise NonFiniteLossError(
+                f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
+            )
+        history.append(host)
+        verdict = None if on_epoch is None else on_epoch(epoch, state, host, seconds)
+        if isinstance(verdict, np.ndarray) and active is not None:
+            active &= verdict
+        elif verdict:
+            break  # the callback asked to stop early
+        if active is not None and not active.any():
+            break
+    return FitResult(state, history)
+
+
+def _put_mask(active: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """The models' ``active`` flags ``[models]`` where their states live."""
+    return jnp.asarray(active) if mesh is None else put(active, state_sharding(mesh, True))
+
+
+def map_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int) -> Any:
+    """Apply ``fn`` to ``xs`` in batches of ``batch_size`` inside one ``lax.map``.
+
+    ``xs`` is an array or a pytree of arrays ``[n, ...]`` with one leading size. It
+    is zero-padded to a whole number of batches and the padding is cut from every
+    output leaf, so ``fn`` must treat rows independently. Call it inside ``jax.jit``.
+
+    Returns:
+      ``fn``'s output pytree, each leaf ``[n, ...]``.
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+
+    def split(a: jax.Array) -> jax.Array:
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(num_batches, batch_size, *a.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree.map(split, xs))
+    return jax.tree.map(lambda o: o.reshape(num_batches * batch_size, *o.shape[2:])[:n], out)

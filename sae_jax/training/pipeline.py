@@ -1,0 +1,318 @@
+"""The whole pipeline: greedy layer-wise pretraining of a stack, the softmax stage and
+end-to-end fine-tuning, for one model or for many in one compiled program
+(``sae_jax.training.sweep`` and ``search`` build on it).
+
+Built on the stages (``layerwise``, ``objectives``, ``evaluate``); like them, it takes arrays and
+callbacks and never opens files or prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from sae_jax.config import Config
+from sae_jax.models import FrozenLayer, classifier, compose, softmax_head
+from sae_jax.parallel import MODEL_AXIS, axis_size
+from sae_jax.training.evaluate import encode_dataset, evaluate
+from sae_jax.training.layerwise import init_stage_params, pretrain_layers, split2, stage_keys
+from sae_jax.training.loop import Params, place_data, take_models
+from sae_jax.training.objectives import (
+    DROPOUT,
+    PRETRAINING_HPARAMS,
+    SWEEP_NAMES,
+    SWEEPABLE,
+    classifier_loss,
+)
+from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
+
+
+@dataclass
+class PipelineResult:
+    """What ``run_pipeline`` returns (with ``seeds``, every leaf and value per model)."""
+
+    layers: list[FrozenLayer]
+    params: Params  # the fine-tuned classifier, see models.Classifier
+    test: dict[str, Any]
+    stages: list[StageRecord]
+    test_before_finetune: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) -> None:
+    """Raise ``ValueError`` unless ``split`` is images ``[n, input_features]``, n >= 1,
+    and integer labels ``[n]`` in ``[0, num_classes)``; the message names ``name``."""
+    (x, y), features, classes = split, config.input_features, config.num_classes
+    if x.ndim != 2 or x.shape[1] != features or x.shape[0] == 0:
+        got = tuple(x.shape)
+        raise ValueError(f"{name} images: expected [n, {features}] with n >= 1; got shape {got}")
+    if tuple(y.shape) != (n := x.shape[0],):
+        got = tuple(y.shape)
+        raise ValueError(f"{name} labels: expected shape ({n},), one per image; got shape {got}")
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+        raise ValueError(f"{name} labels: expected an integer dtype; got {y.dtype}")
+    for label in (int(jnp.min(y)), int(jnp.max(y))):
+        if not 0 <= label < classes:
+            raise ValueError(
+                f"{name} labels: label {label} is outside 0..{classes - 1} (num_classes={classes})"
+            )
+
+
+def run_pipeline(
+    config: Config,
+    train: tuple[jax.Array, jax.Array],
+    test: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    on_epoch: StageCallback | None = None,
+    store: StageStore | None = None,
+    mesh: Mesh | None = None,
+    seeds: list[int] | None = None,
+    hparams: dict[str, list[float]] | None = None,
+    pretrain: bool = True,
+    validation: tuple[jax.Array, jax.Array] | None = None,
+) -> PipelineResult:
+    """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
+
+    Args:
+      config: a validated ``Config``.
+      train: images ``[n, input_features]`` (uint8 or float) and labels ``[n]``.
+      test: the same for the test set; when given, the test accuracy is measured
+        after every softmax and fine-tuning epoch and at the end.
+      on_epoch: ``on_epoch(stage, epoch, metrics, seconds)`` after every epoch, with
+        ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` where measured.
+      store: keeps each stage's progress so that a run can resume (see
+        ``StageStore``); the same config and seed give the same result either way.
+      mesh: data parallelism over this mesh's devices (see ``sae_jax.parallel``);
+        with ``seeds``, a mesh with a ``"models"`` axis spreads the models over it.
+      seeds: train one model per seed, all in one compiled program per stage
+        (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
+        Models with the same seed and the same pretraining values of ``hparams``
+        share one pretraining and softmax stage (they differ from fine-tuning on).
+      hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
+        ``SWEEP_NAMES``: ``SWEEPABLE`` loss terms (for every pretraining layer),
+        ``pretrain_learning_rate``, ``finetune_learning_rate`` and the fine-tuning
+        dropout keep probabilities ``input_keep`` and ``hidden_keep``.
+      pretrain: False skips pretraining and the softmax stage: the same stack is
+        fine-tuned from its random initialisation (the no-pretraining baseline).
+      validation: held-out images and labels: the softmax and fine-tuning stages
+        are judged on them after every epoch (``validation_accuracy``), keep their
+        best epoch, fine-tuning stops after ``config.finetune_patience`` epochs
+        without improvement, and ``test`` is only used at the end. The result's
+        ``test_before_finetune`` is then the softmax-on-frozen-features model's.
+        With ``seeds``, every model keeps its own best epoch and stops on its own.
+
+    Returns:
+      ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
+      the test metrics and one ``StageRecord`` per stage.
+
+    Raises:
+      ValueError: before anything trains, for a split (``train``, ``test`` or
+        ``validation``, named in the message) that is not images
+        ``[n, input_features]`` with ``n >= 1`` and integer labels ``[n]`` in
+        ``[0, num_classes)``.
+    """
+    run = _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch)
+    layers, head_params, stages = [], None, []
+    if pretrain:
+        layers, head_params, stages = _pretrain_with_softmax(run)
+        start = compose(layers, head_params)
+    else:
+        start = init_stage_params(classifier(config), run.keys[-2], config.input_features)
+    params, record = _finetune(run, start)
+    stages.append(record)
+    test_metrics, before = _evaluate_test(run, layers, head_params, params)
+    return PipelineResult(layers, params, test_metrics, stages, before)
+
+
+@dataclass
+class _Run:
+    """What the stages of one ``run_pipeline`` call share: the splits on the device,
+    the stage keys, the per-model hyperparameters and ``run_stage``'s common kwargs."""
+
+    config: Config
+    train: tuple[jax.Array, jax.Array]
+    test: tuple[jax.Array, jax.Array] | None
+    validation: tuple[jax.Array, jax.Array] | None
+    keys: jax.Array
+    models: int | None
+    hparams: dict[str, jax.Array]
+    common: dict[str, Any]
+
+    @property
+    def loss_hparams(self) -> dict[str, jax.Array] | None:
+        """The swept pretraining loss terms (``SWEEPABLE``), or None."""
+        return {k: v for k, v in self.hparams.items() if k in SWEEPABLE} or None
+
+    def rate(self, stage: str) -> jax.Array | None:
+        """The per-model learning rates of ``"pretrain"`` or ``"finetune"``, or None."""
+        return self.hparams.get(f"{stage}_learning_rate")
+
+    @property
+    def judge(self) -> tuple[jax.Array, jax.Array] | None:
+        """The split judged after every epoch: validation if given, else test."""
+        return self.validation if self.validation is not None else self.test
+
+    def selection(self) -> dict[str, Any]:
+        """``run_stage``'s keep-best options: with a validation split only."""
+        return {"metric": "validation_accuracy", "keep_best": True} if self.validation else {}
+
+    def accuracy(self, module: nn.Module, inputs: jax.Array | None):
+        """``params -> accuracy`` of ``module`` on ``inputs`` and the judged labels."""
+        if self.judge is None:
+            return None
+        batch, models = self.config.eval_batch_size, self.models is not None
+        return lambda p: evaluate(module, p, inputs, self.judge[1], batch, models)["accuracy"]
+
+
+def _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch) -> _Run:
+    """Check the arguments of ``run_pipeline`` and put the splits on the device(s)."""
+    hparams = dict(hparams or {})
+    models = None if seeds is None else len(seeds)
+    if models is None and hparams:
+        raise ValueError("hparams need seeds: one value per model")
+    if models is not None and store is not None:
+        raise ValueError("a sweep (seeds) is not checkpointed: pass no store")
+    for name, values in hparams.items():
+        if name not in SWEEP_NAMES:
+            raise ValueError(f"cannot sweep {name!r}")
+        if len(values) != models:
+            raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
+    splits = {"train": train, "test": test, "validation": validation}
+    for name, split in splits.items():
+        if split is not None:
+            _check_split(name, split, config)
+    # On the device(s) once; with a mesh every process holds its shards of each split.
+    train, test, validation = (
+        None if split is None else tuple(place_data(a, mesh) for a in split)
+        for split in splits.values()
+    )
+    common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
+    common |= {"mesh": mesh, "models": models}
+    as_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    keys = stage_keys(config, seeds)
+    return _Run(config, train, test, validation, keys, models, as_arrays, common)
+
+
+def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[StageRecord]]:
+    """Pretraining and the softmax stage, trained once for each distinct pretraining
+    among the models (``_shared_pretraining``) and then handed to every model."""
+    shared = _shared_pretraining(run)
+    sub = run if shared is None else _subset(run, shared[0])
+    layers, stages, top_codes = pretrain_layers(
+        run.config, sub.train[0], sub.keys, sub.loss_hparams, sub.rate("pretrain"), sub.common
+    )
+    head_params, record = _train_softmax(sub, layers, top_codes)
+    stages.append(record)
+    if shared is None:
+        return layers, head_params, stages
+    index = shared[1]
+    mesh = run.common["mesh"]
+    layers = [FrozenLayer(layer.module, take_models(layer.params, index, mesh)) for layer in layers]
+    return layers, take_models(head_params, index, mesh), [r.take(index) for r in stages]
+
+
+def _shared_pretraining(run: _Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """Which models pretrain, when several pretrain alike: the same seed (stage keys)
+    and the same ``SWEEPABLE`` values and pretraining rate.
+
+    Returns the models to pretrain (the first of each distinct kind, padded to a
+    multiple of the mesh's ``"models"`` axis) and each model's index among them
+    (``[models]``); or None when sharing would save nothing (one model, or all
+    distinct)."""
+    if run.models is None:
+        return None
+    names = [k for k in run.hparams if k in PRETRAINING_HPARAMS]
+    keys = np.asarray(run.keys).swapaxes(0, 1).reshape(run.models, -1)
+    values = [np.asarray(run.hparams[k])[:, None] for k in names]
+    kinds = np.concatenate([keys.astype(np.float64), *values], 1)  # one row per model
+    _, firsts, index = np.unique(kinds, axis=0, return_index=True, return_inverse=True)
+    mesh = run.common["mesh"]
+    spread = 1 if mesh is None else axis_size(mesh, MODEL_AXIS)
+    firsts = np.concatenate([firsts, firsts[:1].repeat(-len(firsts) % spread)])
+    return None if len(firsts) >= run.models else (firsts, index.ravel())
+
+
+def _subset(run: _Run, models: np.ndarray) -> _Run:
+    """``run`` restricted to ``models`` (indices of its models)."""
+    return replace(
+        run,
+        keys=run.keys[:, models],
+        models=len(models),
+        hparams={k: v[models] for k, v in run.hparams.items()},
+        common=run.common | {"models": len(models)},
+    )
+
+
+def _train_softmax(
+    run: _Run, layers: list[FrozenLayer], top_codes: jax.Array
+) -> tuple[Params, StageRecord]:
+    """The softmax-only stage on the top code of the frozen stack."""
+    config, models = run.config, bool(run.models)
+    head = softmax_head(config)
+    head_key, softmax_key = split2(run.keys[-2])
+    judge_codes = None
+    if run.judge is not None:
+        judge_codes = encode_dataset(layers, run.judge[0], config.eval_batch_size, models)
+    return run_stage(
+        "softmax",
+        classifier_loss(head, config.softmax_weight_decay),
+        init_stage_params(head, head_key, head.in_features),
+        config.softmax_optimizer,
+        (top_codes, run.train[1]),
+        epochs=config.softmax_epochs,
+        key=softmax_key,
+        evaluate_fn=run.accuracy(head, judge_codes),
+        data_axis=(0, None) if models else None,
+        **run.selection(),
+        **run.common,
+    )
+
+
+def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
+    """End-to-end fine-tuning of the whole stack from ``start`` (with dropout when
+    the config or the swept ``hparams`` ask for it), judged after every epoch."""
+    config = run.config
+    model = classifier(config)
+    dropout = {k: v for k, v in run.hparams.items() if k in DROPOUT}
+    return run_stage(
+        "finetune",
+        classifier_loss(
+            model,
+            config.finetune_weight_decay,
+            config.finetune_input_keep,
+            config.finetune_hidden_keep,
+        ),
+        start,
+        config.finetune_optimizer,
+        run.train,
+        epochs=config.finetune_epochs,
+        key=run.keys[-1],
+        evaluate_fn=run.accuracy(model, None if run.judge is None else run.judge[0]),
+        learning_rate=run.rate("finetune"),
+        hparams=dropout or None,
+        patience=config.finetune_patience if run.validation else None,
+        **run.selection(),
+        **run.common,
+    )
+
+
+def _evaluate_test(
+    run: _Run, layers: list[FrozenLayer], head_params: Params | None, params: Params
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test metrics of the fine-tuned classifier, and (with a validation split
+    and pretraining) of the softmax on the frozen features before fine-tuning."""
+    if run.test is None:
+        return {}, {}
+    config, models = run.config, run.models is not None
+    x, y = run.test
+    batch = config.eval_batch_size
+    metrics = evaluate(classifier(config), params, x, y, batch, models)
+    if run.validation is None or head_params is None:
+        return metrics, {}
+    codes = encode_dataset(layers, x, batch, models)
+    return metrics, evaluate(softmax_head(config), head_params, codes, y, batch, models)

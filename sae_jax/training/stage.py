@@ -1,0 +1,234 @@
+"""One training stage on top of ``fit``: its record, where it keeps its progress
+(``StageStore``), and ``run_stage``, which evaluates after every epoch, keeps the
+best epoch (of each model, when many train at once) and stops on patience.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from sae_jax.config import OptimizerConfig
+from sae_jax.training.loop import LossFn, Params, TrainState, fit, init_state
+from sae_jax.training.optim import make_optimizer, set_learning_rate
+
+History = list[dict[str, float]]
+# on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
+StageCallback = Callable[[str, int, dict[str, float], float], None]
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: its name, epochs, wall seconds and per-epoch metrics.
+
+    ``wall_s`` adds up the time of every run that worked on the stage (a resumed
+    stage counts its earlier runs too).
+    """
+
+    name: str
+    epochs: int
+    wall_s: float = 0.0
+    history: History = field(default_factory=list)
+    best_epoch: int | list[int] = 0  # with keep_best: the epoch returned (per model)
+
+    @property
+    def final_loss(self) -> float | None:
+        """The mean loss of the last epoch (None when the stage ran no epoch)."""
+        return self.history[-1]["loss"] if self.history else None
+
+    def take(self, index: np.ndarray) -> StageRecord:
+        """The record of a stage shared by several models: per-model values (arrays
+        ``[k]``, the ``best_epoch`` list) are reordered, model ``index[i]`` as ``i``."""
+
+        def per_model(value: Any) -> Any:
+            return np.asarray(value)[index] if np.ndim(value) else value
+
+        history = [{k: per_model(v) for k, v in epoch.items()} for epoch in self.history]
+        best = self.best_epoch
+        best = [best[i] for i in index] if isinstance(best, list) else best
+        return replace(self, history=history, best_epoch=best)
+
+    def summary(self) -> dict[str, Any]:
+        """``{name, epochs, wall_s, final_loss}`` as JSON-ready data."""
+        return {
+            "name": self.name,
+            "epochs": self.epochs,
+            "wall_s": self.wall_s,
+            "final_loss": self.final_loss,
+        }
+
+
+class StageStore(Protocol):
+    """Where stages keep their progress (``sae_jax.workdir.checkpoint.RunStore`` on disk).
+
+    ``finished`` returns the final params and record of a completed stage;
+    ``resume`` the state after the last saved epoch, the record so far and the
+    params of the best epoch so far (None unless ``save_epoch`` was given them).
+    Both return None when there is nothing to restore; ``template`` gives the
+    structure.
+    """
+
+    def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None: ...
+
+    def resume(
+        self, stage: str, template: TrainState
+    ) -> tuple[TrainState, StageRecord, Params | None] | None: ...
+
+    def save_epoch(
+        self,
+        stage: str,
+        state: TrainState,
+        key: jax.Array,
+        record: StageRecord,
+        best: Params | None = None,
+    ) -> None: ...
+
+    def save_finished(self, stage: str, params: Params, record: StageRecord) -> None: ...
+
+
+class _Best:
+    """The best epoch so far by ``metric``: of one model, or of each of ``models``.
+
+    ``params`` are a copy of the best epoch's params (per model, with a leading model
+    axis); ``epoch`` counts from 1 (0: none yet); ``value`` is the best metric.
+    """
+
+    def __init__(self, models: int | None, patience: int | None):
+        shape = () if models is None else (models,)
+        self.models, self.patience = models, patience
+        self.value, self.epoch = np.full(shape, -np.inf), np.zeros(shape, int)
+        self.params: Params | None = None
+
+    def update(self, epoch: int, value: Any, params: Params) -> bool | np.ndarray:
+        """Keep ``params`` where ``value`` improves on the best; return the stop
+        verdict for ``fit``: True to stop (one model), or which models go on."""
+        improved = np.asarray(value, np.float64) > self.value  # NaN never improves
+        if improved.any():
+            if self.params is None or improved.all():
+                self.params = jax.tree.map(jnp.copy, params)
+            else:
+                self.params = _keep_improved(jnp.asarray(improved), params, self.params)
+        self.value = np.where(improved, value, self.value)
+        self.epoch = np.where(improved, epoch + 1, self.epoch)
+        if self.patience is None:
+            return False if self.models is None else np.ones(self.models, bool)
+        going = epoch + 1 - self.epoch < self.patience
+        return bool(not going) if self.models is None else going
+
+    def best_epoch(self) -> int | list[int]:
+        return int(self.epoch) if self.models is None else self.epoch.tolist()
+
+
+@jax.jit
+def _keep_improved(improved: jax.Array, new: Params, old: Params) -> Params:
+    """Per model (leading axis): ``new`` where ``improved``, else ``old``."""
+    pick = lambda n, o: jnp.where(improved.reshape(-1, *[1] * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)
+
+
+def run_stage(
+    name: str,
+    loss_fn: LossFn,
+    params: Params,
+    optimizer_config: OptimizerConfig,
+    data: tuple[jax.Array, ...],
+    *,
+    epochs: int,
+    key: jax.Array,
+    batch_size: int,
+    store: StageStore | None = None,
+    evaluate_fn: Callable[[Params], Any] | None = None,
+    on_epoch: StageCallback | None = None,
+    mesh: Mesh | None = None,
+    models: int | None = None,
+    data_axis: Any = None,
+    hparams: dict[str, Any] | None = None,
+    learning_rate: Any = None,
+    metric: str = "test_accuracy",
+    keep_best: bool = False,
+    patience: int | None = None,
+) -> tuple[Params, StageRecord]:
+    """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
+
+    After every epoch: ``evaluate_fn``'s accuracy (when given) joins the metrics as
+    ``metric``, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is
+    called. With ``keep_best`` the stage returns the params of its epoch with the
+    highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
+    without a new best; the best params travel in every checkpoint, so a resumed
+    stage returns what an uninterrupted one would. With ``models``, every model
+    keeps its own best epoch (``record.best_epoch`` is a list) and stops on its own
+    patience while the others go on; a model whose loss diverges stops too.
+    ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
+    ``learning_rate`` (``[models]``) gives each model its own learning rate.
+
+    Returns:
+      The final params and the stage's ``StageRecord``.
+    """
+    if store is not None and (done := store.finished(name, params)) is not None:
+        return done
+    start = time.perf_counter()
+    steps = -(-_num_examples(data, models, data_axis) // batch_size)
+    optimizer = make_optimizer(optimizer_config, learning_rate is not None, steps)
+    record, state = StageRecord(name, epochs), None
+    best = _Best(models, patience) if keep_best else None
+    if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
+        state, record, best_params = resumed
+        if best_params is not None:  # saved only by a keep-best stage, after its best epoch
+            best.value = np.float64(record.history[record.best_epoch - 1][metric])
+            best.epoch, best.params = np.asarray(record.best_epoch), best_params
+    if learning_rate is not None:
+        state = init_state(params, optimizer, hparams, models)
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
+    earlier_wall = record.wall_s
+
+    def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
+        if evaluate_fn is not None:
+            metrics[metric] = evaluate_fn(state.params)
+        metrics["seconds"] = seconds
+        record.history.append(metrics)
+        record.wall_s = earlier_wall + time.perf_counter() - start
+        verdict = None if best is None else best.update(epoch, metrics[metric], state.params)
+        if best is not None:
+            record.best_epoch = best.best_epoch()
+        if store is not None:
+            store.save_epoch(name, state, key, record, None if best is None else best.params)
+        if on_epoch is not None:
+            on_epoch(name, epoch + 1, metrics, seconds)
+        return verdict
+
+    result = fit(
+        loss_fn,
+        params,
+        optimizer,
+        data,
+        batch_size=batch_size,
+        epochs=epochs,
+        key=key,
+        name=name,
+        on_epoch=after_epoch,
+        state=state,
+        start_epoch=len(record.history),
+        mesh=mesh,
+        models=models,
+        data_axis=data_axis,
+        hparams=hparams,
+        drop_nonfinite=models is not None and keep_best,
+    )
+    record.wall_s = earlier_wall + time.perf_counter() - start
+    final = result.state.params if best is None or best.params is None else best.params
+    if store is not None:
+        store.save_finished(name, final, record)
+    return final, record
+
+
+def _num_examples(data: tuple[jax.Array, ...], models: int | None, data_axis: Any) -> int:
+    """The number of examples in ``data`` (see ``fit``'s ``data_axis``)."""
+    axis = data_axis[0] if isinstance(data_axis, tuple) else data_axis
+    return data[0].shape[1 if models is not None and axis == 0 else 0]

@@ -1,0 +1,110 @@
+"""Many models in one compiled program: ``sweep`` trains a list of models (one seed
+and one set of hyperparameter values each) as one ``vmap``-ed program per stage;
+``grid`` expands every combination of values times seeds; ``model_config`` is the
+config of one of them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from sae_jax.config import Config
+from sae_jax.parallel import default_mesh
+from sae_jax.training.objectives import DROPOUT, SWEEPABLE
+from sae_jax.training.pipeline import PipelineResult, run_pipeline
+from sae_jax.training.stage import StageCallback
+
+# Fields that change the models' shapes or loop lengths: one compiled program each.
+
+
+def sweep(
+    config: Config,
+    train: tuple[jax.Array, jax.Array],
+    test: tuple[jax.Array, jax.Array] | None = None,
+    *,
+    seeds: list[int],
+    hparams: dict[str, list[float]] | None = None,
+    pretrain: bool = True,
+    on_epoch: StageCallback | None = None,
+    mesh: Mesh | str | None = "all",
+) -> PipelineResult:
+    """Train ``len(seeds)`` independent models in one compiled program per stage.
+
+    Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
+    i), ...)`` trains alone (up to float rounding): its own seed, its own
+    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
+    ``grid`` makes them for every combination of values with every seed).
+    Metrics and test results are lists with one value per model.
+
+    ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
+    device of every process when there are several, else None) spreads the models
+    over its ``"models"`` axis, each device training its share without talking to
+    the others, and splits every minibatch over its ``"data"`` axis.
+    """
+    if isinstance(mesh, str):
+        if mesh != "all":
+            raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
+        mesh = default_mesh(models=len(seeds))
+    return run_pipeline(
+        config,
+        train,
+        test,
+        seeds=list(seeds),
+        hparams=hparams,
+        pretrain=pretrain,
+        on_epoch=on_epoch,
+        mesh=mesh,
+    )
+
+
+def model_config(
+    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None, i: int
+) -> Config:
+    """The config of model ``i`` of a sweep, for training it alone."""
+    hparams = hparams or {}
+    layer_changes = {k: float(v[i]) for k, v in hparams.items() if k in SWEEPABLE}
+    layers = tuple(dataclasses.replace(layer, **layer_changes) for layer in config.layers)
+    if "pretrain_learning_rate" in hparams:
+        rate = float(hparams["pretrain_learning_rate"][i])
+        layers = tuple(
+            dataclasses.replace(
+                layer, optimizer=dataclasses.replace(layer.optimizer, learning_rate=rate)
+            )
+            for layer in layers
+        )
+    changes: dict[str, Any] = {"seed": seeds[i], "layers": layers}
+    for name in DROPOUT:
+        if name in hparams:
+            changes[f"finetune_{name}"] = float(hparams[name][i])
+    if "finetune_learning_rate" in hparams:
+        changes["finetune_optimizer"] = dataclasses.replace(
+            config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
+        )
+    return config.replace(**changes)
+
+
+def grid(
+    seeds: list[int], hparams: dict[str, list[float]] | None = None
+) -> tuple[list[int], dict[str, list[float]], list[dict[str, float]]]:
+    """Every combination of ``hparams``' values with every seed, as per-model lists.
+
+    The combinations (grid points) come in ``itertools.product`` order, the first
+    name varying slowest. Models are value-major: all seeds of the first point
+    first, so model ``k`` is point ``k // len(seeds)`` with seed
+    ``seeds[k % len(seeds)]``. Without ``hparams`` there is one point, ``{}``.
+
+    Returns:
+      ``(model_seeds, model_hparams, points)``: the ``seeds`` and ``hparams`` to
+      pass to ``sweep`` (and ``model_config``), and the points as dicts.
+    """
+    hparams = hparams or {}
+    combinations = itertools.product(*hparams.values())
+    points = [dict(zip(hparams, values, strict=True)) for values in combinations]
+    model_seeds = [seed for _ in points for seed in seeds]
+    model_hparams = {name: [p[name] for p in points for _ in seeds] for name in hparams}
+    return model_seeds, model_hparams, points

@@ -1,0 +1,409 @@
+"""Checkpoints of a run with orbax: resume after a crash, and load a trained model.
+
+Layout of a workdir::
+
+  config.json                  the run's config; another config is refused
+  checkpoints/<stage>/<epoch>/ the train state and RNG key after each epoch, with the
+                               stage, epoch, metrics so far and config (last few kept)
+  frozen/<stage>/0/            the final params of each completed stage
+  metrics.jsonl                one line per epoch per stage, as checkpointed
+  manifests/                   size and sha256 of every file of every checkpoint
+  damaged/                     checkpoints that failed their check, moved aside
+
+Each checkpoint's files are checked against its manifest before orbax reads them,
+so a truncated or corrupted checkpoint is found (and skipped) before it is used.
+
+In a run of several processes every process calls the same methods: orbax saves
+and restores collectively into the one workdir (a folder every process sees),
+while process 0 alone writes ``config.json``, ``metrics.jsonl`` and the manifests,
+checks manifests and moves damaged checkpoints aside, and tells the others which
+checkpoint to restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from sae_jax.config import Config
+from sae_jax.config.files import RUN_KEY, config_from_json, config_to_json
+from sae_jax.errors import CheckpointError
+from sae_jax.files import (
+    exception_line,
+    failed_writes_quiet,
+    file_manifest,
+    make_workdir,
+    manifest_path,
+    manifest_problem,
+    read_json,
+    signals_deferred,
+    storage_error,
+    user_path,
+    write_text_atomic,
+)
+from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
+from sae_jax.training.loop import Params, TrainState
+from sae_jax.training.stage import StageRecord
+
+STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
+MANAGED = (
+    "config.json",
+    "checkpoints",
+    "frozen",
+    "manifests",
+    "metrics.jsonl",
+    "damaged",
+    "summary.json",
+    "filters.png",
+    "reconstructions.png",
+    "curves.png",
+    STANDARDIZATION,
+    "tensorboard",
+)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON of a run's ``config.json``, checked to be a valid config;
+    ``CheckpointError`` naming the file if it is not. Fields added to ``Config``
+    since the file was written come back with their defaults."""
+    data = read_json(path, "run's config")
+    try:
+        config = config_from_json(data).validate()
+    except Exception as e:  # wrong type, missing, unknown or invalid fields
+        raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
+    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
+
+
+def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two JSON configs differ, as ``path: old -> new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += config_differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += config_differences(a, b, f"{path}[{i}]")
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def checkpoint_manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _restore(
+    manager: ocp.CheckpointManager, step: int, template: Any | Callable[[dict], Any]
+) -> tuple[Any, dict]:
+    """Restore ``step``; ``template`` may be a function of the step's JSON metadata.
+
+    The arrays come back whole on every process (see ``parallel.everywhere``), so a
+    run saved on any number of devices and processes restores on any other."""
+    if callable(template):
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        template = template(meta)
+    where = everywhere()  # whatever devices and processes saved it
+    template = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), template
+    )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            tree=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
+        ),
+    )
+    return restored.tree, restored.meta
+
+
+def _record(stage: str, meta: dict[str, Any]) -> StageRecord:
+    return StageRecord(
+        stage, meta["epochs"], meta["wall_s"], list(meta["history"]), meta.get("best_epoch", 0)
+    )
+
+
+def _meta(record: StageRecord, **extra: Any) -> dict[str, Any]:
+    return {
+        "epochs": record.epochs,
+        "wall_s": record.wall_s,
+        "history": record.history,
+        "best_epoch": record.best_epoch,
+        **extra,
+    }
+
+
+class RunStore:
+    """A ``StageStore`` on disk: orbax checkpoints of every epoch of every stage.
+
+    Args:
+      workdir: the run's folder (created if needed; relative to the current
+        directory, ``~`` expanded).
+      config: the run's config; a workdir holding another config is refused with
+        ``CheckpointError`` naming the differing fields.
+      restart: delete what an earlier run left in ``workdir`` first (only the
+        names in ``MANAGED``; other files stay).
+      keep: how many epoch checkpoints to keep per stage.
+      options: other settings that change what the stages compute (saved and
+        compared with the config under ``"_run"``), e.g. ``{"pretrain": False}``.
+      log: receives one line per restore, fallback or move.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        config: Config,
+        *,
+        restart: bool = False,
+        keep: int = 3,
+        options: dict[str, Any] | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        self.workdir = user_path(workdir)
+        self.keep = keep
+        self.log = log
+        make_workdir(self.workdir)
+        if restart and is_primary():
+            for name in MANAGED:
+                path = self.workdir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        barrier("sae_jax: workdir ready")
+        config_path = self.workdir / "config.json"
+        wanted = config_to_json(config)
+        if options:
+            wanted[RUN_KEY] = options
+        if config_path.exists():
+            try:
+                saved = read_config(config_path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; --restart discards the run") from None
+            diffs = config_differences(saved, wanted)
+            if diffs:
+                raise CheckpointError(
+                    f"{self.workdir} holds a run with another config ({'; '.join(diffs)}); "
+                    f"use another --workdir, or --restart to discard that run"
+                )
+        elif is_primary():
+            write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+        self._config = wanted
+        self._done: list[StageRecord] = []  # stages finished so far, in order
+        self._stage: str | None = None  # the stage being trained
+        self._saved: tuple[str, int] | None = None  # the last epoch checkpoint written
+
+    def where(self) -> str:
+        """Where the run is, for a message: the stage being trained and what is saved."""
+        if self._stage is None:
+            return f"before training started; nothing new is saved in {self.workdir}"
+        saved = "no epoch of it is saved yet"
+        if self._saved is not None and self._saved[0] == self._stage:
+            saved = f"epoch {self._saved[1]} is saved"
+        return f"during {self._stage} ({saved} in {self.workdir})"
+
+    # ------------------------------------------------------------------ StageStore
+
+    def finished(self, stage: str, template: Params) -> tuple[Params, StageRecord] | None:
+        """The final params and record of ``stage`` if it completed in an earlier run."""
+        directory = self.workdir / "frozen" / stage
+        if not _agreed(directory.exists()):
+            return None
+        restored = self._restore_latest(checkpoint_manager(directory, None), directory, template)
+        if restored is None:
+            return None
+        params, meta = restored
+        record = _record(stage, meta)
+        self.log(f"{stage}: finished in an earlier run, restored from {directory}")
+        self._done.append(record)
+        self._rewrite_metrics()
+        return params, record
+
+    def resume(
+        self, stage: str, template: TrainState
+    ) -> tuple[TrainState, StageRecord, Params | None] | None:
+        """The state, record and best params so far after the last good epoch
+        checkpoint of ``stage``, if any."""
+        directory = self.workdir / "checkpoints" / stage
+
+        def structure(meta: dict) -> dict[str, Any]:
+            tree = {"state": template, "key": _KEY}
+            return {**tree, "best": template.params} if meta.get("with_best") else tree
+
+        self._stage, restored = stage, None
+        if _agreed(directory.exists()):
+            restored = self._restore_latest(
+                checkpoint_manager(directory, self.keep), directory, structure
+            )
+        if restored is None:
+            self._rewrite_metrics()
+            return None
+        tree, meta = restored
+        record = _record(stage, meta)
+        self.log(f"{stage}: resuming after epoch {len(record.history)} from {directory}")
+        self._rewrite_metrics(record)
+        return tree["state"], record, tree.get("best")
+
+    def save_epoch(
+        self,
+        stage: str,
+        state: TrainState,
+        key: jax.Array,
+        record: StageRecord,
+        best: Params | None = None,
+    ) -> None:
+        """Checkpoint ``state`` (and the ``best`` params so far, when given) after epoch
+        ``len(record.history)``, then log its metrics."""
+        epoch = len(record.history)
+        tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
+        tree = replicated(tree)  # a checkpoint of several processes holds global arrays
+        meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
+        with signals_deferred():  # SIGINT and SIGTERM wait until the epoch is saved
+            manager = checkpoint_manager(self.workdir / "checkpoints" / stage, self.keep)
+            self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
+            self._saved = (stage, epoch)
+            if is_primary():
+                with open(self.workdir / "metrics.jsonl", "a") as f:
+                    line = {"stage": stage, "epoch": epoch, **record.history[-1]}
+                    f.write(json.dumps(line) + "\n")
+
+    def save_finished(self, stage: str, params: Params, record: StageRecord) -> None:
+        """Keep the final params of ``stage`` as its own frozen pytree."""
+        with signals_deferred():
+            manager = checkpoint_manager(self.workdir / "frozen" / stage, None)
+            if not _agreed(manager.latest_step() is not None):
+                meta = _meta(record, stage=stage, config=self._config)
+                self._save(manager, 0, replicated(params), meta)
+            else:
+                manager.close()
+        self._done.append(record)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _save(self, manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
+        """Save with orbax, then write the manifest; drop manifests of deleted steps.
+
+        A failed save (a full disk, a file-size limit) raises ``OSError`` naming the
+        checkpoint; what was saved before stays valid, and a half-written checkpoint
+        has no manifest."""
+        step_dir = Path(manager.directory) / str(step)
+        manifest = manifest_path(self.workdir, step_dir)
+        try:
+            with failed_writes_quiet():
+                manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
+                    ),
+                )
+            barrier(f"sae_jax: saved {step_dir}")  # every process's files are written
+            if is_primary():
+                manifest.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
+                kept = {f"{s}.json" for s in manager.all_steps()}
+                for old in manifest.parent.glob("*.json"):
+                    if old.name not in kept:  # its checkpoint was superseded and deleted
+                        old.unlink()
+        except Exception as e:  # orbax and tensorstore raise many kinds
+            raise storage_error(f"cannot save the checkpoint {step_dir}", e) from None
+        finally:
+            manager.close()
+
+    def _restore_latest(
+        self, manager: ocp.CheckpointManager, directory: Path, template: Any
+    ) -> tuple[Any, dict] | None:
+        """Restore the newest step that passes its manifest check; move the steps that
+        fail it aside. Only a failed check condemns a checkpoint: one that passes but
+        cannot be restored stops the run (``CheckpointError``) and stays where it is.
+        Process 0 checks and moves; every process restores the step it chose."""
+        try:
+            step = broadcast_int(self._newest_intact(manager, directory) if is_primary() else -1)
+            if step < 0:
+                return None
+            step_dir = directory / str(step)
+            tree, meta = restore_intact(manager, step, template, step_dir)
+            self._check_saved_config(meta, step_dir)
+            return tree, meta
+        finally:
+            manager.close()
+
+    def _newest_intact(self, manager: ocp.CheckpointManager, directory: Path) -> int:
+        """The newest step of ``manager`` whose files match its manifest (-1: none);
+        the steps that fail the check are moved to ``damaged/``."""
+        for step in sorted(manager.all_steps(), reverse=True):
+            step_dir = directory / str(step)
+            problem = manifest_problem(self.workdir, step_dir)
+            if problem is None:
+                return step
+            target = self._move_aside(step_dir)
+            manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
+            self.log(
+                f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
+                f"falling back to an earlier one"
+            )
+            manager.reload()
+        return -1
+
+    def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
+        """Refuse a checkpoint saved under another config (config.json replaced)."""
+        diffs = config_differences(meta.get("config", self._config), self._config)
+        if diffs:
+            raise CheckpointError(
+                f"{step_dir} was saved by a run with another config ({'; '.join(diffs)}); "
+                f"use another --workdir, or --restart to discard that run"
+            )
+
+    def _move_aside(self, path: Path) -> Path:
+        target_dir = self.workdir / "damaged"
+        target_dir.mkdir(exist_ok=True)
+        rel = path.relative_to(self.workdir)
+        target = target_dir / f"{'-'.join(rel.parts)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, target)
+        return target
+
+    def _rewrite_metrics(self, current: StageRecord | None = None) -> None:
+        """Make metrics.jsonl hold exactly the checkpointed epochs, before appending."""
+        if not is_primary():
+            return
+        records = [*self._done, *([current] if current is not None else [])]
+        lines = [
+            json.dumps({"stage": r.name, "epoch": i + 1, **h}) + "\n"
+            for r in records
+            for i, h in enumerate(r.history)
+        ]
+        write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
+
+
+def _agreed(fact: bool) -> bool:
+    """Process 0's view of ``fact`` (about the shared workdir), in every process: a
+    process that looked later could see what process 0 has written since."""
+    return bool(broadcast_int(int(fact) if is_primary() else 0))
+
+
+def restore_intact(
+    manager: ocp.CheckpointManager, step: int, template: Any, step_dir: Path
+) -> tuple[Any, dict]:
+    """``_restore`` a checkpoint whose files match its manifest; ``CheckpointError``
+    naming it, with orbax's reason in one line, if orbax still cannot read it."""
+    try:
+        return _restore(manager, step, template)
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        raise CheckpointError(
+            f"{step_dir}: cannot restore it although its files are intact "
+            f"({exception_line(e)}); "
+            f"it was left in place"
+        ) from None
+
+
+# The structure of a saved PRNG key (metadata only: importing this module must not
+# start a JAX backend, or --platform and --distributed would come too late).
+_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)

@@ -1,0 +1,334 @@
+"""The one training engine: compile once, deterministic, no example dropped, exact metrics."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sae_jax.config import OptimizerConfig
+from sae_jax.config.presets import TF1_RMSPROP
+from sae_jax.errors import NonFiniteLossError
+from sae_jax.training.loop import fit, init_state, make_epoch, make_train_step, map_batches
+from sae_jax.training.optim import make_optimizer
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _regression(n=103, d=5):
+    k1, k2 = jax.random.split(KEY)
+    x = jax.random.normal(k1, (n, d))
+    w_true = jax.random.normal(k2, (d, 1))
+    return x, x @ w_true, w_true
+
+
+def _mse(params, batch, key):
+    x, y = batch
+    err = jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+    return err, {"mse": err}
+
+
+def _params(d=5):
+    return {"w": jnp.zeros((d, 1)), "b": jnp.zeros((1,))}
+
+
+def test_fit_learns_a_linear_map():
+    x, y, w_true = _regression()
+    result = fit(_mse, _params(), optax.adam(0.05), (x, y), batch_size=10, epochs=60, key=KEY)
+    assert result.history[-1]["loss"] < 1e-3 * result.history[0]["loss"]
+    np.testing.assert_allclose(result.state.params["w"], w_true, atol=2e-2)
+
+
+def test_full_batch_sgd_matches_numpy_gradient_descent():
+    x, y, _ = _regression(n=20)
+    xn, yn = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w, b = np.zeros((5, 1)), np.zeros((1,))
+    losses = []
+    for _ in range(3):  # d/dw mean((xw + b - y)^2) = 2/n x^T (xw + b - y)
+        err = xn @ w + b - yn
+        losses.append(np.mean(err**2))
+        w, b = w - 0.1 * 2 * xn.T @ err / 20, b - 0.1 * 2 * err.mean(0)
+    result = fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=20, epochs=3, key=KEY)
+    np.testing.assert_allclose(result.state.params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.state.params["b"], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([h["loss"] for h in result.history], losses, rtol=1e-5)
+    np.testing.assert_allclose([h["mse"] for h in result.history], losses, rtol=1e-5)
+
+
+def test_second_epoch_does_not_recompile():
+    traces = []
+
+    def counting_loss(params, batch, key):
+        traces.append(1)  # Python side effect: runs only while tracing
+        return _mse(params, batch, key)
+
+    x, y, _ = _regression()
+    fit(counting_loss, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=1, key=KEY)
+    one_epoch = len(traces)
+    traces.clear()
+    fit(counting_loss, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=4, key=KEY)
+    assert len(traces) == one_epoch == 2  # the scanned step and the remainder step, once
+
+
+def test_every_example_is_used_once_per_epoch():
+    x, y, _ = _regression(n=103)
+    result = fit(_mse, _params(), optax.sgd(0.01), (x, y), batch_size=10, epochs=3, key=KEY)
+    assert int(result.state.step) == 3 * 11  # 10 full batches + 1 of 3 examples
+
+    # A "loss" that is the batch mean of an index column: its epoch metric must be the
+    # mean over all examples, exactly once each, whatever the shuffle.
+    idx = jnp.arange(103, dtype=jnp.float32)[:, None]
+
+    def mean_index(params, batch, key):
+        return jnp.mean(batch[0]) + 0.0 * params["b"][0], {}
+
+    history = fit(
+        mean_index, _params(), optax.sgd(0.0), (idx,), batch_size=10, epochs=2, key=KEY
+    ).history
+    for h in history:
+        np.testing.assert_allclose(h["loss"], 51.0, rtol=1e-6)
+
+
+def _record_steps(key, n=23, batch_size=5, epochs=2):
+    """Run ``fit`` with a loss that records, step by step, the example indices of its
+    minibatch and the PRNG key it was given: ``[(indices, key), ...]`` in step order."""
+    seen = []
+
+    def recording(params, batch, key):
+        record = lambda idx, k: seen.append((np.asarray(idx).tolist(), np.asarray(k).tolist()))
+        jax.debug.callback(record, batch[0], key, ordered=True)
+        return 0.0 * params["b"][0], {}
+
+    data = (jnp.arange(n, dtype=jnp.int32),)
+    fit(recording, _params(), optax.sgd(0.0), data, batch_size=batch_size, epochs=epochs, key=key)
+    return seen
+
+
+def test_each_epoch_shuffles_anew_and_each_step_has_its_own_key():
+    seen = _record_steps(KEY)
+    assert len(seen) == 2 * 5  # 4 full batches of 5 and the remainder of 3, twice
+    orders = []
+    for epoch in (seen[:5], seen[5:]):
+        assert [len(idx) for idx, _ in epoch] == [5, 5, 5, 5, 3]
+        order = [i for idx, _ in epoch for i in idx]
+        assert sorted(order) == list(range(23))  # every example exactly once
+        orders.append(order)
+    assert orders[0] != orders[1], "the second epoch repeated the first epoch's order"
+    assert orders[0] != list(range(23))  # shuffled at all
+    keys = [tuple(k) for _, k in seen]
+    assert len(set(keys)) == len(keys), "two steps got the same key (e.g. the same noise)"
+    assert _record_steps(KEY) == seen  # the same key gives the same order and keys
+    other = _record_steps(jax.random.PRNGKey(1))
+    assert [idx for idx, _ in other] != [idx for idx, _ in seen]
+    assert not {tuple(k) for _, k in other} & set(keys)
+
+
+def test_deterministic_for_a_seed():
+    x, y, _ = _regression()
+    run = lambda key: fit(
+        _mse, _params(), optax.adam(0.01), (x, y), batch_size=16, epochs=2, key=key
+    ).state.params["w"]
+    np.testing.assert_array_equal(run(KEY), run(KEY))
+    assert not np.array_equal(run(KEY), run(jax.random.PRNGKey(1)))
+
+
+def test_caller_params_survive_donation():
+    x, y, _ = _regression()
+    params = {"w": jnp.ones((5, 1)), "b": jnp.ones((1,))}
+    fit(_mse, params, optax.sgd(0.1), (x, y), batch_size=10, epochs=2, key=KEY)
+    np.testing.assert_array_equal(params["w"], 1.0)  # would raise if the buffer was donated
+
+
+def test_non_finite_loss_names_stage_and_epoch():
+    x, y, _ = _regression()
+
+    def exploding(params, batch, key):
+        b = params["b"][0]  # sgd on -b raises b by 0.3 per step; the loss is inf past 0.5
+        return jnp.where(b > 0.5, jnp.inf, -b), {}
+
+    with pytest.raises(NonFiniteLossError, match=r"stage layer_7, epoch 3: the loss became inf"):
+        fit(
+            exploding,
+            _params(),
+            optax.sgd(0.3),
+            (x, y),
+            batch_size=103,
+            epochs=5,
+            key=KEY,
+            name="layer_7",
+        )
+
+
+def _numpy_updates(config: OptimizerConfig, w: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` updates of ``w`` on ``sum(w^4)``, by the formulas each optimizer documents."""
+    lr, d, mu, eps = config.learning_rate, config.decay, config.momentum, config.eps
+    m, v, ms, mom = np.zeros_like(w), np.zeros_like(w), np.ones_like(w), np.zeros_like(w)
+    for t in range(1, steps + 1):
+        g = 4 * w**3
+        if config.name == "adam":  # Kingma & Ba: bias-corrected moments, eps outside the root
+            m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+            w = w - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + eps)
+        elif config.name == "rmsprop":  # TF1: ms starts at 1, eps inside the root, momentum
+            ms = d * ms + (1 - d) * g**2
+            mom = mu * mom + lr * g / np.sqrt(ms + eps)
+            w = w - mom
+        else:  # sgd with heavy-ball momentum
+            mom = mu * mom + g
+            w = w - lr * mom
+    return w
+
+
+@pytest.mark.parametrize("injectable", [False, True])
+@pytest.mark.parametrize(
+    "config",
+    [
+        OptimizerConfig("adam", learning_rate=0.01, eps=0.1),
+        OptimizerConfig("rmsprop", learning_rate=0.01, decay=0.8, momentum=0.9, eps=0.5),
+        OptimizerConfig("sgd", learning_rate=0.01, momentum=0.9),
+        OptimizerConfig("sgd", learning_rate=0.01),
+    ],
+    ids=["adam", "rmsprop", "sgd_momentum", "sgd"],
+)
+def test_optimizers_match_their_formulas(config, injectable):
+    opt = make_optimizer(config, injectable=injectable)
+    w = jnp.array([1.0, -2.0, 0.5])
+    grad_fn = jax.grad(lambda w: jnp.sum(w**4))
+    state = opt.init(w)
+    step = jax.jit(lambda w, state: opt.update(grad_fn(w), state, w))
+    for _ in range(5):
+        updates, state = step(w, state)
+        w = optax.apply_updates(w, updates)
+    np.testing.assert_allclose(w, _numpy_updates(config, np.array([1.0, -2.0, 0.5]), 5), rtol=2e-5)
+
+
+def test_tf1_rmsprop_preset():
+    assert OptimizerConfig("rmsprop", 1e-3, decay=0.9, momentum=0.0, eps=1e-10) == TF1_RMSPROP
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
+        make_optimizer(OptimizerConfig("sgdd"))
+
+
+def test_map_batches_pads_and_trims():
+    x = jnp.arange(23.0).reshape(23, 1)
+    out = jax.jit(lambda x: map_batches(lambda b: (b * 2, b.sum(-1)), x, 5))(x)
+    np.testing.assert_array_equal(out[0], x * 2)
+    np.testing.assert_array_equal(out[1], x[:, 0])
+
+
+def test_batch_size_larger_than_data_is_refused():
+    x, y, _ = _regression(n=8)
+    with pytest.raises(ValueError, match="batch_size=9"):
+        fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=9, epochs=1, key=KEY)
+
+
+def test_resuming_from_a_saved_state_is_bit_identical():
+    x, y, _ = _regression()
+    opt = optax.adam(0.01)
+    whole = fit(_mse, _params(), opt, (x, y), batch_size=10, epochs=4, key=KEY).state
+    half = fit(_mse, _params(), opt, (x, y), batch_size=10, epochs=2, key=KEY).state
+    half = jax.tree.map(np.asarray, half)  # as if written to disk and read back
+    resumed = fit(
+        _mse, _params(), opt, (x, y), batch_size=10, epochs=4, key=KEY, state=half, start_epoch=2
+    )
+    assert len(resumed.history) == 2
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _scaled_mse(params, batch, key, hparams):
+    loss, terms = _mse(params, batch, key)
+    return hparams["scale"] * loss, terms
+
+
+@pytest.mark.parametrize("own_data", [False, True], ids=["shared_data", "own_data"])
+def test_models_trained_at_once_match_separate_runs(own_data):
+    # Two models in one program (vmap over a leading model axis), 23 examples in
+    # batches of 5 (a remainder step), each with its own params, key, hparams and,
+    # with own_data, its own data: the same as two separate fits.
+    x, y, _ = _regression(n=23)
+    params = [_params(), {"w": jnp.full((5, 1), 0.1), "b": jnp.ones((1,))}]
+    data = [(x, y), (2 * x, y)] if own_data else [(x, y), (x, y)]
+    keys, scales = jax.random.split(KEY, 2), [1.0, 3.0]
+    opt, kw = optax.sgd(0.01), {"batch_size": 5, "epochs": 2}
+    alone = [
+        fit(_scaled_mse, p, opt, d, key=k, hparams={"scale": s}, **kw)
+        for p, d, k, s in zip(params, data, keys, scales, strict=True)
+    ]
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    together = fit(
+        _scaled_mse,
+        stack(*params),
+        opt,
+        stack(*data) if own_data else data[0],
+        key=keys,
+        models=2,
+        data_axis=0 if own_data else None,
+        hparams={"scale": jnp.array(scales)},
+        **kw,
+    )
+    for i, run in enumerate(alone):
+        mine_, ours_ = jax.tree.leaves(run.state.params), jax.tree.leaves(together.state.params)
+        for a, b in zip(mine_, ours_, strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-7)
+        for mine, ours in zip(run.history, together.history, strict=True):
+            np.testing.assert_allclose(ours["loss"][i], mine["loss"], rtol=1e-5)
+    assert alone[0].history != alone[1].history
+
+
+def test_batches_of_one_are_allowed_and_the_callback_gets_wall_seconds():
+    x, y, _ = _regression(n=4)
+    seconds = []
+    start = time.perf_counter()
+    result = fit(
+        _mse, _params(), optax.sgd(0.1), (x, y), batch_size=1, epochs=2, key=KEY,
+        on_epoch=lambda epoch, state, metrics, s: seconds.append(s),
+    )  # fmt: skip
+    assert len(result.history) == 2 and int(result.state.step) == 8
+    assert all(0 < s <= time.perf_counter() - start for s in seconds)
+    with pytest.raises(ValueError, match=r"batch_size=0 must be in \[1, 4\]"):
+        fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=0, epochs=1, key=KEY)
+
+
+def test_an_epoch_donates_the_state_and_not_the_data():
+    # The state's buffers are reused for the next state (no second copy of the params
+    # and optimizer moments); the data stays valid for the next epoch.
+    x, y, _ = _regression(n=20)
+    opt = optax.adam(0.1)
+    state = init_state(_params(), opt)
+    epoch = make_epoch(make_train_step(_mse, opt), 20, 5)
+    new, _ = epoch(state, (x, y), KEY)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert not x.is_deleted() and not y.is_deleted()
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new))
+
+
+def test_a_model_that_stops_keeps_its_state_while_the_others_train():
+    # The callback stops model 2 after the first epoch and model 1 after the second;
+    # model 0 trains all 4. Each ends where a separate fit of its epochs ends, and
+    # training ends with the last model; a model whose loss diverges stops too.
+    x, y, _ = _regression(n=20)
+    keys, opt = jax.random.split(KEY, 3), optax.sgd(0.05, momentum=0.9)
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    stops = [4, 2, 1]
+    together = fit(
+        _mse, stack(*[_params()] * 3), opt, (x, y), batch_size=5, epochs=6, key=keys, models=3,
+        on_epoch=lambda epoch, state, metrics, s: np.array([epoch + 1 < n for n in stops]),
+    )  # fmt: skip
+    assert len(together.history) == 4
+    for i, n in enumerate(stops):
+        alone = fit(_mse, _params(), opt, (x, y), batch_size=5, epochs=n, key=keys[i])
+        assert int(together.state.step[i]) == int(alone.state.step) == 4 * n
+        ours = jax.tree.leaves(together.state.params)
+        for a, b in zip(jax.tree.leaves(alone.state.params), ours, strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-7)
+    data = (jnp.stack([x, 30 * x]), jnp.stack([y, y]))  # model 1's steps are far too big
+    two = {"batch_size": 5, "epochs": 3, "key": keys[:2], "models": 2, "data_axis": 0}
+    with pytest.raises(NonFiniteLossError):
+        fit(_mse, stack(_params(), _params()), opt, data, **two)
+    kept = fit(_mse, stack(_params(), _params()), opt, data, drop_nonfinite=True, **two)
+    assert len(kept.history) == 3 and np.isfinite(kept.history[-1]["loss"][0])
+    assert not np.isfinite(kept.history[-1]["loss"][1])

@@ -1,0 +1,263 @@
+"""recipes' losses and its many-models paths against numpy and against one model at a
+time."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import synthetic_config, synthetic_digits
+from flax import linen as nn
+
+from sae_jax.config import LayerConfig, OptimizerConfig
+from sae_jax.models import FrozenLayer, autoencoder, init_params
+from sae_jax.training import evaluate, layerwise, objectives, pipeline, stage, sweep
+
+RNG = np.random.default_rng(0)
+
+
+def test_classifier_loss_is_mean_cross_entropy_plus_weight_decay():
+    x, y = RNG.normal(size=(6, 4)).astype(np.float32), np.array([0, 2, 1, 2, 0, 1])
+    module = nn.Dense(3)
+    params = module.init(jax.random.PRNGKey(0), x)
+    w, b = (np.asarray(params["params"][k], np.float64) for k in ("kernel", "bias"))
+    z = x @ w + b
+    z = z - z.max(-1, keepdims=True)
+    ce = -(z[np.arange(6), y] - np.log(np.exp(z).sum(-1))).mean()
+    for decay in (0.0, 0.3):
+        loss_fn = jax.jit(objectives.classifier_loss(module, decay))
+        loss, terms = loss_fn(params, (x, y), jax.random.PRNGKey(1))
+        np.testing.assert_allclose(terms["cross_entropy"], ce, rtol=1e-5)
+        np.testing.assert_allclose(loss, ce + decay * (w**2).sum() / 2, rtol=1e-5)
+        assert ("weight_decay" in terms) == bool(decay)
+    default = objectives.classifier_loss(module)(params, (x, y), None)[0]
+    np.testing.assert_allclose(default, ce, rtol=1e-5)
+
+
+def _layers(seed: int) -> list[FrozenLayer]:
+    key1, key2 = jax.random.split(jax.random.PRNGKey(seed))
+    first = autoencoder(LayerConfig(features=5), 7, "uniform")
+    second = autoencoder(LayerConfig(features=3, activation="relu"), 5, "uniform")
+    return [
+        FrozenLayer(first, init_params(first, key1, 7)),
+        FrozenLayer(second, init_params(second, key2, 5)),
+    ]
+
+
+def test_encode_and_evaluate_many_models_match_one_at_a_time():
+    # Two stacks with a leading model axis, on shared data and on data of their own.
+    stacks = [_layers(0), _layers(1)]
+    together = [
+        FrozenLayer(a.module, jax.tree.map(lambda *p: jnp.stack(p), a.params, b.params))
+        for a, b in zip(*stacks, strict=True)
+    ]
+    x = RNG.uniform(size=(11, 7)).astype(np.float32)
+    own = np.stack([x, x[::-1]])
+    y = RNG.integers(0, 3, 11)
+    alone = lambda i, xi: evaluate.encode_dataset(stacks[i], jnp.asarray(xi), batch_size=4)
+    shared = evaluate.encode_dataset(together, jnp.asarray(x), batch_size=4, models=True)
+    apart = evaluate.encode_dataset(together, jnp.asarray(own), batch_size=4, models=True)
+    assert shared.shape == apart.shape == (2, 11, 3)
+    for i in range(2):
+        np.testing.assert_allclose(shared[i], alone(i, x), rtol=1e-6)
+        np.testing.assert_allclose(apart[i], alone(i, own[i]), rtol=1e-6)
+    head = nn.Dense(3)
+    heads = [head.init(jax.random.PRNGKey(i), jnp.zeros((1, 3))) for i in range(2)]
+    both = jax.tree.map(lambda *p: jnp.stack(p), *heads)
+    many = evaluate.evaluate(head, both, apart, jnp.asarray(y), batch_size=4, models=True)
+    for i in range(2):
+        one = evaluate.evaluate(head, heads[i], apart[i], jnp.asarray(y), batch_size=4)
+        np.testing.assert_allclose(many["accuracy"][i], one["accuracy"], rtol=1e-6)
+        np.testing.assert_allclose(many["loss"][i], one["loss"], rtol=1e-5)
+        logits = np.asarray(apart[i]) @ np.asarray(heads[i]["params"]["kernel"]) + np.asarray(
+            heads[i]["params"]["bias"]
+        )
+        np.testing.assert_allclose(one["accuracy"], (logits.argmax(-1) == y).mean(), rtol=1e-6)
+
+
+def _mse(params, batch, key):
+    x, y = batch
+    err = jnp.mean((x @ params["w"] - y) ** 2)
+    return err, {"mse": err}
+
+
+def _regression():
+    """8 examples ``[8, 3]`` and their targets ``[8, 1]`` (the sum of the features)."""
+    x = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
+    return x, x @ jnp.ones((3, 1))
+
+
+def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
+    # evaluate_fn scores 0.5, 0.7, 0.7, 0.2, 0.1: the best is epoch 2 (the first 0.7),
+    # and with patience 2 the stage stops after epoch 4.
+    x, y = _regression()
+    scores, seen, calls = iter([0.5, 0.7, 0.7, 0.2, 0.1]), [], []
+
+    def evaluate_fn(params):
+        calls.append(np.asarray(params["w"]).copy())
+        return next(scores)
+
+    class Store:  # a StageStore that keeps only the stage's wall seconds at each save
+        walls: list = []  # noqa: RUF012
+        finished = resume = lambda self, *args: None
+        save_finished = lambda self, *args: None
+
+        def save_epoch(self, name, state, key, record, best):
+            self.walls.append(record.wall_s)
+
+    start = time.perf_counter()
+    params, record = stage.run_stage(
+        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
+        (x, y), epochs=5, key=jax.random.PRNGKey(0), batch_size=4, evaluate_fn=evaluate_fn,
+        on_epoch=lambda name, epoch, metrics, s: seen.append((name, epoch, metrics["metric"], s)),
+        metric="metric", keep_best=True, patience=2, store=Store(),
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    assert [(n, e, m) for n, e, m, _ in seen] == [("stage", 1, 0.5), ("stage", 2, 0.7),
+                                                  ("stage", 3, 0.7), ("stage", 4, 0.2)]  # fmt: skip
+    assert record.best_epoch == 2 and len(record.history) == 4
+    np.testing.assert_array_equal(params["w"], calls[1])  # the params evaluated at epoch 2
+    assert sum(s for *_, s in seen) <= record.wall_s <= wall
+    assert len(Store.walls) == 4 and Store.walls == sorted(Store.walls)
+    assert seen[0][3] <= Store.walls[0] and Store.walls[-1] <= record.wall_s
+
+
+def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
+    x, y = _regression()
+    sgd = OptimizerConfig("sgd", learning_rate=0.05)
+    params, record = stage.run_stage(
+        "plain", _mse, {"w": jnp.zeros((3, 1))}, sgd, (x, y),
+        epochs=4, key=jax.random.PRNGKey(0), batch_size=8,
+    )  # fmt: skip
+    w, losses = np.zeros((3, 1)), []  # full-batch gradient descent, written out in numpy
+    for _ in range(4):
+        err = np.asarray(x) @ w - np.asarray(y)
+        losses.append(float(np.mean(err**2)))
+        w = w - 0.05 * 2 * np.asarray(x).T @ err / err.size
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5)
+    assert record.best_epoch == 0  # no epoch was chosen
+    np.testing.assert_allclose([h["loss"] for h in record.history], losses, rtol=1e-5)
+    assert record.final_loss == record.history[3]["loss"]
+    assert record.summary() == {
+        "name": "plain", "epochs": 4, "wall_s": record.wall_s, "final_loss": record.final_loss
+    }  # fmt: skip
+    assert stage.StageRecord("none", 2).final_loss is None
+
+
+def test_a_stage_its_store_has_finished_is_returned_without_training():
+    done = ({"w": jnp.full((3, 1), 2.0)}, stage.StageRecord("stage", 3, 1.5, [{"loss": 0.1}]))
+
+    class Store:
+        finished = lambda self, name, template: done if name == "stage" else None
+        resume = save_epoch = save_finished = lambda self, *args: pytest.fail("trained")
+
+    out = stage.run_stage(
+        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
+        _regression(), epochs=3, key=jax.random.PRNGKey(0), batch_size=4, store=Store(),
+        on_epoch=lambda *args: pytest.fail("trained"),
+    )  # fmt: skip
+    assert out is done
+
+
+def test_run_stage_gives_each_model_its_own_learning_rate():
+    x, y = _regression()
+    w0, rates = {"w": jnp.zeros((3, 1))}, [0.05, 0.01]
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    common = {"epochs": 2, "batch_size": 4}
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w0)
+    many, record = stage.run_stage(
+        "many", _mse, stacked, OptimizerConfig("adam", learning_rate=0.3), (x, y),
+        key=keys, models=2, learning_rate=jnp.asarray(rates), **common,
+    )  # fmt: skip
+    for i, rate in enumerate(rates):
+        one, alone = stage.run_stage(
+            "one", _mse, w0, OptimizerConfig("adam", learning_rate=rate), (x, y),
+            key=keys[i], **common,
+        )  # fmt: skip
+        np.testing.assert_allclose(many["w"][i], one["w"], rtol=1e-5, atol=1e-7)
+        losses = [h["loss"] for h in alone.history]
+        np.testing.assert_allclose([h["loss"][i] for h in record.history], losses, rtol=1e-5)
+
+
+def _recorded_pipeline(monkeypatch, config, **kwargs):
+    """``run_pipeline`` on synthetic digits (40 training, 20 test images), recording
+    the key of every ``init_params`` and, for every ``fit``, the stage's name, its key
+    and the shape of its inputs."""
+    init_keys, fits = [], []
+    real_init, real_fit = layerwise.init_params, stage.fit
+
+    def init_params(module, key, in_features):
+        init_keys.append(np.asarray(key))
+        return real_init(module, key, in_features)
+
+    def fit(loss_fn, params, optimizer, data, *, name, key, **kw):
+        fits.append((name, np.asarray(key), data[0].shape))
+        return real_fit(loss_fn, params, optimizer, data, name=name, key=key, **kw)
+
+    monkeypatch.setattr(layerwise, "init_params", init_params)
+    monkeypatch.setattr(stage, "fit", fit)
+    train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
+    result = pipeline.run_pipeline(config, train, test, **kwargs)
+    return result, init_keys, fits
+
+
+@pytest.mark.parametrize("pretrain,depth", [(True, 1), (True, 2), (False, 1)])
+def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain, depth):
+    # keys = split(PRNGKey(seed), depth + 2): one per pretraining layer, then the softmax
+    # stage's and the fine-tuning stage's. A pretraining or softmax stage splits its key
+    # into an init key and a fit key; without pretraining the stack is initialised from
+    # the softmax stage's key.
+    layers = synthetic_config().layers[:depth]
+    config = synthetic_config(seed=11, layers=layers, finetune_epochs=1)
+    _, init_keys, fits = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
+    keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), depth + 2))
+    halves = [np.asarray(jax.random.split(k)) for k in keys]
+    names = [f"pretrain_{i + 1}" for i in range(depth)] + ["softmax"]
+    if pretrain:
+        want_init = [halves[i][0] for i in range(depth + 1)]
+        want_fit = [(n, halves[i][1]) for i, n in enumerate(names)] + [("finetune", keys[-1])]
+    else:
+        want_init, want_fit = [keys[-2]], [("finetune", keys[-1])]
+    np.testing.assert_array_equal(init_keys, want_init)
+    assert [n for n, _, _ in fits] == [n for n, _ in want_fit]
+    np.testing.assert_array_equal([k for _, k, _ in fits], [k for _, k in want_fit])
+
+
+def test_model_config_is_the_config_of_one_model_of_a_sweep():
+    config = synthetic_config()
+    hparams = {"beta": [0.5, 2.0], "pretrain_learning_rate": [0.1, 0.2],
+               "finetune_learning_rate": [0.3, 0.4]}  # fmt: skip
+    one = sweep.model_config(config, [7, 8], hparams, 1)
+    assert one.seed == 8
+    assert [(lay.beta, lay.optimizer.learning_rate) for lay in one.layers] == [(2.0, 0.2)] * 2
+    assert one.finetune_optimizer.learning_rate == 0.4
+    assert one.softmax_optimizer == config.softmax_optimizer
+    plain = sweep.model_config(config, [7, 8], None, 0)
+    assert plain == config.replace(seed=7)
+    rho = sweep.model_config(config, [7, 8], {"rho": [0.1, 0.2]}, 0)
+    assert rho == config.replace(
+        seed=7, layers=tuple(dataclasses.replace(lay, rho=0.1) for lay in config.layers)
+    )
+
+
+def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(monkeypatch):
+    layer = dataclasses.replace(synthetic_config().layers[0], epochs=2)
+    layers = tuple(dataclasses.replace(layer, features=f) for f in (48, 40, 32))
+    config = synthetic_config(finetune_epochs=2, layers=layers)  # 64-48-40-32-4
+    result, _, fits = _recorded_pipeline(monkeypatch, config)
+    assert [(name, shape) for name, _, shape in fits] == [
+        ("pretrain_1", (40, 64)), ("pretrain_2", (40, 48)), ("pretrain_3", (40, 40)),
+        ("softmax", (40, 32)), ("finetune", (40, 64)),
+    ]  # fmt: skip
+    assert [(s.name, s.epochs, len(s.history)) for s in result.stages] == [
+        ("pretrain_1", 2, 2), ("pretrain_2", 2, 2), ("pretrain_3", 2, 2), ("softmax", 1, 1),
+        ("finetune", 2, 2),
+    ]  # fmt: skip
+    model = pipeline.classifier(config)
+    x, y = synthetic_digits(20, 2)
+    final = evaluate.evaluate(model, result.params, x, y, config.eval_batch_size)
+    assert result.stages[-1].history[-1]["test_accuracy"] == final["accuracy"]
+    assert "test_accuracy" in result.stages[3].history[0]  # the softmax stage is judged too
+    assert "test_accuracy" not in result.stages[0].history[0]
