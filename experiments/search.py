@@ -29,7 +29,8 @@ from sae_jax.commands import exits
 from sae_jax.commands import flags as cli
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> cli.Parser:
+    """The command's flags: the shared ones and its own."""
     p = cli.parser(__doc__)
     p.add_argument(
         "--workdir",
@@ -44,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a searched name and its values: NAME=V1,V2,... (a list), NAME=LOW:HIGH "
         "(uniform) or NAME=log:LOW:HIGH (log-uniform; ranges need --points). Names: "
         "the loss terms rho, beta, l1, contractive, weight_decay, noise_level (of every "
-        "pretraining layer), pretrain_learning_rate, finetune_learning_rate, input_keep, "
-        "hidden_keep (dropout), features (every layer's width), pretrain_epochs. Repeat "
-        "it for several names",
+        "pretraining layer; a noise_level of 0 is no corruption), pretrain_learning_rate, "
+        "softmax_learning_rate, finetune_learning_rate, input_keep, hidden_keep (dropout), "
+        "features (every layer's width), pretrain_epochs. Repeat it for several names",
     )
     p.add_argument(
         "--points",
@@ -69,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="'pretraining': also search without pretraining, the same number of points "
         "over the fine-tuning names, as the baseline (default: none)",
     )
-    flags = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags = _parser().parse_args(argv)
 
     def body() -> None:
         from sae_jax.commands.search import parse_space, run_search

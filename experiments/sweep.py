@@ -11,6 +11,13 @@ without pretraining:
 A sweep of the KL weight: 4 values x 3 seeds, 12 models, one table row per value:
 
   python experiments/sweep.py --config=tiny --seeds=3 --hparam=beta=0.5,1,2,3
+
+With a validation split (--config.validation_examples), every model trains as
+mnist.py trains it alone: the last N training images held out, its own best epoch
+kept and its own patience; a model whose loss diverges stops alone and is reported:
+
+  python experiments/sweep.py --config=tiny --config.validation_examples=200 \\
+      --config.finetune_patience=2 --seeds=2 --hparam=finetune_learning_rate=1e-3,3e-3
 """
 
 # Flags only: the sweep itself is sae_jax.commands.sweep.run_sweep.
@@ -28,9 +35,11 @@ from sae_jax.config import Config
 
 
 def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
-    """``--hparam`` flags as ``{name: values}``, each value checked on ``config``."""
-    from sae_jax.commands.sweep import check_models
+    """``--hparam`` flags as ``{name: values}``, each value checked on ``config``, and
+    each name refused if it changes nothing for every model of the grid."""
     from sae_jax.errors import UserError
+    from sae_jax.training.hparams import check_models, check_used
+    from sae_jax.training.sweep import grid
 
     hparams: dict[str, list[float]] = {}
     given: dict[str, str] = {}
@@ -43,12 +52,17 @@ def parse_hparams(items: list[str], config: Config) -> dict[str, list[float]]:
         if name in given:
             raise UserError(f"--hparam={item}: {name} is already swept by --hparam={given[name]}")
         seeds = [config.seed] * len(parsed)
-        cli.checked(f"--hparam={item}", partial(check_models, config, seeds, {name: parsed}))
+        check = partial(check_models, config, seeds, {name: parsed}, used=False)
+        cli.checked(f"--hparam={item}", check)
         hparams[name], given[name] = parsed, item
+    models = check_models(config, *grid([config.seed], hparams)[:2], used=False)
+    for name, item in given.items():
+        cli.checked(f"--hparam={item}", partial(check_used, models, [name]))
     return hparams
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> cli.Parser:
+    """The command's flags: the shared ones and its own."""
     p = cli.parser(__doc__)
     p.add_argument(
         "--workdir",
@@ -71,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="NAME=V1,V2,...",
         help="values to try for NAME: rho, beta, l1, contractive, weight_decay or "
-        "noise_level (of every pretraining layer), pretrain_learning_rate or "
-        "finetune_learning_rate. Repeat it for several names: every combination of "
+        "noise_level (of every pretraining layer; a noise_level of 0 is no corruption), "
+        "pretrain_learning_rate, softmax_learning_rate, finetune_learning_rate, "
+        "input_keep or hidden_keep (dropout). Repeat it for several names: every combination of "
         "their values is trained with every seed, and the table has one row per "
         "combination (default: none, the preset's values)",
     )
@@ -86,7 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also train the models one after another and report both times (default: off)",
     )
-    flags = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    flags = _parser().parse_args(argv)
 
     def body() -> None:
         from sae_jax.commands.sweep import run_sweep

@@ -147,5 +147,6 @@ def test_classifier_dropout_logits_match_a_numpy_forward_pass_and_eval_has_none(
     plain = classifier_loss(model)(params, batch, key)[0]
     dropped = jax.jit(classifier_loss(model, input_keep=0.8, hidden_keep=0.5))
     assert dropped(params, batch, key)[0] != plain
-    swept = classifier_loss(model)(params, batch, key, hparams={"hidden_keep": jnp.float32(0.5)})
-    assert swept[0] != plain
+    keep = {"input_keep": jnp.float32(0.8), "hidden_keep": jnp.float32(0.5)}
+    swept = classifier_loss(model, dropout=True)(params, batch, key, hparams=keep)
+    np.testing.assert_allclose(swept[0], dropped(params, batch, key)[0], rtol=1e-6)

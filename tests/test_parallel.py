@@ -13,7 +13,7 @@ from conftest import REPO, synthetic_config, synthetic_digits
 import sae_jax
 from sae_jax.config import LayerConfig
 from sae_jax.config.presets import ADAM
-from sae_jax.training.objectives import SWEEP_NAMES, SWEEPABLE
+from sae_jax.training.hparams import SWEEP_NAMES
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.sweep import grid, model_config
 
@@ -175,12 +175,13 @@ def _config():
         batch_size=25,
         eval_batch_size=50,
         softmax_epochs=1,
-        layers=(layer, dataclasses.replace(layer, features=8, noise="none")),
+        layers=(layer, dataclasses.replace(layer, features=8, noise="none", noise_level=0.0)),
         finetune_epochs=2,
         finetune_optimizer=dataclasses.replace(ADAM, learning_rate=3e-3),
     )
 
 
+LOSS_TERMS = ("rho", "beta", "l1", "contractive", "weight_decay")
 # One value per model for every name a sweep takes, none of them the base config's.
 SWEPT = {
     "rho": [0.05, 0.15, 0.2, 0.3],
@@ -190,6 +191,7 @@ SWEPT = {
     "weight_decay": [1e-3, 3e-3, 1e-2, 3e-2],
     "noise_level": [0.1, 0.25, 0.3, 0.4],
     "pretrain_learning_rate": [2e-3, 4e-3, 1e-2, 2e-2],
+    "softmax_learning_rate": [3e-3, 2e-2, 5e-3, 1e-2],
     "finetune_learning_rate": [1e-3, 2e-3, 4e-3, 5e-3],
     "input_keep": [0.9, 0.8, 0.95, 1.0],
     "hidden_keep": [0.5, 0.7, 0.9, 0.6],
@@ -219,7 +221,8 @@ def test_sweep_equals_separate_runs():
         layers = tuple(
             dataclasses.replace(
                 layer,
-                **{name: v[name][i] for name in SWEEPABLE},
+                **{name: v[name][i] for name in LOSS_TERMS},
+                noise_level=v["noise_level"][i] if layer.noise != "none" else 0.0,
                 optimizer=pretrain_optimizer,
             )
             for layer in config.layers
@@ -227,6 +230,9 @@ def test_sweep_equals_separate_runs():
         alone_config = config.replace(
             seed=seed,
             layers=layers,
+            softmax_optimizer=dataclasses.replace(
+                config.softmax_optimizer, learning_rate=v["softmax_learning_rate"][i]
+            ),
             finetune_optimizer=dataclasses.replace(
                 config.finetune_optimizer, learning_rate=v["finetune_learning_rate"][i]
             ),

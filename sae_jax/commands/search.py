@@ -16,10 +16,12 @@ import numpy as np
 
 from sae_jax.commands.prepare import hold_workdir, prepare
 from sae_jax.config import Config
+from sae_jax.config.files import config_to_json
 from sae_jax.data import DEFAULT_DATA, DataSpec
 from sae_jax.errors import ConfigError, UserError
 from sae_jax.files import stopped, write_bytes_atomic
 from sae_jax.parallel import is_primary
+from sae_jax.training.pipeline import holdout
 from sae_jax.training.search import (
     PRETRAINING_NAMES,
     SEARCH_NAMES,
@@ -28,7 +30,6 @@ from sae_jax.training.search import (
     checked_points,
     search,
 )
-from sae_jax.workdir.checkpoint import config_to_json
 from sae_jax.workdir.summary import provenance, write_json_atomic
 
 NO_RESUME = "a search keeps no checkpoints: the same command starts it over"
@@ -98,9 +99,8 @@ def run_search(
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     if dataset.train_labels is None or dataset.test_labels is None:
         raise UserError(f"{data.path}: a search needs labels and a test split")
-    n = len(dataset.train_images) - config.validation_examples
-    x, y = dataset.train_images, dataset.train_labels
-    splits = (x[:n], y[:n]), (x[n:], y[n:]), (dataset.test_images, dataset.test_labels)
+    train, validation = holdout(config, (dataset.train_images, dataset.train_labels))
+    splits = train, validation, (dataset.test_images, dataset.test_labels)
     runs = []
     with hold_workdir(workdir, wait=wait, log=log):
         for pretrain in (True, False) if study == "pretraining" else (True,):

@@ -17,33 +17,18 @@ import numpy as np
 
 from sae_jax.commands.prepare import hold_workdir, prepare
 from sae_jax.config import Config
+from sae_jax.config.files import config_to_json
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
-from sae_jax.errors import ConfigError, UserError
+from sae_jax.errors import UserError
 from sae_jax.files import stopped
 from sae_jax.parallel import default_mesh, is_primary
-from sae_jax.training.objectives import SWEEP_NAMES
+from sae_jax.training.hparams import check_models
 from sae_jax.training.pipeline import run_pipeline
-from sae_jax.training.sweep import grid, model_config, sweep
-from sae_jax.workdir.checkpoint import config_to_json
+from sae_jax.training.stage import StageRecord
+from sae_jax.training.sweep import grid, sweep
 from sae_jax.workdir.summary import provenance, write_json_atomic
 
 NO_RESUME = "a sweep keeps no checkpoints: the same command starts it over"
-
-
-def check_models(
-    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None = None
-) -> list[Config]:
-    """The validated config of each model of a sweep (``seeds`` and ``hparams`` as
-    ``selection.sweep`` takes them: one entry per model), see ``model_config``.
-
-    Raises:
-      ConfigError: for a name not in ``SWEEP_NAMES``, and for the first model whose
-        config does not validate; the message names the field.
-    """
-    for name in hparams or {}:
-        if name not in SWEEP_NAMES:
-            raise ConfigError(f"cannot sweep {name!r}; choose from {', '.join(SWEEP_NAMES)}")
-    return [model_config(config, seeds, hparams, i).validate() for i in range(len(seeds))]
 
 
 def _test_error(accuracy: list[float]) -> dict[str, float]:
@@ -168,7 +153,8 @@ def run_sweep(
 
 
 def _arrays(mnist: Mnist) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-    """The training and test splits on the device."""
+    """The training and test splits on the device (the pipeline holds out the config's
+    validation examples from the first, as for a single run)."""
     return (
         (jnp.asarray(mnist.train_images), jnp.asarray(mnist.train_labels)),
         (jnp.asarray(mnist.test_images), jnp.asarray(mnist.test_labels)),
@@ -186,9 +172,10 @@ def _train_grid(
     """One ``sweep`` over every model; its accuracies, test error and wall time."""
 
     def on_epoch(stage: str, epoch: int, metrics: dict[str, Any], seconds: float) -> None:
-        line = f"{stage:<10} epoch {epoch:>3} mean loss {np.mean(metrics['loss']):.6g}"
-        if "test_accuracy" in metrics:
-            line += f" mean test_accuracy {np.mean(metrics['test_accuracy']):.4f}"
+        line = f"{stage:<10} epoch {epoch:>3} mean loss {np.nanmean(metrics['loss']):.6g}"
+        for name in ("validation_accuracy", "test_accuracy"):
+            if name in metrics:
+                line += f" mean {name} {np.mean(metrics[name]):.4f}"
         log(f"{line} {seconds:.2f}s")
 
     start = time.perf_counter()
@@ -197,7 +184,7 @@ def _train_grid(
         shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
         log(f"{len(model_seeds)} models over {mesh.size} devices ({shape})")
     train, test = _arrays(mnist)
-    accuracy = sweep(
+    result = sweep(
         config,
         train,
         test,
@@ -206,13 +193,28 @@ def _train_grid(
         pretrain=pretrain,
         on_epoch=on_epoch,
         mesh=mesh,
-    ).test["accuracy"]
+    )
     wall = time.perf_counter() - start
+    accuracy = result.test["accuracy"]
     return {
         "pretrain": pretrain,
         "test_accuracy": accuracy,
         **_test_error(accuracy),
         "wall_s": wall,
+        "diverged": result.diverged(),
+        "stages": [_stage_json(record) for record in result.stages],
+    }
+
+
+def _stage_json(record: StageRecord) -> dict[str, Any]:
+    """A stage of a sweep, per model: its loss per epoch, its best epoch (with a
+    validation split), the epochs it trained and whether it diverged."""
+    return {
+        "name": record.name,
+        "loss": [np.asarray(epoch["loss"], np.float64).tolist() for epoch in record.history],
+        "best_epoch": record.best_epoch,
+        "epochs_trained": record.epochs_trained,
+        "diverged": record.diverged,
     }
 
 

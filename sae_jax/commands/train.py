@@ -162,19 +162,11 @@ def _train(
             raise UserError("--no_pretraining: the data has no labels, so nothing to fine-tune")
         layers, stages = pretrain_stack(config, x, on_epoch=on_epoch, store=store, mesh=mesh)
         return PipelineResult(layers, None, {}, stages), mesh
-    validation = (x[n_train:], y[n_train:]) if n_val else None
     test = None
     if dataset.test_labels is not None:
         test = (dataset.test_images, dataset.test_labels)
-    result = run_pipeline(  # which places the splits on the mesh
-        config,
-        (x[:n_train], y[:n_train]),
-        test,
-        on_epoch=on_epoch,
-        store=store,
-        mesh=mesh,
-        validation=validation,
-        pretrain=pretrain,
+    result = run_pipeline(  # which holds out the validation split and places the splits
+        config, (x, y), test, on_epoch=on_epoch, store=store, mesh=mesh, pretrain=pretrain
     )
     return result, mesh
 

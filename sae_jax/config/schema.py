@@ -51,7 +51,9 @@ class LayerConfig:
     The layer maps ``[batch, in]`` to ``[batch, features]`` and back. Its loss is
     ``reduce(reconstruction) + beta * KL + l1 * reduce(|h|)
     + contractive * reduce(||J||^2) + weight_decay * sum(W^2) / 2``,
-    where ``reduce`` is the sum or mean over the batch.
+    where ``reduce`` is the sum or mean over the batch. ``noise`` corrupts the input
+    at ``noise_level`` (a rate, or gaussian's standard deviation); a level of 0 is no
+    corruption, whatever the kind, so a search over levels may include it.
     """
 
     features: int
@@ -270,10 +272,14 @@ def _layer(name: str, layer: LayerConfig) -> None:
         )
     if layer.reconstruction == "cross_entropy" and layer.decoder_activation != "sigmoid":
         raise ConfigError(f"{name}: reconstruction='cross_entropy' needs a sigmoid decoder")
-    if layer.noise != "none":
-        _positive(f"{name}.noise_level", layer.noise_level)
-        if layer.noise in ("masking", "salt_and_pepper") and layer.noise_level >= 1.0:
-            raise ConfigError(
-                f"{name}.noise_level is a rate and must be in (0, 1), got {layer.noise_level!r}"
-            )
+    _non_negative(f"{name}.noise_level", layer.noise_level)
+    if layer.noise == "none" and layer.noise_level != 0:
+        raise ConfigError(
+            f"{name}.noise_level={layer.noise_level!r} changes nothing with noise='none': "
+            f"set {name}.noise (masking, gaussian or salt_and_pepper), or a level of 0"
+        )
+    if layer.noise in ("masking", "salt_and_pepper") and layer.noise_level >= 1.0:
+        raise ConfigError(
+            f"{name}.noise_level is a rate and must be in [0, 1), got {layer.noise_level!r}"
+        )
     _optimizer(f"{name}.optimizer", layer.optimizer)

@@ -3,6 +3,8 @@ file or prints.
 
 Modules, in import order:
 
+- ``hparams``: what may differ between the models of a sweep, as one pytree per model
+  derived from the ``Config`` (``HParams``), and the names a sweep or search varies.
 - ``optim``: optax optimizers from an ``OptimizerConfig`` (TF1's RMSProp, schedules,
   max-norm).
 - ``loop``: ``fit``, the one training loop: an epoch is one jitted ``lax.scan`` over

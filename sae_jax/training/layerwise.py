@@ -6,6 +6,7 @@ layers 1..k-1 (``pretrain_layers``, ``pretrain_stack``); each layer is one stage
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from sae_jax.models import (
     init_params,
 )
 from sae_jax.training.evaluate import _model_axis, encode_dataset
+from sae_jax.training.hparams import LayerHParams, active_terms, hparams_of, layer_hparams
 from sae_jax.training.loop import Params, place_data
 from sae_jax.training.objectives import layer_loss
 from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
@@ -51,19 +53,23 @@ def pretrain_layer(
     on_epoch: StageCallback | None = None,
     mesh: Mesh | None = None,
     models: int | None = None,
-    hparams: dict[str, Any] | None = None,
-    learning_rate: Any = None,
+    hparams: LayerHParams | None = None,
+    terms: Sequence[str] | None = None,
 ) -> tuple[FrozenLayer, StageRecord]:
     """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it.
 
-    With ``models``, ``key`` is ``[models, 2]``, ``x`` is shared ``[n, in]`` or per
-    model ``[models, n, in]``, and the frozen params carry a leading model axis.
+    ``hparams`` (by default the layer's own, ``hparams.layer_hparams``) gives the loss
+    terms' weights, the noise level and the learning rate; ``terms`` the penalties the
+    loss computes (see ``layer_loss``). With ``models``, ``key`` is ``[models, 2]``,
+    every ``hparams`` leaf ``[models]``, ``x`` is shared ``[n, in]`` or per model
+    ``[models, n, in]``, and the frozen params carry a leading model axis.
     """
     module = autoencoder(layer, in_features, bias_init)
+    hparams = layer_hparams(layer) if hparams is None else hparams
     init_key, fit_key = split2(key)
     params, record = run_stage(
         name,
-        layer_loss(module, layer),
+        layer_loss(module, layer, terms),
         init_stage_params(module, init_key, in_features),
         layer.optimizer,
         (x,),
@@ -76,35 +82,35 @@ def pretrain_layer(
         models=models,
         data_axis=_model_axis(x, models),
         hparams=hparams,
-        learning_rate=learning_rate,
+        learning_rate=hparams.learning_rate,
+        reduction=layer.batch_reduction,
     )
     return FrozenLayer(module, params), record
 
 
-def stage_keys(config: Config, seeds: list[int] | None) -> jax.Array:
+def stage_keys(configs: Sequence[Config], models: bool) -> jax.Array:
     """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
 
-    ``[layers + 2, 2]``; with ``seeds`` ``[layers + 2, models, 2]``, model ``i``'s
-    keys being those its own run with ``config.seed = seeds[i]`` would use."""
-    num_keys = len(config.layers) + 2
-    if seeds is None:
-        return jax.random.split(jax.random.PRNGKey(config.seed), num_keys)
-    return jnp.stack([jax.random.split(jax.random.PRNGKey(s), num_keys) for s in seeds], 1)
+    ``[layers + 2, 2]`` for one config; with ``models`` ``[layers + 2, models, 2]``,
+    model ``i``'s keys being those its own run with ``configs[i]`` would use."""
+    num_keys = len(configs[0].layers) + 2
+    keys = [jax.random.split(jax.random.PRNGKey(c.seed), num_keys) for c in configs]
+    return jnp.stack(keys, 1) if models else keys[0]
 
 
 def pretrain_layers(
-    config: Config,
+    configs: Sequence[Config],
     x: jax.Array,
     keys: jax.Array,
-    hparams: dict[str, jax.Array] | None,
-    learning_rate: jax.Array | None,
+    hparams: tuple[LayerHParams, ...],
     common: dict[str, Any],
 ) -> tuple[list[FrozenLayer], list[StageRecord], jax.Array]:
     """Greedy layer-wise pretraining: layer k trains on the codes of layers 1..k-1.
 
-    Returns the frozen layers, their stage records and the top layer's codes of ``x``
-    (``[n, features]``, or ``[models, n, features]`` in a sweep)."""
-    models = bool(common["models"])
+    ``configs`` are the models' (one for a single run), ``hparams`` one
+    ``LayerHParams`` per layer. Returns the frozen layers, their stage records and the
+    top layer's codes of ``x`` (``[n, features]``, or ``[models, n, features]``)."""
+    config, models = configs[0], bool(common["models"])
     layers: list[FrozenLayer] = []
     records: list[StageRecord] = []
     codes, in_features = x, config.input_features
@@ -118,8 +124,8 @@ def pretrain_layers(
             key=keys[i],
             bias_init=config.bias_init,
             name=f"pretrain_{i + 1}",
-            hparams=hparams,
-            learning_rate=learning_rate,
+            hparams=hparams[i],
+            terms=active_terms([c.layers[i] for c in configs]),
             **common,
         )
         layers.append(frozen)
@@ -163,6 +169,7 @@ def pretrain_stack(
         "mesh": mesh,
         "models": None,
     }
-    keys = stage_keys(config, None)
-    layers, records, _ = pretrain_layers(config, place_data(x, mesh), keys, None, None, common)
+    keys = stage_keys([config], models=False)
+    hparams = hparams_of(config).layers
+    layers, records, _ = pretrain_layers([config], place_data(x, mesh), keys, hparams, common)
     return layers, records

@@ -50,10 +50,13 @@ class TrainState(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """The final state and one dict of mean metrics per epoch."""
+    """The final state and one dict of mean metrics per epoch; with ``models``, each
+    model's number of epochs trained (``[models]``) and whether its loss diverged."""
 
     state: TrainState
     history: list[dict[str, float]]
+    epochs_trained: np.ndarray | None = None
+    diverged: np.ndarray | None = None
 
 
 def init_state(
@@ -100,12 +103,15 @@ def make_epoch(
     mesh: Mesh | None = None,
     models: bool = False,
     data_axis: int | None = None,
+    reduction: str = "mean",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One jitted epoch ``(state, data, key, active=None) -> (state, mean metrics)``.
 
     ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
-    step ``t`` gets ``fold_in(key, t)``. Metrics are means over the epoch's
-    examples. ``state`` is donated.
+    step ``t`` gets ``fold_in(key, t)``. ``state`` is donated. Metrics are per example:
+    with ``reduction="mean"`` (each step's value a mean over its batch) the mean of the
+    steps' values weighted by their batch sizes; with ``"sum"`` (each a sum over its
+    batch) the steps' values summed, over the number of examples.
 
     With a ``mesh``, every minibatch is split over the mesh's ``"data"`` axis while
     params and optimizer state stay replicated (data parallelism; XLA inserts the
@@ -115,7 +121,10 @@ def make_epoch(
     ``active`` (bool ``[models]``, or None for all) says which models train: the
     others' states come back unchanged.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: choose mean or sum")
     full, remainder = divmod(num_examples, batch_size)
+    weight = (lambda size: size) if reduction == "mean" else (lambda size: 1)
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
     split = axis_size(mesh, DATA_AXIS) if mesh is not None else 1
 
@@ -130,10 +139,10 @@ def make_epoch(
         perm = jax.random.permutation(perm_key, num_examples)
         batches = perm[: full * batch_size].reshape(full, batch_size)
         new, metrics = jax.lax.scan(lambda s, idx: run_step(s, data, idx, step_key), state, batches)
-        totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * batch_size, metrics)
+        totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * weight(batch_size), metrics)
         if remainder:
             new, last = run_step(new, data, perm[full * batch_size :], step_key)
-            totals = jax.tree.map(lambda t, m: t + m * remainder, totals, last)
+            totals = jax.tree.map(lambda t, m: t + m * weight(remainder), totals, last)
         if active is not None:  # a finished model keeps its state
             new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
         return new, jax.tree.map(lambda t: t / num_examples, totals)
@@ -200,8 +209,8 @@ def fit(
     mesh: Mesh | None = None,
     models: int | None = None,
     data_axis: int | None = None,
-    hparams: dict[str, Any] | None = None,
-    drop_nonfinite: bool = False,
+    hparams: Any = None,
+    reduction: str = "mean",
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -231,43 +240,29 @@ def fit(
         parallelism over its devices.
       models: train this many models at once in one compiled program: ``params``,
         ``key`` (``[models, 2]``) and every ``hparams`` leaf carry a leading model
-        axis, and metrics are lists with one value per model.
+        axis, and metrics are lists with one value per model. A model whose loss
+        becomes NaN or infinite stops (as above) and the others go on.
       data_axis: with ``models``, 0 when every model has its own data
         (``[models, num_examples, ...]``), None when they share it, or a tuple with
         one of those per array of ``data``.
-      hparams: a dict of scalars (or ``[models]`` arrays) for the loss.
-      drop_nonfinite: with ``models``, a model whose loss becomes NaN or infinite
-        stops (as above) instead of raising, and the others go on.
+      hparams: a pytree of scalars (or ``[models]`` arrays) for the loss.
+      reduction: ``"mean"`` or ``"sum"``: how the loss reduces a batch, so that the
+        epoch's metrics are per example either way (see ``make_epoch``).
 
     Returns:
-      ``FitResult(state, history)``.
+      ``FitResult(state, history, epochs_trained, diverged)``.
 
     Raises:
-      NonFiniteLossError: the epoch's mean loss is NaN or infinite (for any model
-        still training, unless ``drop_nonfinite``).
+      NonFiniteLossError: the epoch's mean loss is NaN or infinite (one model).
     """
-    axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
-    data = tuple(
-        place_data(a, mesh, models is not None and ax == 0)
-        for a, ax in zip(data, axes, strict=True)
-    )
-    lengths = {
-        a.shape[1 if models is not None and ax == 0 else 0]
-        for a, ax in zip(data, axes, strict=True)
-    }
-    if len(lengths) != 1:
-        raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in data]}")
-    (num_examples,) = lengths
+    data, num_examples = _placed(data, mesh, models, data_axis, name)
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
+    step = make_train_step(loss_fn, optimizer)
     epoch_fn = make_epoch(
-        make_train_step(loss_fn, optimizer),
-        num_examples,
-        batch_size,
-        mesh=mesh,
-        models=models is not None,
-        data_axis=data_axis,
-    )
+        step, num_examples, batch_size, mesh=mesh, models=models is not None,
+        data_axis=data_axis, reduction=reduction,
+    )  # fmt: skip
     if state is None:
         state = init_state(params, optimizer, hparams, models)
     else:
@@ -276,31 +271,68 @@ def fit(
         state = put(state, state_sharding(mesh, models is not None))
         key = put(key, state_sharding(mesh, models is not None))
     fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
-    active = None if models is None else np.ones(models, bool)
+    models_left = _Models(models)
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, epochs):
         start = time.perf_counter()
-        mask = None if active is None else _put_mask(active, mesh)
-        state, metrics = epoch_fn(state, data, fold(key, epoch), mask)
+        state, metrics = epoch_fn(state, data, fold(key, epoch), models_left.mask(mesh))
         host = {k: v.tolist() for k, v in to_host(metrics).items()}
         seconds = time.perf_counter() - start
-        finite = np.isfinite(np.asarray(host["loss"]))
-        stopped = False if active is None else ~active  # frozen, whatever their loss
-        if drop_nonfinite and active is not None:
-            active &= finite
-        elif not np.all(finite | stopped):
-            raise NonFiniteLossError(
-                f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
-            )
+        models_left.after_epoch(np.isfinite(np.asarray(host["loss"])), name, epoch, host)
         history.append(host)
         verdict = None if on_epoch is None else on_epoch(epoch, state, host, seconds)
-        if isinstance(verdict, np.ndarray) and active is not None:
-            active &= verdict
-        elif verdict:
-            break  # the callback asked to stop early
-        if active is not None and not active.any():
+        if models_left.stop(verdict):
             break
-    return FitResult(state, history)
+    return FitResult(state, history, models_left.epochs, models_left.diverged)
+
+
+def _placed(
+    data: Sequence[jax.Array], mesh: Mesh | None, models: int | None, data_axis: Any, name: str
+) -> tuple[tuple[jax.Array, ...], int]:
+    """``data`` on the device(s) (see ``place_data``) and its number of examples."""
+    axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
+    per_model = [models is not None and ax == 0 for ax in axes]
+    placed = tuple(place_data(a, mesh, m) for a, m in zip(data, per_model, strict=True))
+    lengths = {a.shape[1 if m else 0] for a, m in zip(placed, per_model, strict=True)}
+    if len(lengths) != 1:
+        raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in placed]}")
+    return placed, lengths.pop()
+
+
+class _Models:
+    """Which of a ``fit``'s models still train, how many epochs each trained, and
+    which diverged (one model: None, and a non-finite loss raises)."""
+
+    def __init__(self, models: int | None):
+        self.active = None if models is None else np.ones(models, bool)
+        self.epochs = None if models is None else np.zeros(models, int)
+        self.diverged = None if models is None else np.zeros(models, bool)
+
+    def mask(self, mesh: Mesh | None) -> jax.Array | None:
+        return None if self.active is None else _put_mask(self.active, mesh)
+
+    def after_epoch(self, finite: np.ndarray, name: str, epoch: int, host: dict) -> None:
+        """Count the epoch for the models that trained in it; stop the ones that
+        diverged (a stopped model's loss is whatever its frozen state gives)."""
+        if self.active is None:
+            if not finite.all():
+                raise NonFiniteLossError(
+                    f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
+                )
+            return
+        self.epochs += self.active
+        self.diverged |= self.active & ~finite
+        self.active &= finite
+
+    def stop(self, verdict: Any) -> bool:
+        """Apply ``on_epoch``'s verdict; True when training ends."""
+        if self.active is None:
+            return bool(verdict)
+        if isinstance(verdict, np.ndarray):
+            self.active &= verdict
+        elif verdict:
+            return True
+        return not self.active.any()
 
 
 def _put_mask(active: np.ndarray, mesh: Mesh | None) -> jax.Array:

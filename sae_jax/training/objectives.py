@@ -2,11 +2,15 @@
 and the classifier's softmax cross-entropy (with dropout and weight decay).
 
 Each is ``loss_fn(params, batch, key, hparams=None) -> (loss, {name: term})`` for
-``sae_jax.training.loop.fit``. Images may be uint8 ``[batch, features]`` (scaled to
+``sae_jax.training.loop.fit``, its numbers read from ``hparams`` (see
+``sae_jax.training.hparams``). Images may be uint8 ``[batch, features]`` (scaled to
 ``[0, 1]`` on the device) or floating point.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,71 +19,76 @@ from flax import linen as nn
 from sae_jax import losses
 from sae_jax.config import LayerConfig
 from sae_jax.corruption import corrupt
-from sae_jax.models import (
-    Autoencoder,
-    activation_fn,
-    to_float,
-)
+from sae_jax.models import Autoencoder, activation_fn, to_float
+from sae_jax.training.hparams import LayerHParams, active_terms, layer_hparams
 from sae_jax.training.loop import LossFn, Params
 
-SWEEPABLE = ("rho", "beta", "l1", "contractive", "weight_decay", "noise_level")
-# Fine-tuning's dropout keep probabilities (Config.finetune_input_keep / _hidden_keep).
-DROPOUT = ("input_keep", "hidden_keep")
-# What a sweep's ``hparams`` may name: the loss terms above, two learning rates and
-# the dropout keep probabilities.
-SWEEP_NAMES = (*SWEEPABLE, "pretrain_learning_rate", "finetune_learning_rate", *DROPOUT)
-# The sweep names that change pretraining (the others change fine-tuning only).
-PRETRAINING_HPARAMS = (*SWEEPABLE, "pretrain_learning_rate")
 
+def layer_loss(
+    module: Autoencoder, layer: LayerConfig, terms: Sequence[str] | None = None
+) -> LossFn:
+    """The pretraining loss of one autoencoder layer, ``(params, (x,), key, hparams)
+    -> (loss, terms)``.
 
-def layer_loss(module: Autoencoder, layer: LayerConfig) -> LossFn:
-    """The pretraining loss of one autoencoder layer, ``(params, (x,), key) -> (loss, terms)``.
-
-    ``x`` ``[batch, in]`` is corrupted with ``layer.noise`` (when not "none") before it
-    is encoded; the reconstruction is always compared with the clean ``x``. The
-    keyword ``hparams`` may override any of ``SWEEPABLE`` with a (traced) scalar.
+    ``x`` ``[batch, in]`` is corrupted with ``layer.noise`` at ``hparams.noise_level``
+    before it is encoded; the reconstruction is always compared with the clean ``x``.
+    ``hparams`` is a ``LayerHParams`` of (traced) scalars, by default the layer's own.
+    ``terms`` names the penalties computed (of ``hparams.TERMS``; by default those whose
+    weight in ``layer`` is not 0; a sweep passes those of any of its models).
     """
     reduce = jnp.sum if layer.batch_reduction == "sum" else jnp.mean
+    terms = active_terms([layer]) if terms is None else tuple(terms)
+    own = layer_hparams(layer)
 
-    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
-        hp = {name: getattr(layer, name) for name in SWEEPABLE} | (hparams or {})
+    def loss_fn(
+        params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        hp: LayerHParams = own if hparams is None else hparams
         x = to_float(batch[0])
-        h, z = module.apply(params, corrupt(key, x, layer.noise, hp["noise_level"]))
+        h, z = module.apply(params, corrupt(key, x, layer.noise, hp.noise_level))
         if layer.reconstruction == "cross_entropy":
             rec = losses.bernoulli_cross_entropy(z, x)
         else:
             rec = losses.squared_error(activation_fn(layer.decoder_activation)(z), x)
-        terms = {"reconstruction": layer.reconstruction_scale * reduce(rec)}  # x1.0 is exact
-        swept = hparams or {}
-        if layer.beta or "beta" in swept:
-            terms["sparsity"] = hp["beta"] * losses.kl_sparsity(h, hp["rho"])
-        if layer.l1 or "l1" in swept:
-            terms["l1"] = hp["l1"] * reduce(losses.l1_activity(h))
-        if layer.contractive or "contractive" in swept:
+        out = {"reconstruction": layer.reconstruction_scale * reduce(rec)}  # x1.0 is exact
+        if "beta" in terms:
+            out["sparsity"] = hp.beta * losses.kl_sparsity(h, hp.rho)
+        if "l1" in terms:
+            out["l1"] = hp.l1 * reduce(losses.l1_activity(h))
+        if "contractive" in terms:
             kernel = params["params"]["encoder"]["kernel"]
-            terms["contractive"] = hp["contractive"] * reduce(losses.contractive_penalty(h, kernel))
-        if layer.weight_decay or "weight_decay" in swept:
-            terms["weight_decay"] = hp["weight_decay"] * losses.l2_weight_decay(params)
-        return sum(terms.values()), terms
+            out["contractive"] = hp.contractive * reduce(losses.contractive_penalty(h, kernel))
+        if "weight_decay" in terms:
+            out["weight_decay"] = hp.weight_decay * losses.l2_weight_decay(params)
+        return sum(out.values()), out
 
     return loss_fn
 
 
 def classifier_loss(
-    module: nn.Module, weight_decay: float = 0.0, input_keep: float = 1.0, hidden_keep: float = 1.0
+    module: nn.Module,
+    weight_decay: float = 0.0,
+    input_keep: float = 1.0,
+    hidden_keep: float = 1.0,
+    dropout: bool | None = None,
 ) -> LossFn:
     """Mean softmax cross-entropy (+ weight decay) of ``module``'s logits.
 
-    ``(params, (x [batch, in], labels [batch]), key) -> (loss, terms)``. With a keep
-    probability below 1 (or ``hparams`` naming one of ``DROPOUT``), the logits come
-    from ``module.dropout_logits`` (a ``Classifier``) with the step's key.
+    ``(params, (x [batch, in], labels [batch]), key, hparams) -> (loss, terms)``. With
+    ``dropout`` (by default: a keep probability below 1) the logits come from
+    ``module.dropout_logits`` (a ``Classifier``) with the step's key and the keep
+    probabilities of ``hparams`` (``{"input_keep", "hidden_keep"}``, by default the
+    ones given here).
     """
+    own = {"input_keep": input_keep, "hidden_keep": hidden_keep}
+    dropout = min(input_keep, hidden_keep) < 1.0 if dropout is None else dropout
 
-    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
+    def loss_fn(
+        params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams: Any = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         x, y = batch
-        swept = {k: v for k, v in (hparams or {}).items() if k in DROPOUT}
-        keep = {"input_keep": input_keep, "hidden_keep": hidden_keep} | swept
-        if swept or input_keep < 1.0 or hidden_keep < 1.0:
+        if dropout:
+            keep = own if hparams is None else hparams
             logits = module.apply(params, to_float(x), key, **keep, method="dropout_logits")
         else:
             logits = module.apply(params, to_float(x))

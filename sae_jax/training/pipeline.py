@@ -2,12 +2,13 @@
 end-to-end fine-tuning, for one model or for many in one compiled program
 (``sae_jax.training.sweep`` and ``search`` build on it).
 
-Built on the stages (``layerwise``, ``objectives``, ``evaluate``); like them, it takes arrays and
-callbacks and never opens files or prints.
+Built on the stages (``layerwise``, ``objectives``, ``evaluate``); like them, it takes
+arrays and callbacks and never opens files or prints.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,15 +22,18 @@ from sae_jax.config import Config
 from sae_jax.models import FrozenLayer, classifier, compose, softmax_head
 from sae_jax.parallel import MODEL_AXIS, axis_size
 from sae_jax.training.evaluate import encode_dataset, evaluate
+from sae_jax.training.hparams import (
+    HParams,
+    check_sweep,
+    hparams_of,
+    model_configs,
+    pretraining_rows,
+    stack,
+    uses_dropout,
+)
 from sae_jax.training.layerwise import init_stage_params, pretrain_layers, split2, stage_keys
 from sae_jax.training.loop import Params, place_data, take_models
-from sae_jax.training.objectives import (
-    DROPOUT,
-    PRETRAINING_HPARAMS,
-    SWEEP_NAMES,
-    SWEEPABLE,
-    classifier_loss,
-)
+from sae_jax.training.objectives import classifier_loss
 from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
 
 
@@ -42,6 +46,17 @@ class PipelineResult:
     test: dict[str, Any]
     stages: list[StageRecord]
     test_before_finetune: dict[str, Any] = field(default_factory=dict)
+
+    def diverged(self) -> list[str | None]:
+        """Per model of a sweep: the first stage whose loss became NaN or infinite for
+        it (the model stopped there), or None; empty for a single run."""
+        flags = [s for s in self.stages if s.diverged is not None]
+        if not flags:
+            return []
+        return [
+            next((s.name for s in flags if s.diverged[m]), None)
+            for m in range(len(flags[0].diverged))
+        ]
 
 
 def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) -> None:
@@ -64,7 +79,7 @@ def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) 
 
 
 def run_pipeline(
-    config: Config,
+    config: Config | Sequence[Config],
     train: tuple[jax.Array, jax.Array],
     test: tuple[jax.Array, jax.Array] | None = None,
     *,
@@ -79,24 +94,28 @@ def run_pipeline(
     """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
 
     Args:
-      config: a validated ``Config``.
+      config: a validated ``Config``; or a list of them, one per model, trained at
+        once in one compiled program per stage (``jax.vmap``): they may differ only
+        in the values of ``sae_jax.training.hparams.HParams`` and their seeds, and
+        model ``i`` matches a run of ``config[i]`` alone. Models with the same seed
+        and the same pretraining values share one pretraining and softmax stage
+        (they differ from fine-tuning on).
       train: images ``[n, input_features]`` (uint8 or float) and labels ``[n]``.
+        With ``config.validation_examples = N`` (and no ``validation``) its last N
+        examples are held out as the validation split, as the commands do.
       test: the same for the test set; when given, the test accuracy is measured
-        after every softmax and fine-tuning epoch and at the end.
+        after every softmax and fine-tuning epoch and at the end (only at the end
+        when there is a validation split).
       on_epoch: ``on_epoch(stage, epoch, metrics, seconds)`` after every epoch, with
-        ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` where measured.
+        ``epoch`` counted from 1; ``metrics`` holds ``test_accuracy`` (or
+        ``validation_accuracy``) where measured.
       store: keeps each stage's progress so that a run can resume (see
         ``StageStore``); the same config and seed give the same result either way.
       mesh: data parallelism over this mesh's devices (see ``sae_jax.parallel``);
-        with ``seeds``, a mesh with a ``"models"`` axis spreads the models over it.
-      seeds: train one model per seed, all in one compiled program per stage
-        (``jax.vmap``); model ``i`` matches a run with ``config.seed = seeds[i]``.
-        Models with the same seed and the same pretraining values of ``hparams``
-        share one pretraining and softmax stage (they differ from fine-tuning on).
-      hparams: with ``seeds``, per-model values (lists as long as ``seeds``) of
-        ``SWEEP_NAMES``: ``SWEEPABLE`` loss terms (for every pretraining layer),
-        ``pretrain_learning_rate``, ``finetune_learning_rate`` and the fine-tuning
-        dropout keep probabilities ``input_keep`` and ``hidden_keep``.
+        with several models, a mesh with a ``"models"`` axis spreads them over it.
+      seeds, hparams: another way to give a list of configs: model ``i`` is
+        ``hparams.model_config(config, seeds, hparams, i)`` (``hparams``: lists of
+        per-model values of ``SWEEP_NAMES``).
       pretrain: False skips pretraining and the softmax stage: the same stack is
         fine-tuned from its random initialisation (the no-pretraining baseline).
       validation: held-out images and labels: the softmax and fine-tuning stages
@@ -104,7 +123,8 @@ def run_pipeline(
         best epoch, fine-tuning stops after ``config.finetune_patience`` epochs
         without improvement, and ``test`` is only used at the end. The result's
         ``test_before_finetune`` is then the softmax-on-frozen-features model's.
-        With ``seeds``, every model keeps its own best epoch and stops on its own.
+        With several models, every model keeps its own best epoch and stops on its
+        own; a model that diverges stops alone, in any stage (``record.diverged``).
 
     Returns:
       ``PipelineResult`` with the frozen layers, the fine-tuned classifier params,
@@ -114,9 +134,11 @@ def run_pipeline(
       ValueError: before anything trains, for a split (``train``, ``test`` or
         ``validation``, named in the message) that is not images
         ``[n, input_features]`` with ``n >= 1`` and integer labels ``[n]`` in
-        ``[0, num_classes)``.
+        ``[0, num_classes)``, or models that cannot train together.
     """
-    run = _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch)
+    run = _setting(config, seeds, hparams, store, mesh, on_epoch)
+    run = _placed(run, train, test, validation)
+    config = run.configs[0]
     layers, head_params, stages = [], None, []
     if pretrain:
         layers, head_params, stages = _pretrain_with_softmax(run)
@@ -129,28 +151,33 @@ def run_pipeline(
     return PipelineResult(layers, params, test_metrics, stages, before)
 
 
+def holdout(
+    config: Config, train: tuple[Any, Any]
+) -> tuple[tuple[Any, Any], tuple[Any, Any] | None]:
+    """The training split without its last ``config.validation_examples`` examples,
+    and those examples as the validation split (None when there are none)."""
+    n = config.validation_examples
+    if not n:
+        return train, None
+    x, y = train
+    keep = len(x) - n
+    return (x[:keep], y[:keep]), (x[keep:], y[keep:])
+
+
 @dataclass
 class _Run:
-    """What the stages of one ``run_pipeline`` call share: the splits on the device,
-    the stage keys, the per-model hyperparameters and ``run_stage``'s common kwargs."""
+    """What the stages of one ``run_pipeline`` call share: the models' configs, the
+    splits on the device, the stage keys, the models' ``HParams`` and ``run_stage``'s
+    common kwargs."""
 
-    config: Config
-    train: tuple[jax.Array, jax.Array]
-    test: tuple[jax.Array, jax.Array] | None
-    validation: tuple[jax.Array, jax.Array] | None
-    keys: jax.Array
+    configs: list[Config]
     models: int | None
-    hparams: dict[str, jax.Array]
+    hp: HParams
+    keys: jax.Array
     common: dict[str, Any]
-
-    @property
-    def loss_hparams(self) -> dict[str, jax.Array] | None:
-        """The swept pretraining loss terms (``SWEEPABLE``), or None."""
-        return {k: v for k, v in self.hparams.items() if k in SWEEPABLE} or None
-
-    def rate(self, stage: str) -> jax.Array | None:
-        """The per-model learning rates of ``"pretrain"`` or ``"finetune"``, or None."""
-        return self.hparams.get(f"{stage}_learning_rate")
+    train: tuple[jax.Array, jax.Array] | None = None
+    test: tuple[jax.Array, jax.Array] | None = None
+    validation: tuple[jax.Array, jax.Array] | None = None
 
     @property
     def judge(self) -> tuple[jax.Array, jax.Array] | None:
@@ -165,37 +192,44 @@ class _Run:
         """``params -> accuracy`` of ``module`` on ``inputs`` and the judged labels."""
         if self.judge is None:
             return None
-        batch, models = self.config.eval_batch_size, self.models is not None
+        batch, models = self.configs[0].eval_batch_size, self.models is not None
         return lambda p: evaluate(module, p, inputs, self.judge[1], batch, models)["accuracy"]
 
 
-def _setting(config, train, test, validation, seeds, hparams, store, mesh, on_epoch) -> _Run:
-    """Check the arguments of ``run_pipeline`` and put the splits on the device(s)."""
-    hparams = dict(hparams or {})
-    models = None if seeds is None else len(seeds)
-    if models is None and hparams:
-        raise ValueError("hparams need seeds: one value per model")
-    if models is not None and store is not None:
-        raise ValueError("a sweep (seeds) is not checkpointed: pass no store")
-    for name, values in hparams.items():
-        if name not in SWEEP_NAMES:
-            raise ValueError(f"cannot sweep {name!r}")
-        if len(values) != models:
-            raise ValueError(f"hparams[{name!r}] has {len(values)} values for {models} seeds")
+def _setting(config, seeds, hparams, store, mesh, on_epoch) -> _Run:
+    """The models of a ``run_pipeline`` call, their ``HParams`` and keys, checked."""
+    if isinstance(config, Config):
+        if seeds is None and hparams:
+            raise ValueError("hparams need seeds: one value per model")
+        configs = [config] if seeds is None else model_configs(config, seeds, hparams)
+        models = None if seeds is None else len(seeds)
+    else:
+        if seeds is not None or hparams:
+            raise ValueError("pass seeds and hparams with one config, not with a list")
+        configs, models = list(config), len(config)
+    if models is not None:
+        if store is not None:
+            raise ValueError("a sweep (several models) is not checkpointed: pass no store")
+        check_sweep(configs)
+    hp = hparams_of(configs[0]) if models is None else stack(configs)
+    common = {"batch_size": configs[0].batch_size, "store": store, "on_epoch": on_epoch}
+    common |= {"mesh": mesh, "models": models}
+    return _Run(configs, models, hp, stage_keys(configs, models is not None), common)
+
+
+def _placed(run: _Run, train, test, validation) -> _Run:
+    """``run`` with its splits checked and put on the device(s) once (with a mesh,
+    every process holds its shards of each split)."""
+    config = run.configs[0]
+    if validation is None:
+        train, validation = holdout(config, train)
     splits = {"train": train, "test": test, "validation": validation}
     for name, split in splits.items():
         if split is not None:
             _check_split(name, split, config)
-    # On the device(s) once; with a mesh every process holds its shards of each split.
-    train, test, validation = (
-        None if split is None else tuple(place_data(a, mesh) for a in split)
-        for split in splits.values()
-    )
-    common = {"batch_size": config.batch_size, "store": store, "on_epoch": on_epoch}
-    common |= {"mesh": mesh, "models": models}
-    as_arrays = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
-    keys = stage_keys(config, seeds)
-    return _Run(config, train, test, validation, keys, models, as_arrays, common)
+    mesh = run.common["mesh"]
+    placed = [None if s is None else tuple(place_data(a, mesh) for a in s) for s in splits.values()]
+    return replace(run, train=placed[0], test=placed[1], validation=placed[2])
 
 
 def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[StageRecord]]:
@@ -204,7 +238,7 @@ def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[S
     shared = _shared_pretraining(run)
     sub = run if shared is None else _subset(run, shared[0])
     layers, stages, top_codes = pretrain_layers(
-        run.config, sub.train[0], sub.keys, sub.loss_hparams, sub.rate("pretrain"), sub.common
+        sub.configs, sub.train[0], sub.keys, sub.hp.layers, sub.common
     )
     head_params, record = _train_softmax(sub, layers, top_codes)
     stages.append(record)
@@ -218,7 +252,7 @@ def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[S
 
 def _shared_pretraining(run: _Run) -> tuple[np.ndarray, np.ndarray] | None:
     """Which models pretrain, when several pretrain alike: the same seed (stage keys)
-    and the same ``SWEEPABLE`` values and pretraining rate.
+    and the same pretraining values (``HParams.pretraining``).
 
     Returns the models to pretrain (the first of each distinct kind, padded to a
     multiple of the mesh's ``"models"`` axis) and each model's index among them
@@ -226,10 +260,8 @@ def _shared_pretraining(run: _Run) -> tuple[np.ndarray, np.ndarray] | None:
     distinct)."""
     if run.models is None:
         return None
-    names = [k for k in run.hparams if k in PRETRAINING_HPARAMS]
     keys = np.asarray(run.keys).swapaxes(0, 1).reshape(run.models, -1)
-    values = [np.asarray(run.hparams[k])[:, None] for k in names]
-    kinds = np.concatenate([keys.astype(np.float64), *values], 1)  # one row per model
+    kinds = np.concatenate([keys.astype(np.float64), pretraining_rows(run.hp)], 1)
     _, firsts, index = np.unique(kinds, axis=0, return_index=True, return_inverse=True)
     mesh = run.common["mesh"]
     spread = 1 if mesh is None else axis_size(mesh, MODEL_AXIS)
@@ -241,9 +273,10 @@ def _subset(run: _Run, models: np.ndarray) -> _Run:
     """``run`` restricted to ``models`` (indices of its models)."""
     return replace(
         run,
+        configs=[run.configs[i] for i in models],
         keys=run.keys[:, models],
         models=len(models),
-        hparams={k: v[models] for k, v in run.hparams.items()},
+        hp=jax.tree.map(lambda v: v[models], run.hp),
         common=run.common | {"models": len(models)},
     )
 
@@ -252,7 +285,7 @@ def _train_softmax(
     run: _Run, layers: list[FrozenLayer], top_codes: jax.Array
 ) -> tuple[Params, StageRecord]:
     """The softmax-only stage on the top code of the frozen stack."""
-    config, models = run.config, bool(run.models)
+    config, models = run.configs[0], bool(run.models)
     head = softmax_head(config)
     head_key, softmax_key = split2(run.keys[-2])
     judge_codes = None
@@ -268,33 +301,28 @@ def _train_softmax(
         key=softmax_key,
         evaluate_fn=run.accuracy(head, judge_codes),
         data_axis=(0, None) if models else None,
+        learning_rate=run.hp.softmax_learning_rate,
         **run.selection(),
         **run.common,
     )
 
 
 def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
-    """End-to-end fine-tuning of the whole stack from ``start`` (with dropout when
-    the config or the swept ``hparams`` ask for it), judged after every epoch."""
-    config = run.config
+    """End-to-end fine-tuning of the whole stack from ``start`` (with dropout when a
+    model's keep probabilities ask for it), judged after every epoch."""
+    config = run.configs[0]
     model = classifier(config)
-    dropout = {k: v for k, v in run.hparams.items() if k in DROPOUT}
     return run_stage(
         "finetune",
-        classifier_loss(
-            model,
-            config.finetune_weight_decay,
-            config.finetune_input_keep,
-            config.finetune_hidden_keep,
-        ),
+        classifier_loss(model, config.finetune_weight_decay, dropout=uses_dropout(run.configs)),
         start,
         config.finetune_optimizer,
         run.train,
         epochs=config.finetune_epochs,
         key=run.keys[-1],
         evaluate_fn=run.accuracy(model, None if run.judge is None else run.judge[0]),
-        learning_rate=run.rate("finetune"),
-        hparams=dropout or None,
+        hparams=run.hp.dropout,
+        learning_rate=run.hp.finetune_learning_rate,
         patience=config.finetune_patience if run.validation else None,
         **run.selection(),
         **run.common,
@@ -308,7 +336,7 @@ def _evaluate_test(
     and pretraining) of the softmax on the frozen features before fine-tuning."""
     if run.test is None:
         return {}, {}
-    config, models = run.config, run.models is not None
+    config, models = run.configs[0], run.models is not None
     x, y = run.test
     batch = config.eval_batch_size
     metrics = evaluate(classifier(config), params, x, y, batch, models)

@@ -21,14 +21,16 @@ from sae_jax.errors import ConfigError
 from sae_jax.models import classifier
 from sae_jax.parallel import default_mesh
 from sae_jax.training.evaluate import evaluate
+from sae_jax.training.hparams import (
+    PRETRAINING_NAMES as PRETRAINING_HPARAMS,
+)
+from sae_jax.training.hparams import SWEEP_NAMES, check_used, structure, with_values
 from sae_jax.training.loop import Params
-from sae_jax.training.objectives import PRETRAINING_HPARAMS, SWEEP_NAMES
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
+from sae_jax.training.sweep import grid
 
 # Fields that change the models' shapes or loop lengths: one compiled program each.
-from sae_jax.training.sweep import grid, model_config
-
 SHAPE_NAMES = ("features", "pretrain_epochs")
 SEARCH_NAMES = (*SWEEP_NAMES, *SHAPE_NAMES)
 # What only pretraining uses: left out of a no-pretraining search.
@@ -93,8 +95,8 @@ def point_config(config: Config, point: dict[str, float]) -> Config:
     if "pretrain_epochs" in point:
         epochs = int(point["pretrain_epochs"])
         layers = tuple(dataclasses.replace(la, epochs=epochs) for la in layers)
-    swept = {k: [v] for k, v in point.items() if k in SWEEP_NAMES}
-    return model_config(config.replace(layers=layers), [config.seed], swept, 0)
+    swept = {k: v for k, v in point.items() if k in SWEEP_NAMES}
+    return with_values(config.replace(layers=layers), swept)
 
 
 def checked_points(
@@ -107,11 +109,13 @@ def checked_points(
     """``search_points(space, points, seed)``, each point's config validated (against
     ``num_train`` training examples when given); ``ConfigError`` names the point."""
     candidates = search_points(space, points, seed)
+    configs = []
     for point in candidates:
         try:
-            point_config(config, point).validate(num_train)
+            configs.append(point_config(config, point).validate(num_train))
         except ConfigError as e:
             raise ConfigError(f"search point {point}: {e}") from None
+    check_used(configs, [name for name in space if name in SWEEP_NAMES])
     return candidates
 
 
@@ -176,33 +180,30 @@ def search(
         does not validate (the message names the point).
     """
     candidates = checked_points(config, space, points, sample_seed, len(train[0]))
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[Config, list[int]] = {}
     for i, point in enumerate(candidates):
-        shape = tuple((k, point[k]) for k in SHAPE_NAMES if k in point)
-        groups.setdefault(shape, []).append(i)
+        groups.setdefault(structure(point_config(config, point)), []).append(i)
     rows: list[dict[str, Any]] = [{} for _ in candidates]
     best: tuple[float, int, Params] | None = None
-    for shape, members in groups.items():
-        group_config = point_config(config, dict(shape))
-        model_seeds, hparams = _models(candidates, members, seeds)
+    for members in groups.values():
+        models = [
+            point_config(config, candidates[i]).replace(seed=s) for i in members for s in seeds
+        ]
         if on_group is not None:
-            on_group(dict(shape), len(model_seeds))
-        group_mesh = default_mesh(models=len(model_seeds)) if mesh == "all" else mesh
+            shape = {
+                k: candidates[members[0]][k] for k in SHAPE_NAMES if k in candidates[members[0]]
+            }
+            on_group(shape, len(models))
+        group_mesh = default_mesh(models=len(models)) if mesh == "all" else mesh
         result = run_pipeline(
-            group_config,
-            train,
-            validation=validation,
-            seeds=model_seeds,
-            hparams=hparams or None,
-            pretrain=pretrain,
-            on_epoch=on_epoch,
+            models, train, validation=validation, pretrain=pretrain, on_epoch=on_epoch,
             mesh=group_mesh,
-        )
+        )  # fmt: skip
         for k, i in enumerate(members):
-            rows[i] = _point_row(candidates[i], seeds, result, k, config.finetune_patience)
+            rows[i] = _point_row(candidates[i], seeds, result, k)
             if best is None or (-rows[i]["validation_mean"], i) < (-best[0], best[1]):
-                models = slice(k * len(seeds), (k + 1) * len(seeds))
-                chosen_params = jax.tree.map(lambda a, m=models: a[m], result.params)
+                chosen = slice(k * len(seeds), (k + 1) * len(seeds))
+                chosen_params = jax.tree.map(lambda a, m=chosen: a[m], result.params)
                 best = (rows[i]["validation_mean"], i, chosen_params)
         del result
     ranking = sorted(range(len(rows)), key=lambda i: -rows[i]["validation_mean"])
@@ -216,21 +217,12 @@ def search(
     return SearchResult(rows, ranking, chosen, chosen_config, accuracy, params)
 
 
-def _models(
-    candidates: list[dict[str, float]], members: list[int], seeds: list[int]
-) -> tuple[list[int], dict[str, list[float]]]:
-    """The seeds and ``SWEEP_NAMES`` values of a group's models, point-major."""
-    names = [n for n in SWEEP_NAMES if n in candidates[members[0]]]
-    model_seeds = [s for _ in members for s in seeds]
-    hparams = {n: [candidates[i][n] for i in members for _ in seeds] for n in names}
-    return model_seeds, hparams
-
-
 def _point_row(
-    point: dict[str, float], seeds: list[int], result: PipelineResult, k: int, patience: int | None
+    point: dict[str, float], seeds: list[int], result: PipelineResult, k: int
 ) -> dict[str, Any]:
-    """The validation results of point ``k`` of a group (its ``len(seeds)`` models);
-    a model stopped ``patience`` epochs after its best one, or at the end."""
+    """The validation results of point ``k`` of a group (its ``len(seeds)`` models):
+    each model's best fine-tuning epoch and its accuracy there (0 with none), the
+    epochs it trained, and the stage it diverged in (None: it did not)."""
     finetune = result.stages[-1]
     models = range(k * len(seeds), (k + 1) * len(seeds))
     best_epochs = [int(finetune.best_epoch[m]) for m in models]
@@ -238,6 +230,7 @@ def _point_row(
         float(finetune.history[e - 1]["validation_accuracy"][m]) if e else 0.0
         for e, m in zip(best_epochs, models, strict=True)
     ]
+    diverged = result.diverged()
     return {
         "point": dict(point),
         "seeds": list(seeds),
@@ -245,8 +238,6 @@ def _point_row(
         "best_epoch": best_epochs,
         "validation_mean": float(np.mean(accuracy)),
         "validation_std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1 else 0.0,
-        "epochs_trained": [
-            min(len(finetune.history), e + patience) if patience else len(finetune.history)
-            for e in best_epochs
-        ],
+        "epochs_trained": [int(finetune.epochs_trained[m]) for m in models],
+        "diverged": [diverged[m] for m in models],
     }

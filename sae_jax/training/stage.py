@@ -37,6 +37,10 @@ class StageRecord:
     wall_s: float = 0.0
     history: History = field(default_factory=list)
     best_epoch: int | list[int] = 0  # with keep_best: the epoch returned (per model)
+    # With several models: how many epochs each trained, and which diverged (its loss
+    # became NaN or infinite, and it stopped there).
+    epochs_trained: list[int] | None = None
+    diverged: list[bool] | None = None
 
     @property
     def final_loss(self) -> float | None:
@@ -50,10 +54,17 @@ class StageRecord:
         def per_model(value: Any) -> Any:
             return np.asarray(value)[index] if np.ndim(value) else value
 
+        def listed(value: Any) -> Any:
+            return [value[i] for i in index] if isinstance(value, list) else value
+
         history = [{k: per_model(v) for k, v in epoch.items()} for epoch in self.history]
-        best = self.best_epoch
-        best = [best[i] for i in index] if isinstance(best, list) else best
-        return replace(self, history=history, best_epoch=best)
+        return replace(
+            self,
+            history=history,
+            best_epoch=listed(self.best_epoch),
+            epochs_trained=listed(self.epochs_trained),
+            diverged=listed(self.diverged),
+        )
 
     def summary(self) -> dict[str, Any]:
         """``{name, epochs, wall_s, final_loss}`` as JSON-ready data."""
@@ -122,6 +133,24 @@ class _Best:
         going = epoch + 1 - self.epoch < self.patience
         return bool(not going) if self.models is None else going
 
+    def restore(self, record: StageRecord, metric: str, params: Params) -> None:
+        """Take up the best epoch so far of a resumed stage (of each model)."""
+        self.epoch = np.asarray(record.best_epoch)
+        history = record.history
+        values = [
+            history[e - 1][metric] if self.models is None else history[e - 1][metric][m]
+            for m, e in enumerate(np.atleast_1d(self.epoch))
+            if e > 0
+        ]
+        if self.models is None:
+            self.value = np.float64(values[0]) if values else np.float64(-np.inf)
+        else:
+            epochs = np.atleast_1d(self.epoch)
+            value = np.full(self.models, -np.inf)
+            value[epochs > 0] = values
+            self.value = value
+        self.params = params
+
     def best_epoch(self) -> int | list[int]:
         return int(self.epoch) if self.models is None else self.epoch.tolist()
 
@@ -149,11 +178,12 @@ def run_stage(
     mesh: Mesh | None = None,
     models: int | None = None,
     data_axis: Any = None,
-    hparams: dict[str, Any] | None = None,
+    hparams: Any = None,
     learning_rate: Any = None,
     metric: str = "test_accuracy",
     keep_best: bool = False,
     patience: int | None = None,
+    reduction: str = "mean",
 ) -> tuple[Params, StageRecord]:
     """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
 
@@ -164,9 +194,11 @@ def run_stage(
     without a new best; the best params travel in every checkpoint, so a resumed
     stage returns what an uninterrupted one would. With ``models``, every model
     keeps its own best epoch (``record.best_epoch`` is a list) and stops on its own
-    patience while the others go on; a model whose loss diverges stops too.
-    ``mesh``, ``models``, ``data_axis`` and ``hparams`` go to ``fit``;
-    ``learning_rate`` (``[models]``) gives each model its own learning rate.
+    patience while the others go on; a model whose loss diverges stops there
+    (``record.diverged``). ``mesh``, ``models``, ``data_axis``, ``hparams`` (the
+    loss's, see ``sae_jax.training.hparams``) and ``reduction`` go to ``fit``;
+    ``learning_rate`` (a scalar, or ``[models]``) is the optimizer's (by default
+    ``optimizer_config``'s).
 
     Returns:
       The final params and the stage's ``StageRecord``.
@@ -175,22 +207,52 @@ def run_stage(
         return done
     start = time.perf_counter()
     steps = -(-_num_examples(data, models, data_axis) // batch_size)
-    optimizer = make_optimizer(optimizer_config, learning_rate is not None, steps)
-    record, state = StageRecord(name, epochs), None
-    best = _Best(models, patience) if keep_best else None
-    if store is not None and (resumed := store.resume(name, init_state(params, optimizer))):
-        state, record, best_params = resumed
-        if best_params is not None:  # saved only by a keep-best stage, after its best epoch
-            best.value = np.float64(record.history[record.best_epoch - 1][metric])
-            best.epoch, best.params = np.asarray(record.best_epoch), best_params
+    optimizer = make_optimizer(optimizer_config, steps)
+    state = init_state(params, optimizer, hparams, models)
     if learning_rate is not None:
-        state = init_state(params, optimizer, hparams, models)
         state = state._replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
-    earlier_wall = record.wall_s
+    record = StageRecord(name, epochs)
+    best = _Best(models, patience) if keep_best else None
+    if store is not None and (resumed := store.resume(name, state)) is not None:
+        state, record, best_params = resumed
+        if best is not None and best_params is not None:  # saved after its best epoch
+            best.restore(record, metric, best_params)
+    earlier_wall = record.wall_s  # of the runs that worked on the stage before
+    judge = None if evaluate_fn is None else (lambda p: (metric, evaluate_fn(p)))
+    after_epoch = _after_epoch(name, record, best, store, key, judge, on_epoch)
+    result = fit(
+        loss_fn, params, optimizer, data, batch_size=batch_size, epochs=epochs, key=key,
+        name=name, on_epoch=after_epoch, state=state, start_epoch=len(record.history),
+        mesh=mesh, models=models, data_axis=data_axis, hparams=hparams, reduction=reduction,
+    )  # fmt: skip
+    record.wall_s = earlier_wall + time.perf_counter() - start
+    if models is not None:
+        earlier = np.asarray(record.epochs_trained or np.zeros(models, int))
+        record.epochs_trained = (earlier + result.epochs_trained).tolist()
+        record.diverged = result.diverged.tolist()
+    final = result.state.params if best is None or best.params is None else best.params
+    if store is not None:
+        store.save_finished(name, final, record)
+    return final, record
+
+
+def _after_epoch(
+    name: str,
+    record: StageRecord,
+    best: _Best | None,
+    store: StageStore | None,
+    key: jax.Array,
+    evaluate_fn: Callable[[Params], Any] | None,
+    on_epoch: StageCallback | None,
+) -> Callable[[int, TrainState, dict[str, Any], float], Any]:
+    """``fit``'s ``on_epoch`` for a stage: evaluate, record, keep the best, save.
+    ``evaluate_fn`` is ``(params) -> (metric name, value)``."""
+    earlier_wall, start = record.wall_s, time.perf_counter()
 
     def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
+        metric = None
         if evaluate_fn is not None:
-            metrics[metric] = evaluate_fn(state.params)
+            metric, metrics[metric] = evaluate_fn(state.params)
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start
@@ -203,29 +265,7 @@ def run_stage(
             on_epoch(name, epoch + 1, metrics, seconds)
         return verdict
 
-    result = fit(
-        loss_fn,
-        params,
-        optimizer,
-        data,
-        batch_size=batch_size,
-        epochs=epochs,
-        key=key,
-        name=name,
-        on_epoch=after_epoch,
-        state=state,
-        start_epoch=len(record.history),
-        mesh=mesh,
-        models=models,
-        data_axis=data_axis,
-        hparams=hparams,
-        drop_nonfinite=models is not None and keep_best,
-    )
-    record.wall_s = earlier_wall + time.perf_counter() - start
-    final = result.state.params if best is None or best.params is None else best.params
-    if store is not None:
-        store.save_finished(name, final, record)
-    return final, record
+    return after_epoch
 
 
 def _num_examples(data: tuple[jax.Array, ...], models: int | None, data_axis: Any) -> int:

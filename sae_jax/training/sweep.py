@@ -1,25 +1,23 @@
 """Many models in one compiled program: ``sweep`` trains a list of models (one seed
 and one set of hyperparameter values each) as one ``vmap``-ed program per stage;
-``grid`` expands every combination of values times seeds; ``model_config`` is the
-config of one of them alone.
+``grid`` expands every combination of values times seeds; ``model_config`` (from
+``sae_jax.training.hparams``) is the config of one of them alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
 from sae_jax.config import Config
 from sae_jax.parallel import default_mesh
-from sae_jax.training.objectives import DROPOUT, SWEEPABLE
+from sae_jax.training.hparams import check_models, model_config
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
 
-# Fields that change the models' shapes or loop lengths: one compiled program each.
+__all__ = ["grid", "model_config", "sweep"]
 
 
 def sweep(
@@ -37,55 +35,26 @@ def sweep(
 
     Model ``i`` is the model that ``run_pipeline(model_config(config, seeds, hparams,
     i), ...)`` trains alone (up to float rounding): its own seed, its own
-    hyperparameters (``hparams``: lists of per-model values, see ``run_pipeline``;
-    ``grid`` makes them for every combination of values with every seed).
-    Metrics and test results are lists with one value per model.
+    hyperparameters (``hparams``: lists of per-model values of ``SWEEP_NAMES``;
+    ``grid`` makes them for every combination of values with every seed), the same
+    validation split when ``config.validation_examples`` holds one out, its own best
+    epoch and patience. Metrics and test results are lists with one value per model.
 
     ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
     device of every process when there are several, else None) spreads the models
     over its ``"models"`` axis, each device training its share without talking to
     the others, and splits every minibatch over its ``"data"`` axis.
+
+    Raises:
+      ConfigError: for a model whose config does not validate, or a swept name that
+        changes nothing (see ``hparams.check_models``).
     """
     if isinstance(mesh, str):
         if mesh != "all":
             raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
         mesh = default_mesh(models=len(seeds))
-    return run_pipeline(
-        config,
-        train,
-        test,
-        seeds=list(seeds),
-        hparams=hparams,
-        pretrain=pretrain,
-        on_epoch=on_epoch,
-        mesh=mesh,
-    )
-
-
-def model_config(
-    config: Config, seeds: list[int], hparams: dict[str, list[float]] | None, i: int
-) -> Config:
-    """The config of model ``i`` of a sweep, for training it alone."""
-    hparams = hparams or {}
-    layer_changes = {k: float(v[i]) for k, v in hparams.items() if k in SWEEPABLE}
-    layers = tuple(dataclasses.replace(layer, **layer_changes) for layer in config.layers)
-    if "pretrain_learning_rate" in hparams:
-        rate = float(hparams["pretrain_learning_rate"][i])
-        layers = tuple(
-            dataclasses.replace(
-                layer, optimizer=dataclasses.replace(layer.optimizer, learning_rate=rate)
-            )
-            for layer in layers
-        )
-    changes: dict[str, Any] = {"seed": seeds[i], "layers": layers}
-    for name in DROPOUT:
-        if name in hparams:
-            changes[f"finetune_{name}"] = float(hparams[name][i])
-    if "finetune_learning_rate" in hparams:
-        changes["finetune_optimizer"] = dataclasses.replace(
-            config.finetune_optimizer, learning_rate=float(hparams["finetune_learning_rate"][i])
-        )
-    return config.replace(**changes)
+    models = check_models(config, list(seeds), hparams)
+    return run_pipeline(models, train, test, pretrain=pretrain, on_epoch=on_epoch, mesh=mesh)
 
 
 def grid(

@@ -59,7 +59,11 @@ SEED_RANGE = r"seed must be an integer in \[0, 4294967296\), got "
         (_with_layer(rho=0.0), r"layers\[0\].rho must be in \(0, 1\), got 0.0"),
         (_with_layer(rho=1.0), r"layers\[0\].rho must be in \(0, 1\), got 1.0"),
         (_with_layer(features=0), r"layers\[0\].features must be a positive integer, got 0"),
-        (_with_layer(noise="masking", noise_level=0.0), r"layers\[0\].noise_level must be > 0"),
+        (_with_layer(noise="masking", noise_level=-0.1), r"layers\[0\].noise_level must be >= 0"),
+        (
+            _with_layer(noise="none", noise_level=0.3),
+            r"layers\[0\].noise_level=0.3 changes nothing with noise='none': set layers\[0\].noise",
+        ),
         (_with_layer(noise="masking", noise_level=1.5), r"layers\[0\].noise_level is a rate"),
         (_with_layer(top_k=65), r"layers\[0\].top_k=65 is larger than features=64"),
         (_with_layer(activation="tanh"), r"layers\[0\].activation must be one of"),

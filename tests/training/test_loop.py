@@ -12,7 +12,7 @@ from sae_jax.config import OptimizerConfig
 from sae_jax.config.presets import TF1_RMSPROP
 from sae_jax.errors import NonFiniteLossError
 from sae_jax.training.loop import fit, init_state, make_epoch, make_train_step, map_batches
-from sae_jax.training.optim import make_optimizer
+from sae_jax.training.optim import make_optimizer, set_learning_rate
 
 KEY = jax.random.PRNGKey(0)
 
@@ -180,7 +180,7 @@ def _numpy_updates(config: OptimizerConfig, w: np.ndarray, steps: int) -> np.nda
     return w
 
 
-@pytest.mark.parametrize("injectable", [False, True])
+@pytest.mark.parametrize("set_rate", [False, True])
 @pytest.mark.parametrize(
     "config",
     [
@@ -191,11 +191,13 @@ def _numpy_updates(config: OptimizerConfig, w: np.ndarray, steps: int) -> np.nda
     ],
     ids=["adam", "rmsprop", "sgd_momentum", "sgd"],
 )
-def test_optimizers_match_their_formulas(config, injectable):
-    opt = make_optimizer(config, injectable=injectable)
+def test_optimizers_match_their_formulas(config, set_rate):
+    opt = make_optimizer(config)
     w = jnp.array([1.0, -2.0, 0.5])
     grad_fn = jax.grad(lambda w: jnp.sum(w**4))
     state = opt.init(w)
+    if set_rate:  # as a sweep sets each model's rate: the same optimizer
+        state = set_learning_rate(opt.init(w), config.learning_rate)
     step = jax.jit(lambda w, state: opt.update(grad_fn(w), state, w))
     for _ in range(5):
         updates, state = step(w, state)
@@ -327,8 +329,34 @@ def test_a_model_that_stops_keeps_its_state_while_the_others_train():
             np.testing.assert_allclose(b[i], a, rtol=1e-5, atol=1e-7)
     data = (jnp.stack([x, 30 * x]), jnp.stack([y, y]))  # model 1's steps are far too big
     two = {"batch_size": 5, "epochs": 3, "key": keys[:2], "models": 2, "data_axis": 0}
-    with pytest.raises(NonFiniteLossError):
-        fit(_mse, stack(_params(), _params()), opt, data, **two)
-    kept = fit(_mse, stack(_params(), _params()), opt, data, drop_nonfinite=True, **two)
+    with pytest.raises(NonFiniteLossError):  # one model alone raises
+        fit(_mse, _params(), opt, (30 * x, y), batch_size=5, epochs=3, key=keys[1])
+    kept = fit(_mse, stack(_params(), _params()), opt, data, **two)  # the other goes on
     assert len(kept.history) == 3 and np.isfinite(kept.history[-1]["loss"][0])
     assert not np.isfinite(kept.history[-1]["loss"][1])
+    assert kept.diverged.tolist() == [False, True]
+    first = next(e for e, h in enumerate(kept.history) if not np.isfinite(h["loss"][1]))
+    assert kept.epochs_trained.tolist() == [3, first + 1]  # it stopped where it diverged
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_epoch_metrics_are_per_example_means_for_both_reductions(reduction):
+    """10 examples in batches of 4 (4, 4 and a remainder of 2), params that do not
+    move (sgd at rate 0): the epoch's loss is the mean of x**2 over the examples,
+    whether each step reduces its batch by a mean or by a sum."""
+    x = jnp.arange(1.0, 11.0)
+    reduce = jnp.mean if reduction == "mean" else jnp.sum
+
+    def loss_fn(params, batch, key):
+        value = reduce(batch[0] ** 2) + 0.0 * params["w"]
+        return value, {"twice": 2 * value}
+
+    opt = make_optimizer(OptimizerConfig("sgd", learning_rate=0.0))
+    out = fit(
+        loss_fn, {"w": jnp.zeros(())}, opt, (x,), batch_size=4, epochs=2,
+        key=jax.random.PRNGKey(0), reduction=reduction,
+    )  # fmt: skip
+    want = float(np.mean(np.arange(1.0, 11.0) ** 2))
+    for epoch in out.history:
+        assert epoch["loss"] == pytest.approx(want, rel=1e-6)
+        assert epoch["twice"] == pytest.approx(2 * want, rel=1e-6)

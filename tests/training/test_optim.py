@@ -27,14 +27,39 @@ def _run(opt, w0, steps):
 W0 = np.array([1.0, -0.8, 0.5], np.float32)
 
 
-@pytest.mark.parametrize("injectable", [False, True])
-def test_learning_rate_decays_by_epoch(injectable):
+def test_learning_rate_decays_by_epoch():
     config = OptimizerConfig("sgd", learning_rate=0.1, lr_decay=0.5)
-    got, _ = _run(make_optimizer(config, injectable, steps_per_epoch=2), W0, 6)
+    got, _ = _run(make_optimizer(config, steps_per_epoch=2), W0, 6)
     w = W0.astype(np.float64)
     for t in range(6):
         w = w - 0.1 * 0.5 ** (t // 2) * _grad(w)
     np.testing.assert_allclose(got, w, rtol=1e-5)
+
+
+@pytest.mark.parametrize("momentum_start", [None, 0.2])
+def test_rmsprop_with_momentum_and_a_decayed_rate_is_tf1s(momentum_start):
+    """TF1's RMSPropOptimizer, written out: the mean square starts at 1, eps inside the
+    root, and the (decayed) rate multiplies each new gradient inside the momentum."""
+    config = OptimizerConfig(
+        "rmsprop", learning_rate=0.01, decay=0.9, momentum=0.8, eps=1e-10, lr_decay=0.5,
+        momentum_start=momentum_start, momentum_epochs=2 if momentum_start else 0,
+    )  # fmt: skip
+    got, _ = _run(make_optimizer(config, steps_per_epoch=2), W0, 7)
+    w, ms, mom = W0.astype(np.float64), np.ones(3), np.zeros(3)
+    for t in range(7):
+        g, rate = _grad(w), 0.01 * 0.5 ** (t // 2)
+        mu = 0.8 if momentum_start is None else 0.2 + (0.8 - 0.2) * min(t / 4, 1.0)
+        ms = 0.9 * ms + 0.1 * g**2
+        mom = mu * mom + rate * g / np.sqrt(ms + 1e-10)
+        w = w - mom
+    np.testing.assert_allclose(got, w, rtol=1e-5)
+
+
+def test_adam_without_a_schedule_is_optax_adam():
+    config = OptimizerConfig("adam", learning_rate=0.01, eps=1e-8)
+    got, _ = _run(make_optimizer(config), W0, 5)
+    want, _ = _run(optax.adam(0.01, eps=1e-8), W0, 5)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_momentum_rises_linearly_over_its_epochs():
@@ -50,9 +75,9 @@ def test_momentum_rises_linearly_over_its_epochs():
     np.testing.assert_allclose(got, w, rtol=1e-5)
 
 
-def test_an_injected_learning_rate_reaches_a_scheduled_chain():
+def test_a_set_learning_rate_reaches_a_scheduled_chain():
     config = OptimizerConfig("adam", learning_rate=1.0, lr_decay=0.9, max_norm=10.0)
-    opt = make_optimizer(config, injectable=True, steps_per_epoch=1)
+    opt = make_optimizer(config, steps_per_epoch=1)
     state = set_learning_rate(opt.init(jnp.asarray(W0)), 0.01)
     step = jax.jit(lambda w, s: opt.update(_grad(w), s, w))
     updates, _ = step(jnp.asarray(W0), state)

@@ -26,7 +26,7 @@ def test_pipeline_end_to_end_learns():
     )
     config = synthetic_config(
         batch_size=32,
-        layers=(layer, dataclasses.replace(layer, features=12, noise="none")),
+        layers=(layer, dataclasses.replace(layer, features=12, noise="none", noise_level=0.0)),
         softmax_epochs=3,
         softmax_optimizer=dataclasses.replace(ADAM, learning_rate=1e-2),
         finetune_epochs=5,

@@ -1,6 +1,7 @@
 """recipes' losses and its many-models paths against numpy and against one model at a
 time."""
 
+import copy
 import dataclasses
 import time
 
@@ -261,3 +262,69 @@ def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(mon
     assert result.stages[-1].history[-1]["test_accuracy"] == final["accuracy"]
     assert "test_accuracy" in result.stages[3].history[0]  # the softmax stage is judged too
     assert "test_accuracy" not in result.stages[0].history[0]
+
+
+class _MemoryStore:
+    """A ``StageStore`` in memory: host copies of what ``run_stage`` saves."""
+
+    def __init__(self):
+        self.saved = self.done = None
+
+    def finished(self, name, template):
+        return self.done
+
+    def resume(self, name, template):
+        if self.saved is None:
+            return None
+        state, record, best = self.saved
+        return jax.tree.map(jnp.asarray, state), copy.deepcopy(record), best
+
+    def save_epoch(self, name, state, key, record, best=None):
+        host = jax.tree.map(np.array, (state, best))
+        self.saved = (host[0], copy.deepcopy(record), host[1])
+
+    def save_finished(self, name, params, record):
+        self.done = (jax.tree.map(np.array, params), copy.deepcopy(record))
+
+
+def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
+    x, y = _regression()
+    scores = {0: [0.1, 0.5, 0.4, 0.6, 0.2, 0.1], 1: [0.3, 0.2, 0.9, 0.1, 0.1, 0.1]}
+    calls = []
+
+    def evaluate_fn(params):  # model 0 is best at epoch 4, model 1 at epoch 3
+        calls.append(None)
+        epoch = len(calls) - 1
+        return [scores[0][epoch], scores[1][epoch]]
+
+    def stage_run(store=None, on_epoch=None):
+        calls.clear()
+        return stage.run_stage(
+            "stage", _mse, {"w": jnp.zeros((2, 3, 1))}, OptimizerConfig("sgd", learning_rate=1.0),
+            (x, y), epochs=6, key=jnp.stack([jax.random.PRNGKey(0)] * 2), batch_size=4,
+            evaluate_fn=evaluate_fn, metric="metric", keep_best=True, patience=3, models=2,
+            learning_rate=jnp.array([0.05, 0.01]), store=store, on_epoch=on_epoch,
+        )  # fmt: skip
+
+    whole, record = stage_run()
+    store = _MemoryStore()
+
+    def stop_after_two(name, epoch, metrics, seconds):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stage_run(store, stop_after_two)
+    assert len(store.saved[1].history) == len(calls) == 2  # the evaluations go on from here
+    resumed = stage.run_stage(
+        "stage", _mse, {"w": jnp.zeros((2, 3, 1))}, OptimizerConfig("sgd", learning_rate=1.0),
+        (x, y), epochs=6, key=jnp.stack([jax.random.PRNGKey(0)] * 2), batch_size=4,
+        evaluate_fn=lambda p: evaluate_fn(p), metric="metric", keep_best=True, patience=3,
+        models=2, learning_rate=jnp.array([0.05, 0.01]), store=store,
+    )  # fmt: skip
+    params, again = resumed
+    assert record.best_epoch == again.best_epoch == [4, 3]
+    np.testing.assert_allclose(
+        [h["loss"] for h in again.history], [h["loss"] for h in record.history]
+    )
+    np.testing.assert_allclose(params["w"], whole["w"], rtol=1e-6)  # its own rates, resumed
