@@ -105,95 +105,6 @@ def run_jax(data_dir: str, epochs: int, seed: int, cache: str | None) -> dict:
     return {"stages": stages, "pipeline_s": pipeline_s, "accuracy": result.test["accuracy"]}
 
 
-# ----------------------------------------------------------------------------- PyTorch
-
-
-def run_torch(data_dir: str, epochs: int, seed: int, compile_: bool) -> dict:
-    import numpy as np
-    import torch
-
-    from sae_jax.data import load_idx_dir
-
-    torch.manual_seed(seed)
-    m = load_idx_dir(data_dir)
-    x = torch.from_numpy(m.train_images.reshape(N_TRAIN, -1).astype(np.float32) / 255)
-    y = torch.from_numpy(m.train_labels.astype(np.int64))
-    x_test = torch.from_numpy(m.test_images.reshape(N_TEST, -1).astype(np.float32) / 255)
-    y_test = torch.from_numpy(m.test_labels.astype(np.int64))
-
-    def uniform(*shape, fan_in, fan_out):
-        r = math.sqrt(6.0 / (fan_in + fan_out))
-        return torch.empty(*shape).uniform_(-r, r).requires_grad_()
-
-    def ae_loss(w, b, wd, bd, xb):
-        h = torch.sigmoid(xb @ w + b)
-        r = torch.sigmoid(h @ wd + bd)
-        rho_hat = h.mean(0).clamp(1e-6, 1 - 1e-6)
-        kl = (0.1 * torch.log(0.1 / rho_hat) + 0.9 * torch.log(0.9 / (1 - rho_hat))).sum()
-        return ((r - xb) ** 2).sum() + 3.0 * kl + 1e-4 * 0.5 * ((w**2).sum() + (wd**2).sum())
-
-    def classifier(params, xb):
-        h = xb
-        for w, b in params[:-1]:
-            h = torch.sigmoid(h @ w + b)
-        w, b = params[-1]
-        return h @ w + b
-
-    def train(opt, batch_loss, after_epoch=lambda: None) -> dict:
-        """``epochs`` passes of shuffled minibatches; ``batch_loss(idx)`` is one loss."""
-        start, epoch_s = time.perf_counter(), []
-        for _ in range(epochs):
-            t = time.perf_counter()
-            perm = torch.randperm(N_TRAIN)
-            for s in range(0, N_TRAIN, BATCH):
-                loss = batch_loss(perm[s : s + BATCH])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            after_epoch()
-            epoch_s.append(time.perf_counter() - t)
-        return {"epoch_s": epoch_s, "wall_s": time.perf_counter() - start}
-
-    stages, data, encoders = {}, x, []
-    start_all = time.perf_counter()
-    for k, (i, o) in enumerate(pairwise(SIZES)):
-        w, b = uniform(i, o, fan_in=i, fan_out=o), uniform(o, fan_in=i, fan_out=o)
-        wd, bd = uniform(o, i, fan_in=o, fan_out=i), uniform(i, fan_in=o, fan_out=i)
-        opt = torch.optim.Adam([w, b, wd, bd], lr=1e-3)
-        loss_fn = torch.compile(ae_loss) if compile_ else ae_loss
-        layer = (w, b, wd, bd)
-        stages[f"pretrain_{k + 1}"] = train(
-            opt, lambda idx, f=loss_fn, p=layer, d=data: f(*p, d[idx])
-        )
-        with torch.no_grad():
-            data = torch.sigmoid(data @ w + b)
-        encoders.append((w, b))
-
-    head = (
-        uniform(SIZES[-1], CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
-        uniform(CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
-    )
-    params = [*encoders, head]
-    flat = [p for pair in params for p in pair]
-    opt = torch.optim.RMSprop(flat, lr=1e-3, alpha=0.9, eps=1e-10)
-    for p in flat:  # TF1 starts the mean square at 1
-        opt.state[p] = {"step": torch.tensor(0.0), "square_avg": torch.ones_like(p)}
-    forward = torch.compile(classifier) if compile_ else classifier
-    test: dict[str, float] = {}
-
-    def measure() -> None:
-        with torch.no_grad():
-            test["accuracy"] = (forward(params, x_test).argmax(1) == y_test).float().mean().item()
-
-    stages["finetune"] = train(
-        opt,
-        lambda idx: torch.nn.functional.cross_entropy(forward(params, x[idx]), y[idx]),
-        measure,
-    )
-    accuracy = test["accuracy"]
-    return {"stages": stages, "pipeline_s": time.perf_counter() - start_all, "accuracy": accuracy}
-
-
 # ----------------------------------------------------------------------------- harness
 
 
@@ -202,6 +113,8 @@ def child(args: argparse.Namespace) -> None:
     if args.side == "jax":
         out = run_jax(args.data_dir, args.epochs, args.seed, args.cache)
     else:
+        from benchmark_torch import run_torch  # beside this file
+
         out = run_torch(args.data_dir, args.epochs, args.seed, args.side == "torch_compile")
     out["process_s"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -221,7 +134,7 @@ def summarize(run: dict, epochs: int) -> dict:
     return stages
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -251,10 +164,33 @@ def main() -> int:
     )
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # child process
+    return p
+
+
+def main() -> int:
+    p = _parser()
     args = p.parse_args()
     if args.side:
         child(args)
         return 0
+    _check(p, args)
+    import jax
+    import torch
+
+    sides = ["jax", "torch", *(["torch_compile"] if args.torch_compile else [])]
+    runs = _alternate(p, args, sides)
+    _report(
+        args,
+        runs,
+        sides,
+        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"{jax.devices()[0].device_kind}, {jax.device_count()} JAX device(s)",
+    )
+    return 0
+
+
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 and one line for a bad flag or a missing PyTorch."""
     if args.platform != "cpu":
         p.exit(2, f"error: --platform={args.platform}: this benchmark compares on the CPU\n")
     if args.epochs < 2 or args.repeats < 1:
@@ -265,14 +201,16 @@ def main() -> int:
     if not Path(args.data_dir).is_dir():
         p.exit(2, f"error: --data_dir={args.data_dir}: not a directory\n")
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         p.exit(2, "error: PyTorch is not installed (pip install -e '.[bench]')\n")
 
-    import jax
 
+def _alternate(
+    p: argparse.ArgumentParser, args: argparse.Namespace, sides: list[str]
+) -> dict[str, list[dict]]:
+    """Every side ``args.repeats`` times, alternating, each in a fresh child process."""
     cache_dir = tempfile.mkdtemp(prefix="sae_jax_bench_cache_")
-    sides = ["jax", "torch", *(["torch_compile"] if args.torch_compile else [])]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(args.repeats):
         for side in sides:  # alternate: A B A B ...
@@ -300,11 +238,21 @@ def main() -> int:
                 f"accuracy {run['accuracy']:.4f}",
                 flush=True,
             )
-
     shutil.rmtree(cache_dir, ignore_errors=True)
+    return runs
+
+
+def _report(
+    args: argparse.Namespace,
+    runs: dict[str, list[dict]],
+    sides: list[str],
+    versions: str,
+    machine: str,
+) -> None:
+    """The per-stage tables and the whole-run table, medians over the repetitions."""
     gflops = matmul_gflops()
     flops = workload_flops(args.epochs)
-    med = lambda xs: statistics.median(xs)
+    med = statistics.median
     table = {
         s: {
             name: {
@@ -316,10 +264,7 @@ def main() -> int:
         for s in sides
     }
     print()
-    print(
-        f"machine: {jax.devices()[0].device_kind}, {jax.device_count()} JAX device(s); "
-        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    )
+    print(f"machine: {machine}; {versions}")
     print(
         f"seed workload, {args.epochs} epochs per stage, median of {args.repeats} "
         f"alternating repetitions per side"
@@ -329,17 +274,23 @@ def main() -> int:
         f"workload {flops / 1e12:.2f} TFLOP"
     )
     for other in sides[1:]:
-        print()
-        print(f"| stage | figure | sae_jax | {other} | {other} / sae_jax |")
-        print("| --- | --- | --- | --- | --- |")
-        for name in STAGES:
-            for k, label in (
-                ("compile_s", "compile s"),
-                ("us_per_step", "us / step"),
-                ("wall_s", "wall s"),
-            ):
-                a, b = table["jax"][name][k], table[other][name][k]
-                print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+        _stage_table(table, other)
+    _whole_table(runs, sides, flops, gflops)
+
+
+def _stage_table(table: dict, other: str) -> None:
+    print()
+    print(f"| stage | figure | sae_jax | {other} | {other} / sae_jax |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in STAGES:
+        for k, label in (("compile_s", "compile s"), ("us_per_step", "us / step"),
+                         ("wall_s", "wall s")):  # fmt: skip
+            a, b = table["jax"][name][k], table[other][name][k]
+            print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+
+
+def _whole_table(runs: dict[str, list[dict]], sides: list[str], flops: float, gflops: float):
+    med = statistics.median
     print()
     print(
         "| side | pipeline s | process s | peak RSS MB | test accuracy | fraction of matmul peak |"
@@ -357,7 +308,6 @@ def main() -> int:
     for s in sides[1:]:
         ratio = med([r["pipeline_s"] for r in runs[s]]) / jax_pipe
         print(f"end to end (pipeline): {s} / sae_jax = {ratio:.2f}")
-    return 0
 
 
 if __name__ == "__main__":

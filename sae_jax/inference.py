@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.config import Config
-from sae_jax.config.files import RUN_KEY, config_from_json
+from sae_jax.config.files import RUN_KEY, config_from_json, read_config
 from sae_jax.errors import CheckpointError
 from sae_jax.files import manifest_problem, user_path
 from sae_jax.models import (
@@ -30,12 +30,7 @@ from sae_jax.models import (
     init_params,
     to_float,
 )
-from sae_jax.workdir.checkpoint import (
-    STANDARDIZATION,
-    checkpoint_manager,
-    read_config,
-    restore_intact,
-)
+from sae_jax.workdir.checkpoint import STANDARDIZATION, checkpoint_manager, restore_intact
 
 
 def _image_shapes(features: int) -> str:

@@ -25,7 +25,7 @@ import json as _json
 import sys as _sys
 
 import sae_jax.commands.train as _experiment
-from sae_jax.workdir.checkpoint import config_to_json as _to_json
+from sae_jax.config.files import config_to_json as _to_json
 from sae_jax.config import tiny as _tiny
 
 _run_mnist = _experiment.run_mnist
@@ -71,7 +71,7 @@ def test_colab_notebook_runs_on_cpu_as_shipped(tmp_path, monkeypatch):
     from packaging.requirements import Requirement
 
     from sae_jax.config import seed
-    from sae_jax.workdir.checkpoint import config_to_json
+    from sae_jax.config.files import config_to_json
 
     assert shipped["PRESET"] == "seed" and shipped["INSTALL"] is True
     assert shipped["WORKDIR"] == "checkpoints/mnist"

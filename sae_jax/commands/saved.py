@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.commands.prepare import load_data
-from sae_jax.config.files import RUN_KEY
+from sae_jax.config.files import RUN_KEY, read_config
 from sae_jax.data import DEFAULT_DATA, DataSpec
 from sae_jax.errors import UserError
 from sae_jax.files import user_path, write_bytes_atomic
 from sae_jax.inference import load_model
 from sae_jax.training.evaluate import evaluate
-from sae_jax.workdir.checkpoint import read_config
 
 
 def saved_data(workdir: Path, data: DataSpec) -> DataSpec:

@@ -19,7 +19,8 @@ from typing import Any
 
 from sae_jax.config.presets import get_preset
 from sae_jax.config.schema import Config, LayerConfig, OptimizerConfig
-from sae_jax.errors import ConfigError
+from sae_jax.errors import CheckpointError, ConfigError
+from sae_jax.files import read_json
 
 RUN_KEY = "_run"  # a run's config.json keeps its run options (e.g. no pretraining) here
 
@@ -194,3 +195,30 @@ def apply_overrides(config: Config, overrides: Sequence[tuple[str, str]]) -> Con
     except ConfigError as e:
         flags = " ".join(f"--config.{field}={text}" for field, text in overrides)
         raise ConfigError(f"{flags}: {e}") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON of a run's ``config.json``, checked to be a valid config;
+    ``CheckpointError`` naming the file if it is not. Fields added to ``Config``
+    since the file was written come back with their defaults."""
+    data = read_json(path, "run's config")
+    try:
+        config = config_from_json(data).validate()
+    except Exception as e:  # wrong type, missing, unknown or invalid fields
+        raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
+    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
+
+
+def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two JSON configs differ, as ``path: old -> new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += config_differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += config_differences(a, b, f"{path}[{i}]")
+        return out
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]

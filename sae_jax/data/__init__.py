@@ -4,6 +4,7 @@ Edge modules: they read files and the network and return numpy arrays in a
 ``Dataset``; every problem with the data raises ``DataError`` with a one-line
 message that names the file (or URL) at fault.
 
+  ``base``      the ``Dataset`` they return (``DataError`` lives in ``sae_jax.errors``)
   ``idx``       IDX files (MNIST, Fashion-MNIST, KMNIST): read, write, verify
   ``download``  verified downloads of those into a cache
   ``tfds``      any tensorflow-datasets image dataset

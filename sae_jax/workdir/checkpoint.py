@@ -35,7 +35,12 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sae_jax.config import Config
-from sae_jax.config.files import RUN_KEY, config_from_json, config_to_json
+from sae_jax.config.files import (
+    RUN_KEY,
+    config_differences,
+    config_to_json,
+    read_config,
+)
 from sae_jax.errors import CheckpointError
 from sae_jax.files import (
     exception_line,
@@ -44,7 +49,6 @@ from sae_jax.files import (
     make_workdir,
     manifest_path,
     manifest_problem,
-    read_json,
     signals_deferred,
     storage_error,
     user_path,
@@ -69,33 +73,6 @@ MANAGED = (
     STANDARDIZATION,
     "tensorboard",
 )
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The JSON of a run's ``config.json``, checked to be a valid config;
-    ``CheckpointError`` naming the file if it is not. Fields added to ``Config``
-    since the file was written come back with their defaults."""
-    data = read_json(path, "run's config")
-    try:
-        config = config_from_json(data).validate()
-    except Exception as e:  # wrong type, missing, unknown or invalid fields
-        raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
-    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
-
-
-def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
-    """Dotted paths where two JSON configs differ, as ``path: old -> new``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += config_differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-        return out
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        out = []
-        for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            out += config_differences(a, b, f"{path}[{i}]")
-        return out
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def checkpoint_manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:

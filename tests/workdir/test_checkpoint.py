@@ -20,20 +20,16 @@ from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
 from sae_jax.commands.progress import Progress
 from sae_jax.config import OptimizerConfig, tiny
+from sae_jax.config.files import config_differences, config_to_json
 from sae_jax.config.presets import ADAM
+from sae_jax.errors import CheckpointError
 from sae_jax.inference import load_model
 from sae_jax.models import classifier, init_params
 from sae_jax.training.loop import TrainState, init_state
 from sae_jax.training.objectives import classifier_loss
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.stage import StageRecord, run_stage
-from sae_jax.workdir.checkpoint import (
-    CheckpointError,
-    RunStore,
-    _record,
-    config_differences,
-    config_to_json,
-)
+from sae_jax.workdir.checkpoint import RunStore, _record
 
 RUNNER = textwrap.dedent("""
     import os, signal, sys
@@ -543,8 +539,7 @@ def test_a_checkpoint_from_before_best_epoch_was_recorded_resumes_with_best_epoc
 
 
 def test_a_config_json_written_before_newer_fields_reads_with_their_defaults(tmp_path):
-    from sae_jax.config.files import config_to_json
-    from sae_jax.workdir.checkpoint import read_config
+    from sae_jax.config.files import config_to_json, read_config
 
     data = config_to_json(tiny())
     del data["finetune_hidden_keep"], data["finetune_optimizer"]["max_norm"]

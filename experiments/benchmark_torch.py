@@ -1,0 +1,133 @@
+"""The PyTorch side of ``experiments/benchmark.py``: the seed workload as a PyTorch user
+would write it (tensors on the device, manual minibatch slicing of a ``randperm``,
+eager mode or ``torch.compile``), run by the benchmark in its own child process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from itertools import pairwise
+
+from benchmark import BATCH, CLASSES, N_TEST, N_TRAIN, SIZES
+
+
+def run_torch(data_dir: str, epochs: int, seed: int, compile_: bool) -> dict:
+    import torch
+
+    torch.manual_seed(seed)
+    x, y, x_test, y_test = _torch_data(data_dir)
+    start_all = time.perf_counter()
+    stages, encoders = _torch_pretrain(x, epochs, compile_)
+    accuracy = _torch_finetune(encoders, x, y, x_test, y_test, epochs, compile_, stages)
+    return {"stages": stages, "pipeline_s": time.perf_counter() - start_all, "accuracy": accuracy}
+
+
+def _torch_data(data_dir: str) -> tuple:
+    """MNIST as float32 tensors in [0, 1] ``[n, 784]`` and int64 labels."""
+    import numpy as np
+    import torch
+
+    from sae_jax.data import load_idx_dir
+
+    m = load_idx_dir(data_dir)
+    x = torch.from_numpy(m.train_images.reshape(N_TRAIN, -1).astype(np.float32) / 255)
+    y = torch.from_numpy(m.train_labels.astype(np.int64))
+    x_test = torch.from_numpy(m.test_images.reshape(N_TEST, -1).astype(np.float32) / 255)
+    y_test = torch.from_numpy(m.test_labels.astype(np.int64))
+    return x, y, x_test, y_test
+
+
+def _uniform(*shape: int, fan_in: int, fan_out: int):
+    import torch
+
+    r = math.sqrt(6.0 / (fan_in + fan_out))
+    return torch.empty(*shape).uniform_(-r, r).requires_grad_()
+
+
+def _torch_train(opt, batch_loss, epochs: int, after_epoch=lambda: None) -> dict:
+    """``epochs`` passes of shuffled minibatches; ``batch_loss(idx)`` is one loss."""
+    import torch
+
+    start, epoch_s = time.perf_counter(), []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        perm = torch.randperm(N_TRAIN)
+        for s in range(0, N_TRAIN, BATCH):
+            loss = batch_loss(perm[s : s + BATCH])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after_epoch()
+        epoch_s.append(time.perf_counter() - t)
+    return {"epoch_s": epoch_s, "wall_s": time.perf_counter() - start}
+
+
+def _ae_loss(w, b, wd, bd, xb):
+    import torch
+
+    h = torch.sigmoid(xb @ w + b)
+    r = torch.sigmoid(h @ wd + bd)
+    rho_hat = h.mean(0).clamp(1e-6, 1 - 1e-6)
+    kl = (0.1 * torch.log(0.1 / rho_hat) + 0.9 * torch.log(0.9 / (1 - rho_hat))).sum()
+    return ((r - xb) ** 2).sum() + 3.0 * kl + 1e-4 * 0.5 * ((w**2).sum() + (wd**2).sum())
+
+
+def _torch_pretrain(x, epochs: int, compile_: bool) -> tuple[dict, list]:
+    """Greedy layer-wise pretraining of the sparse autoencoders (Adam 1e-3)."""
+    import torch
+
+    stages, data, encoders = {}, x, []
+    for k, (i, o) in enumerate(pairwise(SIZES)):
+        w, b = _uniform(i, o, fan_in=i, fan_out=o), _uniform(o, fan_in=i, fan_out=o)
+        wd, bd = _uniform(o, i, fan_in=o, fan_out=i), _uniform(i, fan_in=o, fan_out=i)
+        opt = torch.optim.Adam([w, b, wd, bd], lr=1e-3)
+        loss_fn = torch.compile(_ae_loss) if compile_ else _ae_loss
+        layer = (w, b, wd, bd)
+        stages[f"pretrain_{k + 1}"] = _torch_train(
+            opt, lambda idx, f=loss_fn, p=layer, d=data: f(*p, d[idx]), epochs
+        )
+        with torch.no_grad():
+            data = torch.sigmoid(data @ w + b)
+        encoders.append((w, b))
+    return stages, encoders
+
+
+def _classifier(params, xb):
+    import torch
+
+    h = xb
+    for w, b in params[:-1]:
+        h = torch.sigmoid(h @ w + b)
+    w, b = params[-1]
+    return h @ w + b
+
+
+def _torch_finetune(encoders, x, y, x_test, y_test, epochs, compile_, stages) -> float:
+    """Fine-tuning with TF1-style RMSProp, the test accuracy after every epoch; adds
+    the stage to ``stages`` and returns the last accuracy."""
+    import torch
+
+    head = (
+        _uniform(SIZES[-1], CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
+        _uniform(CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
+    )
+    params = [*encoders, head]
+    flat = [p for pair in params for p in pair]
+    opt = torch.optim.RMSprop(flat, lr=1e-3, alpha=0.9, eps=1e-10)
+    for p in flat:  # TF1 starts the mean square at 1
+        opt.state[p] = {"step": torch.tensor(0.0), "square_avg": torch.ones_like(p)}
+    forward = torch.compile(_classifier) if compile_ else _classifier
+    test: dict[str, float] = {}
+
+    def measure() -> None:
+        with torch.no_grad():
+            test["accuracy"] = (forward(params, x_test).argmax(1) == y_test).float().mean().item()
+
+    stages["finetune"] = _torch_train(
+        opt,
+        lambda idx: torch.nn.functional.cross_entropy(forward(params, x[idx]), y[idx]),
+        epochs,
+        measure,
+    )
+    return test["accuracy"]
