@@ -111,3 +111,60 @@ def test_losses_example_runs():
     exec(compile(example, "README.md", "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["params"]["w"].shape == (784, 256)
+
+
+# The commands printed in the docstrings of experiments/*.py, in the order they can
+# run (encode.py reads the run that mnist.py leaves in checkpoints/mnist). Not here:
+# benchmark.py, whose command needs the bench extra (PyTorch) and the whole seed
+# workload of real MNIST.
+SCRIPTS = ["mnist", "encode", "sweep", "search", "benchmark_sweep"]
+# What each command gets appended to run at a tiny size: a few hundred examples, one
+# epoch per stage, fewer seeds, points or model counts (a later flag wins).
+SMALL_DATA = ["--config.train_examples=300", "--config.test_examples=100"]
+SHRINK = {
+    "--config=seed": [*SMALL_DATA, "--epochs=1"],
+    "--config=sda3": [*SMALL_DATA, "--config.validation_examples=100", "--epochs=1"],
+    "sweep.py": ["--seeds=2", "--epochs=1"],
+    "search.py": ["--points=2", "--epochs=1"],
+    # and the tests' compilation cache for its sweeps, which it turns off to time them
+    "benchmark_sweep.py": [
+        "--models=2",
+        "--epochs=1",
+        f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
+    ],
+}
+
+
+def docstring_commands(script: str) -> list[list[str]]:
+    """The ``python experiments/...`` command lines of ``script``'s docstring."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse((REPO / "experiments" / f"{script}.py").read_text()))
+    lines = doc.replace("\\\n", " ").splitlines()
+    return [
+        shlex.split(line, comments=True) for line in lines if line.strip().startswith("python ")
+    ]
+
+
+def test_every_experiment_docstring_command_runs_at_a_tiny_size(clone):
+    mnist = np.load(REPO / "sae_jax" / "_data" / "mnist_sample.npz")
+    np.savez(clone / "my_data.npz", x=mnist["train_images"], y=mnist["train_labels"])
+    ran, skipped = [], []
+    for script in SCRIPTS:
+        for argv in docstring_commands(script):
+            extra = [f for key, flags in SHRINK.items() if key in " ".join(argv) for f in flags]
+            shown = shlex.join(argv)
+            if "../shared/" in shown and not SHARED_MNIST.is_dir():
+                skipped.append(shown)
+                continue
+            proc = subprocess.run(
+                [sys.executable, *argv[1:], *extra], cwd=clone, capture_output=True, text=True,
+                timeout=600, env=os.environ,
+            )  # fmt: skip
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
+            ran.append(shown)
+    assert len(ran) + len(skipped) == sum(len(docstring_commands(s)) for s in SCRIPTS) >= 10
+    assert (clone / "codes.npy").is_file()
+    if skipped:
+        pytest.skip(f"{len(ran)} docstring commands ran; skipped: {skipped}")
