@@ -35,6 +35,7 @@ _EXPORTS = {
     "classifier_loss": "sae_jax.training.objectives",
     "pretrain_layer": "sae_jax.training.layerwise",
     "run_stage": "sae_jax.training.stage",
+    "Stage": "sae_jax.training.stage",
     "StageRecord": "sae_jax.training.stage",
     "encode_dataset": "sae_jax.training.evaluate",
     "evaluate": "sae_jax.training.evaluate",

@@ -71,9 +71,10 @@ def _config_flags(p: Parser) -> None:
     p.add_argument(
         "--config",
         default="seed",
-        help=f"a preset ({', '.join(PRESETS)}; see sae_jax/presets.py), a run's config.json, "
-        "or a Python file defining get_config(); then --config.<field>=<value> overrides "
-        "any field, e.g. --config.layers.0.beta=2 (default: seed)",
+        help=f"a preset ({', '.join(PRESETS)}; see sae_jax/config/presets.py), a run's "
+        "config.json, or a Python file defining get_config(); then "
+        "--config.<field>=<value> overrides any field, e.g. --config.layers.0.beta=2 "
+        "(default: seed)",
     )
     p.add_argument(
         "--epochs",

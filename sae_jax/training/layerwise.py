@@ -24,7 +24,7 @@ from sae_jax.training.evaluate import _model_axis, encode_dataset
 from sae_jax.training.hparams import LayerHParams, active_terms, hparams_of, layer_hparams
 from sae_jax.training.loop import Params, place_data
 from sae_jax.training.objectives import layer_loss
-from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
+from sae_jax.training.stage import Stage, StageCallback, StageRecord, StageStore, run_stage
 
 
 def split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -67,23 +67,26 @@ def pretrain_layer(
     module = autoencoder(layer, in_features, bias_init)
     hparams = layer_hparams(layer) if hparams is None else hparams
     init_key, fit_key = split2(key)
-    params, record = run_stage(
+    stage = Stage(
         name,
         layer_loss(module, layer, terms),
-        init_stage_params(module, init_key, in_features),
         layer.optimizer,
+        layer.epochs,
+        batch_size,
+        reduction=layer.batch_reduction,
+        hparams=hparams,
+        learning_rate=hparams.learning_rate,
+    )
+    params, record = run_stage(
+        stage,
+        init_stage_params(module, init_key, in_features),
         (x,),
-        epochs=layer.epochs,
         key=fit_key,
-        batch_size=batch_size,
         store=store,
         on_epoch=on_epoch,
         mesh=mesh,
         models=models,
         data_axis=_model_axis(x, models),
-        hparams=hparams,
-        learning_rate=hparams.learning_rate,
-        reduction=layer.batch_reduction,
     )
     return FrozenLayer(module, params), record
 

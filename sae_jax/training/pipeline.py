@@ -34,7 +34,7 @@ from sae_jax.training.hparams import (
 from sae_jax.training.layerwise import init_stage_params, pretrain_layers, split2, stage_keys
 from sae_jax.training.loop import Params, place_data, take_models
 from sae_jax.training.objectives import classifier_loss
-from sae_jax.training.stage import StageCallback, StageRecord, StageStore, run_stage
+from sae_jax.training.stage import Stage, StageCallback, StageRecord, StageStore, run_stage
 
 
 @dataclass
@@ -184,6 +184,11 @@ class _Run:
         """The split judged after every epoch: validation if given, else test."""
         return self.validation if self.validation is not None else self.test
 
+    @property
+    def placement(self) -> dict[str, Any]:
+        """``run_stage``'s keyword arguments that every stage shares."""
+        return {k: self.common[k] for k in ("store", "on_epoch", "mesh", "models")}
+
     def selection(self) -> dict[str, Any]:
         """``run_stage``'s keep-best options: with a validation split only."""
         return {"metric": "validation_accuracy", "keep_best": True} if self.validation else {}
@@ -291,20 +296,19 @@ def _train_softmax(
     judge_codes = None
     if run.judge is not None:
         judge_codes = encode_dataset(layers, run.judge[0], config.eval_batch_size, models)
-    return run_stage(
+    stage = Stage(
         "softmax",
         classifier_loss(head, config.softmax_weight_decay),
-        init_stage_params(head, head_key, head.in_features),
         config.softmax_optimizer,
-        (top_codes, run.train[1]),
-        epochs=config.softmax_epochs,
-        key=softmax_key,
-        evaluate_fn=run.accuracy(head, judge_codes),
-        data_axis=(0, None) if models else None,
+        config.softmax_epochs,
+        config.batch_size,
         learning_rate=run.hp.softmax_learning_rate,
+        evaluate_fn=run.accuracy(head, judge_codes),
         **run.selection(),
-        **run.common,
     )
+    params = init_stage_params(head, head_key, head.in_features)
+    data, data_axis = (top_codes, run.train[1]), (0, None) if models else None
+    return run_stage(stage, params, data, key=softmax_key, data_axis=data_axis, **run.placement)
 
 
 def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
@@ -312,21 +316,19 @@ def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
     model's keep probabilities ask for it), judged after every epoch."""
     config = run.configs[0]
     model = classifier(config)
-    return run_stage(
+    stage = Stage(
         "finetune",
         classifier_loss(model, config.finetune_weight_decay, dropout=uses_dropout(run.configs)),
-        start,
         config.finetune_optimizer,
-        run.train,
-        epochs=config.finetune_epochs,
-        key=run.keys[-1],
-        evaluate_fn=run.accuracy(model, None if run.judge is None else run.judge[0]),
+        config.finetune_epochs,
+        config.batch_size,
         hparams=run.hp.dropout,
         learning_rate=run.hp.finetune_learning_rate,
+        evaluate_fn=run.accuracy(model, None if run.judge is None else run.judge[0]),
         patience=config.finetune_patience if run.validation else None,
         **run.selection(),
-        **run.common,
     )
+    return run_stage(stage, start, run.train, key=run.keys[-1], **run.placement)
 
 
 def _evaluate_test(

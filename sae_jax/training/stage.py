@@ -162,68 +162,83 @@ def _keep_improved(improved: jax.Array, new: Params, old: Params) -> Params:
     return jax.tree.map(pick, new, old)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What one stage trains and how it is judged.
+
+    ``loss_fn`` (with ``hparams``, the loss's values: scalars, or ``[models]`` arrays)
+    is minimised for ``epochs`` epochs of ``batch_size`` examples with the optimizer of
+    ``optimizer`` at ``learning_rate`` (a scalar or ``[models]``; None: the config's);
+    ``reduction`` says how the loss reduces a batch (``fit`` reports per-example
+    metrics either way). After every epoch ``evaluate_fn(params)`` (when given) is
+    recorded as ``metric``; with ``keep_best`` the stage returns the params of the
+    epoch with the highest ``metric`` and stops after ``patience`` epochs without a
+    new best.
+    """
+
+    name: str
+    loss_fn: LossFn
+    optimizer: OptimizerConfig
+    epochs: int
+    batch_size: int
+    reduction: str = "mean"
+    hparams: Any = None
+    learning_rate: Any = None
+    evaluate_fn: Callable[[Params], Any] | None = None
+    metric: str = "test_accuracy"
+    keep_best: bool = False
+    patience: int | None = None
+
+
 def run_stage(
-    name: str,
-    loss_fn: LossFn,
+    stage: Stage,
     params: Params,
-    optimizer_config: OptimizerConfig,
     data: tuple[jax.Array, ...],
     *,
-    epochs: int,
     key: jax.Array,
-    batch_size: int,
     store: StageStore | None = None,
-    evaluate_fn: Callable[[Params], Any] | None = None,
     on_epoch: StageCallback | None = None,
     mesh: Mesh | None = None,
     models: int | None = None,
     data_axis: Any = None,
-    hparams: Any = None,
-    learning_rate: Any = None,
-    metric: str = "test_accuracy",
-    keep_best: bool = False,
-    patience: int | None = None,
-    reduction: str = "mean",
 ) -> tuple[Params, StageRecord]:
-    """One stage: ``fit`` from ``params``, or from where ``store`` says it stopped.
+    """One ``stage``: ``fit`` from ``params``, or from where ``store`` says it stopped.
 
-    After every epoch: ``evaluate_fn``'s accuracy (when given) joins the metrics as
-    ``metric``, with ``seconds``; ``store`` saves the state; then ``on_epoch`` is
-    called. With ``keep_best`` the stage returns the params of its epoch with the
-    highest ``metric`` (``record.best_epoch``), and stops after ``patience`` epochs
-    without a new best; the best params travel in every checkpoint, so a resumed
-    stage returns what an uninterrupted one would. With ``models``, every model
-    keeps its own best epoch (``record.best_epoch`` is a list) and stops on its own
-    patience while the others go on; a model whose loss diverges stops there
-    (``record.diverged``). ``mesh``, ``models``, ``data_axis``, ``hparams`` (the
-    loss's, see ``sae_jax.training.hparams``) and ``reduction`` go to ``fit``;
-    ``learning_rate`` (a scalar, or ``[models]``) is the optimizer's (by default
-    ``optimizer_config``'s).
+    After every epoch: the stage's evaluation (when it has one) joins the metrics,
+    with ``seconds``; ``store`` saves the state; then ``on_epoch`` is called. A
+    keep-best stage's best params travel in every checkpoint, so a resumed stage
+    returns what an uninterrupted one would. With ``models``, every model keeps its
+    own best epoch (``record.best_epoch`` is a list) and stops on its own patience
+    while the others go on; a model whose loss diverges stops there
+    (``record.diverged``). ``mesh``, ``models`` and ``data_axis`` go to ``fit``.
 
     Returns:
       The final params and the stage's ``StageRecord``.
     """
+    name = stage.name
     if store is not None and (done := store.finished(name, params)) is not None:
         return done
     start = time.perf_counter()
-    steps = -(-_num_examples(data, models, data_axis) // batch_size)
-    optimizer = make_optimizer(optimizer_config, steps)
-    state = init_state(params, optimizer, hparams, models)
-    if learning_rate is not None:
-        state = state._replace(opt_state=set_learning_rate(state.opt_state, learning_rate))
-    record = StageRecord(name, epochs)
-    best = _Best(models, patience) if keep_best else None
+    steps = -(-_num_examples(data, models, data_axis) // stage.batch_size)
+    optimizer = make_optimizer(stage.optimizer, steps)
+    state = init_state(params, optimizer, stage.hparams, models)
+    if stage.learning_rate is not None:
+        rate = stage.learning_rate
+        state = state._replace(opt_state=set_learning_rate(state.opt_state, rate))
+    record = StageRecord(name, stage.epochs)
+    best = _Best(models, stage.patience) if stage.keep_best else None
     if store is not None and (resumed := store.resume(name, state)) is not None:
         state, record, best_params = resumed
         if best is not None and best_params is not None:  # saved after its best epoch
-            best.restore(record, metric, best_params)
+            best.restore(record, stage.metric, best_params)
     earlier_wall = record.wall_s  # of the runs that worked on the stage before
-    judge = None if evaluate_fn is None else (lambda p: (metric, evaluate_fn(p)))
+    judge = stage.evaluate_fn and (lambda p: (stage.metric, stage.evaluate_fn(p)))
     after_epoch = _after_epoch(name, record, best, store, key, judge, on_epoch)
     result = fit(
-        loss_fn, params, optimizer, data, batch_size=batch_size, epochs=epochs, key=key,
-        name=name, on_epoch=after_epoch, state=state, start_epoch=len(record.history),
-        mesh=mesh, models=models, data_axis=data_axis, hparams=hparams, reduction=reduction,
+        stage.loss_fn, params, optimizer, data, batch_size=stage.batch_size,
+        epochs=stage.epochs, key=key, name=name, on_epoch=after_epoch, state=state,
+        start_epoch=len(record.history), mesh=mesh, models=models, data_axis=data_axis,
+        hparams=stage.hparams, reduction=stage.reduction,
     )  # fmt: skip
     record.wall_s = earlier_wall + time.perf_counter() - start
     if models is not None:

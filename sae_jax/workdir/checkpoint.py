@@ -377,7 +377,7 @@ def restore_intact(
         raise CheckpointError(
             f"{step_dir}: cannot restore it although its files are intact "
             f"({exception_line(e)}); "
-            f"it was left in place"
+            f"it was left in place (saved by another version of sae_jax? --restart starts over)"
         ) from None
 
 

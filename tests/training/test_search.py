@@ -78,6 +78,7 @@ def test_search_ranks_on_validation_and_tests_the_chosen_point_once(monkeypatch)
         )
         record = alone.stages[-1]
         assert row["best_epoch"][1] == record.best_epoch
+        assert row["epochs_trained"][1] == len(record.history) and row["diverged"] == [None] * 2
         assert row["validation_accuracy"][1] == pytest.approx(
             record.history[record.best_epoch - 1]["validation_accuracy"]
         )

@@ -109,11 +109,13 @@ def test_run_stage_reports_epochs_from_one_and_keeps_the_first_of_equal_bests():
             self.walls.append(record.wall_s)
 
     start = time.perf_counter()
+    spec = stage.Stage(
+        "stage", _mse, OptimizerConfig("sgd", learning_rate=0.05), 5, 4,
+        evaluate_fn=evaluate_fn, metric="metric", keep_best=True, patience=2,
+    )  # fmt: skip
     params, record = stage.run_stage(
-        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
-        (x, y), epochs=5, key=jax.random.PRNGKey(0), batch_size=4, evaluate_fn=evaluate_fn,
+        spec, {"w": jnp.zeros((3, 1))}, (x, y), key=jax.random.PRNGKey(0), store=Store(),
         on_epoch=lambda name, epoch, metrics, s: seen.append((name, epoch, metrics["metric"], s)),
-        metric="metric", keep_best=True, patience=2, store=Store(),
     )  # fmt: skip
     wall = time.perf_counter() - start
     assert [(n, e, m) for n, e, m, _ in seen] == [("stage", 1, 0.5), ("stage", 2, 0.7),
@@ -129,8 +131,8 @@ def test_run_stage_without_keep_best_returns_the_last_epoch_and_its_loss():
     x, y = _regression()
     sgd = OptimizerConfig("sgd", learning_rate=0.05)
     params, record = stage.run_stage(
-        "plain", _mse, {"w": jnp.zeros((3, 1))}, sgd, (x, y),
-        epochs=4, key=jax.random.PRNGKey(0), batch_size=8,
+        stage.Stage("plain", _mse, sgd, 4, 8), {"w": jnp.zeros((3, 1))}, (x, y),
+        key=jax.random.PRNGKey(0),
     )  # fmt: skip
     w, losses = np.zeros((3, 1)), []  # full-batch gradient descent, written out in numpy
     for _ in range(4):
@@ -155,8 +157,8 @@ def test_a_stage_its_store_has_finished_is_returned_without_training():
         resume = save_epoch = save_finished = lambda self, *args: pytest.fail("trained")
 
     out = stage.run_stage(
-        "stage", _mse, {"w": jnp.zeros((3, 1))}, OptimizerConfig("sgd", learning_rate=0.05),
-        _regression(), epochs=3, key=jax.random.PRNGKey(0), batch_size=4, store=Store(),
+        stage.Stage("stage", _mse, OptimizerConfig("sgd", learning_rate=0.05), 3, 4),
+        {"w": jnp.zeros((3, 1))}, _regression(), key=jax.random.PRNGKey(0), store=Store(),
         on_epoch=lambda *args: pytest.fail("trained"),
     )  # fmt: skip
     assert out is done
@@ -166,17 +168,15 @@ def test_run_stage_gives_each_model_its_own_learning_rate():
     x, y = _regression()
     w0, rates = {"w": jnp.zeros((3, 1))}, [0.05, 0.01]
     keys = jax.random.split(jax.random.PRNGKey(0))
-    common = {"epochs": 2, "batch_size": 4}
     stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w0)
-    many, record = stage.run_stage(
-        "many", _mse, stacked, OptimizerConfig("adam", learning_rate=0.3), (x, y),
-        key=keys, models=2, learning_rate=jnp.asarray(rates), **common,
+    spec = stage.Stage(
+        "many", _mse, OptimizerConfig("adam", learning_rate=0.3), 2, 4,
+        learning_rate=jnp.asarray(rates),
     )  # fmt: skip
+    many, record = stage.run_stage(spec, stacked, (x, y), key=keys, models=2)
     for i, rate in enumerate(rates):
-        one, alone = stage.run_stage(
-            "one", _mse, w0, OptimizerConfig("adam", learning_rate=rate), (x, y),
-            key=keys[i], **common,
-        )  # fmt: skip
+        spec = stage.Stage("one", _mse, OptimizerConfig("adam", learning_rate=rate), 2, 4)
+        one, alone = stage.run_stage(spec, w0, (x, y), key=keys[i])
         np.testing.assert_allclose(many["w"][i], one["w"], rtol=1e-5, atol=1e-7)
         losses = [h["loss"] for h in alone.history]
         np.testing.assert_allclose([h["loss"][i] for h in record.history], losses, rtol=1e-5)
@@ -297,13 +297,17 @@ def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
         epoch = len(calls) - 1
         return [scores[0][epoch], scores[1][epoch]]
 
+    spec = stage.Stage(
+        "stage", _mse, OptimizerConfig("sgd", learning_rate=1.0), 6, 4,
+        learning_rate=jnp.array([0.05, 0.01]), evaluate_fn=evaluate_fn, metric="metric",
+        keep_best=True, patience=3,
+    )  # fmt: skip
+
     def stage_run(store=None, on_epoch=None):
         calls.clear()
         return stage.run_stage(
-            "stage", _mse, {"w": jnp.zeros((2, 3, 1))}, OptimizerConfig("sgd", learning_rate=1.0),
-            (x, y), epochs=6, key=jnp.stack([jax.random.PRNGKey(0)] * 2), batch_size=4,
-            evaluate_fn=evaluate_fn, metric="metric", keep_best=True, patience=3, models=2,
-            learning_rate=jnp.array([0.05, 0.01]), store=store, on_epoch=on_epoch,
+            spec, {"w": jnp.zeros((2, 3, 1))}, (x, y), key=jnp.stack([jax.random.PRNGKey(0)] * 2),
+            models=2, store=store, on_epoch=on_epoch,
         )  # fmt: skip
 
     whole, record = stage_run()
@@ -316,13 +320,10 @@ def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
     with pytest.raises(KeyboardInterrupt):
         stage_run(store, stop_after_two)
     assert len(store.saved[1].history) == len(calls) == 2  # the evaluations go on from here
-    resumed = stage.run_stage(
-        "stage", _mse, {"w": jnp.zeros((2, 3, 1))}, OptimizerConfig("sgd", learning_rate=1.0),
-        (x, y), epochs=6, key=jnp.stack([jax.random.PRNGKey(0)] * 2), batch_size=4,
-        evaluate_fn=lambda p: evaluate_fn(p), metric="metric", keep_best=True, patience=3,
-        models=2, learning_rate=jnp.array([0.05, 0.01]), store=store,
+    params, again = stage.run_stage(
+        spec, {"w": jnp.zeros((2, 3, 1))}, (x, y), key=jnp.stack([jax.random.PRNGKey(0)] * 2),
+        models=2, store=store,
     )  # fmt: skip
-    params, again = resumed
     assert record.best_epoch == again.best_epoch == [4, 3]
     np.testing.assert_allclose(
         [h["loss"] for h in again.history], [h["loss"] for h in record.history]

@@ -28,7 +28,7 @@ from sae_jax.models import classifier, init_params
 from sae_jax.training.loop import TrainState, init_state
 from sae_jax.training.objectives import classifier_loss
 from sae_jax.training.pipeline import run_pipeline
-from sae_jax.training.stage import StageRecord, run_stage
+from sae_jax.training.stage import Stage, StageRecord, run_stage
 from sae_jax.workdir.checkpoint import RunStore, _record
 
 RUNNER = textwrap.dedent("""
@@ -358,22 +358,20 @@ def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path, optim
     scores = [0.5, 0.9, 0.6, 0.7, 0.8, 0.85, 0.4, 0.3]  # best at epoch 2; patience 4
 
     def stage(workdir, score, on_epoch=None):
-        return run_stage(
+        spec = Stage(
             "finetune",
             classifier_loss(model, hidden_keep=keep),
-            params,
             optimizer,
-            (x, y),
-            epochs=len(scores),
-            key=jax.random.PRNGKey(1),
-            batch_size=20,
-            store=RunStore(workdir, config, log=lambda line: None),
+            len(scores),
+            20,
             evaluate_fn=lambda p: next(score),
             metric="validation_accuracy",
             keep_best=True,
             patience=4,
-            on_epoch=on_epoch,
         )
+        store = RunStore(workdir, config, log=lambda line: None)
+        key = jax.random.PRNGKey(1)
+        return run_stage(spec, params, (x, y), key=key, store=store, on_epoch=on_epoch)
 
     whole, whole_record = stage(tmp_path / "whole", iter(scores))
 
