@@ -119,8 +119,9 @@ def run_sweep(
         )
     log(
         f"{config.name}: {len(model_seeds)} models at once ({len(points)} grid points x "
-        f"{len(seeds)} seeds), {len(mnist.train_images)} training / "
-        f"{len(mnist.test_images)} test images, layers {config.layer_sizes}"
+        f"{len(seeds)} seeds), {len(mnist.train_images) - config.validation_examples} "
+        f"training / {config.validation_examples} validation / {len(mnist.test_images)} test "
+        f"examples, layers {config.layer_sizes}"
     )
     with hold_workdir(workdir, wait=wait, log=log):
         runs = []
