@@ -94,7 +94,10 @@ def run_search(
         raise UserError(
             "a search needs a validation split to choose on: set --config.validation_examples=N"
         )
-    checked_points(config, space, points, sample_seed)  # before the data loads
+    try:  # before the data loads
+        checked_points(config, space, points, sample_seed)
+    except ConfigError as e:
+        raise ConfigError(f"--space: {e}") from None
     ready = prepare(config, workdir, data, log)
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     if dataset.train_labels is None or dataset.test_labels is None:

@@ -206,6 +206,15 @@ def test_no_network_is_one_line_and_fast(tmp_path, source):
             "--hparam=beta=2: beta is already swept by --hparam=beta=1",
         ),
         (
+            ["--hparam=noise_level=0.1,0.5"],  # tiny has no noise: the same model twice
+            "--hparam=noise_level=0.1,0.5: noise_level changes nothing here: every layer's "
+            "noise is 'none'",
+        ),
+        (
+            ["--config.layers.0.beta=0", "--config.layers.1.beta=0", "--hparam=rho=0.1,0.2"],
+            "--hparam=rho=0.1,0.2: rho changes nothing here: rho is the sparsity target",
+        ),
+        (
             ["--seed=4294967295", "--seeds=2"],
             "--seed=4294967295 --seeds=2: seed must be an integer in [0, 4294967296), "
             "got 4294967296",

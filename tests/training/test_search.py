@@ -164,6 +164,7 @@ def test_search_command_writes_its_table(tmp_path):
         (["--space=beta=1:2"], "beta: a range needs random points"),
         ([], "--space: name at least one thing to search"),
         (["--space=beta=1", "--config.validation_examples=0"], "needs a validation split"),
+        (["--space=noise_level=0,0.2"], "--space: noise_level changes nothing here"),
     ],
 )
 def test_search_command_refuses_bad_flags_in_one_line(tmp_path, flags, message):
