@@ -81,6 +81,7 @@ TESTS = {
         "training/test_search.py",
         "training/test_loop.py",
     ],
+    "training/hparams": ["training/test_hparams.py", "test_parallel.py", "commands/test_cli.py"],
     "training/sweep": ["training/test_search.py", "test_parallel.py"],
     "training/search": ["training/test_search.py", "test_parallel.py"],
 }
@@ -500,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in TESTS.get(m, [f"{m.rpartition('/')[0]}/test_{Path(m).name}.py".lstrip("/")])
         }
     )
-    tests = [t if "/" in t else f"tests/{t}" for t in files]
+    tests = [t if t.startswith("tests/") else f"tests/{t}" for t in files]
     found = [mut for m in modules for mut in mutants(REPO / "sae_jax" / f"{m}.py")]
     found = _chosen(found, args.lines, args.retry)
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
