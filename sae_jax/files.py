@@ -163,6 +163,36 @@ def failed_writes_quiet() -> Iterator[None]:
     sys.unraisablehook = previous
 
 
+MARK = ".sae_jax"  # left in every folder a run writes into: the run owns that folder
+
+
+def check_workdir(path: Path, earlier_run: Callable[[Path], bool] = lambda path: False) -> None:
+    """Refuse the folder ``path`` unless a sae_jax run may write there.
+
+    A folder with the mark (``MARK``) is a run's; so is an empty one (a new
+    ``--workdir``; ``run.lock`` aside), and one that ``earlier_run(path)`` accepts (what
+    a version without the mark left). Anything else holds files no sae_jax run wrote,
+    and a run must not write, overwrite or remove there: ``CheckpointError`` names the
+    folder and what it holds.
+    """
+    if (path / MARK).is_file():
+        return
+    entries = sorted(entry.name for entry in path.iterdir() if entry.name != LOCK_NAME)
+    if entries and not earlier_run(path):
+        more = f" and {len(entries) - 4} more" if len(entries) > 4 else ""
+        shown = ", ".join(entries[:4]) + more
+        raise CheckpointError(
+            f"--workdir={path}: holds files that no sae_jax run wrote ({shown}); "
+            f"name a new or empty folder"
+        )
+
+
+def mark_workdir(path: Path) -> None:
+    """Leave the mark that a sae_jax run owns the folder ``path`` (see ``check_workdir``)."""
+    if not (path / MARK).is_file():
+        write_text_atomic(path / MARK, json.dumps({"written_by": "sae_jax"}) + "\n")
+
+
 def make_workdir(path: Path) -> None:
     """Create ``path`` (and its parents); ``CheckpointError`` naming it if it cannot be one."""
     try:

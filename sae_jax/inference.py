@@ -30,7 +30,8 @@ from sae_jax.models import (
     init_params,
     to_float,
 )
-from sae_jax.workdir.checkpoint import STANDARDIZATION, checkpoint_manager, restore_intact
+from sae_jax.workdir.checkpoint import STANDARDIZATION
+from sae_jax.workdir.restore import checkpoint_manager, restore_intact
 
 
 def _image_shapes(features: int) -> str:
@@ -131,8 +132,8 @@ class TrainedModel:
     def _classifier(self) -> Params:
         if self.params is None:
             raise ValueError(
-                "this run only pretrained (its data had no labels): there is no classifier; "
-                "use encoder(depth) or reconstruct(x)"
+                "this run has no fine-tuned classifier (its data had no labels, or it "
+                "stopped before fine-tuning ended); use encoder(depth) or reconstruct(x)"
             )
         return self.params
 

@@ -5,6 +5,7 @@ data (fitted to the config, standardized when asked) and the workdir's lock.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +17,17 @@ import jax
 import numpy as np
 
 from sae_jax.config import Config
+from sae_jax.config.files import config_from_json, read_config
 from sae_jax.data import IDX_DATASETS, DataSpec, Mnist, default_cache_dir
 from sae_jax.data.arrays import standardization, standardize
 from sae_jax.errors import CheckpointError, ConfigError, UserError
-from sae_jax.files import WorkdirLock, make_workdir, user_path
+from sae_jax.files import (
+    WorkdirLock,
+    check_workdir,
+    make_workdir,
+    mark_workdir,
+    user_path,
+)
 from sae_jax.parallel import broadcast_int, initialize_distributed, is_primary
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -141,24 +149,45 @@ def prepare(
 
 @contextmanager
 def hold_workdir(workdir: Path, *, wait: bool, log: Callable[[str], None]) -> Iterator[None]:
-    """Create ``workdir`` and hold its lock for the run: a context manager.
+    """Create ``workdir``, claim it and hold its lock for the run: a context manager.
 
-    Process 0 of a run of several processes holds the lock for all; when it cannot,
-    every process raises ``CheckpointError`` (process 0 with the holder's name).
+    A run writes only into a folder that is new, empty or a sae_jax run's (see
+    ``files.check_workdir``; a folder that an earlier version's run left is one too).
+    Process 0 of a run of several processes claims and holds the lock for all; when
+    it cannot, every process raises ``CheckpointError`` (process 0 with the reason).
     """
     make_workdir(workdir)
     lock, refused = WorkdirLock(workdir, wait=wait, log=log), None
     if is_primary():
         try:
+            check_workdir(workdir, earlier_run)  # before anything is written there
             lock.__enter__()
         except CheckpointError as e:
             refused = e
     if broadcast_int(refused is not None):
         raise refused or CheckpointError(f"--workdir={workdir}: process 0 could not lock it")
     try:
+        if is_primary():
+            mark_workdir(workdir)
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+def earlier_run(path: Path) -> bool:
+    """Whether ``path`` holds what a run of a version that left no mark wrote: a
+    ``config.json``, ``sweep.json`` or ``search.json`` with a valid sae_jax config."""
+    try:
+        if (path / "config.json").is_file():
+            read_config(path / "config.json")
+            return True
+        for name in ("sweep.json", "search.json"):
+            if (path / name).is_file():
+                config_from_json(json.loads((path / name).read_text())["config"]).validate()
+                return True
+    except Exception:  # not JSON, not a config: not a sae_jax run's file
+        return False
+    return False
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections.abc import Callable
@@ -42,7 +43,14 @@ def evaluate_saved(
     data = saved_data(workdir, data)
     _, dataset = load_data(config, data, log)
     if model.params is None or dataset.test_labels is None:
-        what = "no classifier (its data had no labels)" if model.params is None else ""
+        what = ""
+        if model.params is None and dataset.train_labels is None:
+            what = "no classifier (its data had no labels)"
+        elif model.params is None:
+            what = (
+                "no fine-tuned classifier yet (it stopped before fine-tuning ended; "
+                "run the same command again to resume it)"
+            )
         raise UserError(
             f"{workdir}: nothing to evaluate: the run has "
             + (what or f"no labelled test split in {data.path}")
@@ -111,6 +119,10 @@ def encode_saved(
     return np.concatenate(codes).astype(np.float32)
 
 
+# The errors of a place that cannot hold a new file (a user's mistake in --out).
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
 def write_codes(path: str | os.PathLike[str], codes: np.ndarray) -> Path:
     """Write ``codes`` as an ``.npy`` file, atomically (no half-written file is left);
     ``UserError`` naming ``--out`` when it cannot be a new ``.npy`` file there."""
@@ -121,5 +133,10 @@ def write_codes(path: str | os.PathLike[str], codes: np.ndarray) -> Path:
         raise UserError(f"--out={path}: the folder {out.parent} does not exist")
     buffer = io.BytesIO()
     np.save(buffer, codes, allow_pickle=False)
-    write_bytes_atomic(out, buffer.getvalue())
+    try:
+        write_bytes_atomic(out, buffer.getvalue())
+    except OSError as e:
+        if e.errno not in NOT_WRITABLE:  # a full disk or an I/O error: not the user's
+            raise
+        raise UserError(f"--out={path}: cannot write it ({e.strerror or e})") from None
     return out

@@ -27,7 +27,7 @@ from sae_jax.training.layerwise import pretrain_stack
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
 from sae_jax.workdir.checkpoint import STANDARDIZATION, RunStore
-from sae_jax.workdir.summary import run_summary, write_figures, write_json_atomic
+from sae_jax.workdir.summary import provenance, run_summary, write_figures, write_json_atomic
 from sae_jax.workdir.tensorboard import TensorBoard, check_available
 
 
@@ -89,7 +89,10 @@ def run_mnist(
         options = {"pretrain": False} if not pretrain else {}
         if own := data.run_options():
             options["data"] = own
-        store = RunStore(workdir, config, restart=restart, log=log, options=options or None)
+        store = RunStore(
+            workdir, config, restart=restart, log=log, options=options or None,
+            data=provenance(dataset)["data"],
+        )  # fmt: skip
         if ready.standardization is not None and is_primary():
             mean, std = ready.standardization
             write_bytes_atomic(workdir / STANDARDIZATION, npz_bytes(mean=mean, std=std))

@@ -2,6 +2,7 @@
 
 Modules, in import order:
 
+- ``restore``: orbax checkpoints read back, whole on every process.
 - ``checkpoint``: orbax checkpoints of every stage, their manifests, resuming
   (``RunStore``).
 - ``figures``: the PNG figures (matplotlib, imported only when drawing).

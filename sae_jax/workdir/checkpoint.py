@@ -2,7 +2,9 @@
 
 Layout of a workdir::
 
+  .sae_jax                     the mark that a run owns the folder (files.check_workdir)
   config.json                  the run's config; another config is refused
+  data.json                    the source and sha256 of the data; other data is refused
   checkpoints/<stage>/<epoch>/ the train state and RNG key after each epoch, with the
                                stage, epoch, metrics so far and config (last few kept)
   frozen/<stage>/0/            the final params of each completed stage
@@ -43,24 +45,27 @@ from sae_jax.config.files import (
 )
 from sae_jax.errors import CheckpointError
 from sae_jax.files import (
-    exception_line,
     failed_writes_quiet,
     file_manifest,
     make_workdir,
     manifest_path,
     manifest_problem,
+    read_json,
     signals_deferred,
     storage_error,
     user_path,
     write_text_atomic,
 )
-from sae_jax.parallel import barrier, broadcast_int, everywhere, is_primary, replicated
+from sae_jax.parallel import barrier, broadcast_int, is_primary, replicated
 from sae_jax.training.loop import Params, TrainState
 from sae_jax.training.stage import StageRecord
+from sae_jax.workdir.restore import checkpoint_manager, restore_intact
 
 STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
+DATA_RECORD = "data.json"  # the source and sha256 of the data the run started on
 MANAGED = (
     "config.json",
+    DATA_RECORD,
     "checkpoints",
     "frozen",
     "manifests",
@@ -73,34 +78,6 @@ MANAGED = (
     STANDARDIZATION,
     "tensorboard",
 )
-
-
-def checkpoint_manager(directory: Path, keep: int | None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options)
-
-
-def _restore(
-    manager: ocp.CheckpointManager, step: int, template: Any | Callable[[dict], Any]
-) -> tuple[Any, dict]:
-    """Restore ``step``; ``template`` may be a function of the step's JSON metadata.
-
-    The arrays come back whole on every process (see ``parallel.everywhere``), so a
-    run saved on any number of devices and processes restores on any other."""
-    if callable(template):
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        template = template(meta)
-    where = everywhere()  # whatever devices and processes saved it
-    template = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), template
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            tree=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()
-        ),
-    )
-    return restored.tree, restored.meta
 
 
 def _record(stage: str, meta: dict[str, Any]) -> StageRecord:
@@ -144,6 +121,7 @@ class RunStore:
         keep: int = 3,
         options: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
+        data: dict[str, Any] | None = None,
     ):
         self.workdir = user_path(workdir)
         self.keep = keep
@@ -174,10 +152,33 @@ class RunStore:
                 )
         elif is_primary():
             write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
+        self._check_data(data)
         self._config = wanted
         self._done: list[StageRecord] = []  # stages finished so far, in order
         self._stage: str | None = None  # the stage being trained
         self._saved: tuple[str, int] | None = None  # the last epoch checkpoint written
+
+    def _check_data(self, data: dict[str, Any] | None) -> None:
+        """Refuse to go on with other data than the run started on: ``data``
+        (``{"source", "sha256": {array: digest}}``) against ``data.json``, which the
+        run's first start writes."""
+        path = self.workdir / DATA_RECORD
+        if data is None:
+            return
+        if not path.exists():
+            if is_primary():
+                write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+            return
+        saved = read_json(path, "run's data record").get("sha256", {})
+        changed = sorted(
+            k for k in set(saved) | set(data["sha256"]) if saved.get(k) != data["sha256"].get(k)
+        )
+        if changed:
+            raise CheckpointError(
+                f"{data['source']}: not the data that the run in {self.workdir} started on "
+                f"({', '.join(changed)} differ from {path}); --restart starts over, or use "
+                f"another --workdir"
+            )
 
     def where(self) -> str:
         """Where the run is, for a message: the stage being trained and what is saved."""
@@ -364,21 +365,6 @@ def _agreed(fact: bool) -> bool:
     """Process 0's view of ``fact`` (about the shared workdir), in every process: a
     process that looked later could see what process 0 has written since."""
     return bool(broadcast_int(int(fact) if is_primary() else 0))
-
-
-def restore_intact(
-    manager: ocp.CheckpointManager, step: int, template: Any, step_dir: Path
-) -> tuple[Any, dict]:
-    """``_restore`` a checkpoint whose files match its manifest; ``CheckpointError``
-    naming it, with orbax's reason in one line, if orbax still cannot read it."""
-    try:
-        return _restore(manager, step, template)
-    except Exception as e:  # orbax and tensorstore raise many kinds
-        raise CheckpointError(
-            f"{step_dir}: cannot restore it although its files are intact "
-            f"({exception_line(e)}); "
-            f"it was left in place (saved by another version of sae_jax? --restart starts over)"
-        ) from None
 
 
 # The structure of a saved PRNG key (metadata only: importing this module must not

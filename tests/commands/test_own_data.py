@@ -72,7 +72,7 @@ def test_images_without_labels_are_pretrained_only(tmp_path):
     ]
     model = sae_jax.load_model(workdir)
     assert model.params is None
-    with pytest.raises(ValueError, match="there is no classifier"):
+    with pytest.raises(ValueError, match="this run has no fine-tuned classifier"):
         model.predict(x[:2])
     # the pretrained layers, against numpy on their saved params
     first, second = (jax.device_get(layer.params["params"]) for layer in model.pretrained)
