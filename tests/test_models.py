@@ -253,6 +253,7 @@ def _pretraining_masks(monkeypatch):
         return out
 
     monkeypatch.setattr(objectives, "corrupt", recording)
+    objectives._layer_loss.cache_clear()  # trace the loss again, with the recording
     layer = LayerConfig(features=3, noise="masking", noise_level=0.5, epochs=2)
     layerwise.pretrain_layer(layer, 10, jnp.ones((20, 10)), key=jax.random.PRNGKey(0), batch_size=5)
     return masks

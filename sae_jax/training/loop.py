@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import jax
@@ -78,6 +78,7 @@ def init_state(
     )
 
 
+@lru_cache(maxsize=256)  # one step, and so one compiled epoch, per loss and optimizer
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> StepFn:
     """The pure train step ``(state, batch, key) -> (state, metrics)``.
 
@@ -95,6 +96,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
     return step
 
 
+@lru_cache(maxsize=256)  # a program compiled for a shape is reused by every fit of it
 def make_epoch(
     step: StepFn,
     num_examples: int,

@@ -10,6 +10,7 @@ Each is ``loss_fn(params, batch, key, hparams=None) -> (loss, {name: term})`` fo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import jax
@@ -36,8 +37,13 @@ def layer_loss(
     ``terms`` names the penalties computed (of ``hparams.TERMS``; by default those whose
     weight in ``layer`` is not 0; a sweep passes those of any of its models).
     """
-    reduce = jnp.sum if layer.batch_reduction == "sum" else jnp.mean
     terms = active_terms([layer]) if terms is None else tuple(terms)
+    return _layer_loss(module, layer, terms)
+
+
+@lru_cache(maxsize=256)  # the same layer gives the same loss, whose programs are reused
+def _layer_loss(module: Autoencoder, layer: LayerConfig, terms: tuple[str, ...]) -> LossFn:
+    reduce = jnp.sum if layer.batch_reduction == "sum" else jnp.mean
     own = layer_hparams(layer)
 
     def loss_fn(
@@ -65,6 +71,7 @@ def layer_loss(
     return loss_fn
 
 
+@lru_cache(maxsize=256)  # the same classifier gives the same loss, whose programs are reused
 def classifier_loss(
     module: nn.Module,
     weight_decay: float = 0.0,

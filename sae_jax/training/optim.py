@@ -11,6 +11,7 @@ TF1's ``RMSPropOptimizer`` does with a decayed rate, and outside it for sgd, as 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import jax
@@ -74,6 +75,7 @@ def momentum_trace(start: float, end: float, ramp_steps: int) -> optax.GradientT
     return optax.GradientTransformation(init, update)
 
 
+@lru_cache(maxsize=256)  # the same config gives the same optimizer, and its programs
 def make_optimizer(
     config: OptimizerConfig, steps_per_epoch: int = 1
 ) -> optax.GradientTransformation:
