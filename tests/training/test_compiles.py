@@ -2,6 +2,7 @@
 one process lowers (and so compiles) no new program."""
 
 import contextlib
+import dataclasses
 
 import jax
 from conftest import synthetic_config, synthetic_digits
@@ -32,9 +33,13 @@ def lowered():
 
 
 def test_a_second_identical_pipeline_compiles_nothing_new():
-    config = synthetic_config(batch_size=25, eval_batch_size=50, validation_examples=20)
+    # Shapes of this test's own (37 pixels, layers of 11 and 7 units), so that the
+    # first run compiles its programs whatever ran before it in this process.
+    base = synthetic_config(batch_size=25, eval_batch_size=50)
+    layers = tuple(dataclasses.replace(base.layers[0], features=n) for n in (11, 7))
+    config = base.replace(input_features=37, layers=layers, validation_examples=20)
     config = config.with_epochs(1)
-    train, test = synthetic_digits(100, 1), synthetic_digits(40, 2)
+    train, test = synthetic_digits(100, 1, features=37), synthetic_digits(40, 2, features=37)
     with lowered() as first:
         run_pipeline(config, train, test)
     with lowered() as second:
