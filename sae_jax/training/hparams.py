@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from sae_jax.config import Config, LayerConfig
@@ -82,26 +83,12 @@ def hparams_of(config: Config) -> HParams:
 def stack(configs: Sequence[Config]) -> HParams:
     """The ``HParams`` of each config, stacked: every leaf ``[models]``."""
     trees = [hparams_of(c) for c in configs]
-    leaves = [np.asarray(values, np.float32) for values in zip(*map(_leaves, trees), strict=True)]
-    return _unflatten(trees[0], leaves)
-
-
-def _leaves(hp: HParams) -> list[Any]:
-    return [*(v for layer in hp.layers for v in layer), *hp[1:]]
-
-
-def _unflatten(like: HParams, leaves: list[Any]) -> HParams:
-    width = len(LayerHParams._fields)
-    layers = tuple(
-        LayerHParams(*leaves[i * width : (i + 1) * width]) for i in range(len(like.layers))
-    )
-    return HParams(layers, *leaves[len(layers) * width :])
+    return jax.tree.map(lambda *values: np.asarray(values, np.float32), *trees)
 
 
 def pretraining_rows(hp: HParams) -> np.ndarray:
     """``[models, values]``: each model's pretraining values (``HParams.pretraining``)."""
-    layers, softmax = hp.pretraining
-    columns = [np.asarray(v) for layer in layers for v in layer] + [np.asarray(softmax)]
+    columns = [np.asarray(v) for v in jax.tree.leaves(hp.pretraining)]
     return np.stack(columns, axis=1).astype(np.float64)
 
 
