@@ -7,6 +7,8 @@ Modules, in import order:
   derived from the ``Config`` (``HParams``), and the names a sweep or search varies.
 - ``optim``: optax optimizers from an ``OptimizerConfig`` (TF1's RMSProp, schedules,
   max-norm).
+- ``epochs``: how ``fit`` walks its epochs: each looked at one epoch late, while the
+  next runs, and which of its models still train.
 - ``loop``: ``fit``, the one training loop: an epoch is one jitted ``lax.scan`` over
   shuffled minibatches of device-resident data.
 - ``stage``: one stage on top of ``fit`` (``run_stage``): evaluation after every

@@ -73,6 +73,7 @@ def evaluate(
     y: jax.Array,
     batch_size: int,
     models: bool = False,
+    on_host: bool = True,
 ) -> dict[str, Any]:
     """Accuracy and mean cross-entropy of a classifier (or softmax head).
 
@@ -83,8 +84,12 @@ def evaluate(
       y: ``[n]`` integer labels.
 
     Returns:
-      ``{"accuracy": float in [0, 1], "loss": float}``; lists with ``models``.
+      ``{"accuracy": float in [0, 1], "loss": float}``; lists with ``models``; with
+      ``on_host=False``, device arrays (``[]`` or ``[models]``) not waited for.
     """
     x_axis = _model_axis(x, models)
-    accuracy, loss = to_host(_evaluate(module, params, x, y, batch_size, models, x_axis))
+    accuracy, loss = _evaluate(module, params, x, y, batch_size, models, x_axis)
+    if not on_host:
+        return {"accuracy": accuracy, "loss": loss}
+    accuracy, loss = to_host((accuracy, loss))
     return {"accuracy": np.asarray(accuracy).tolist(), "loss": np.asarray(loss).tolist()}

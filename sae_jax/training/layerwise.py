@@ -6,11 +6,12 @@ layers 1..k-1 (``pretrain_layers``, ``pretrain_stack``); each layer is one stage
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
@@ -34,10 +35,25 @@ def split2(key: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def init_stage_params(module: nn.Module, key: jax.Array, in_features: int) -> Params:
-    """``init_params`` for one key ``[2]`` or for each of ``[models, 2]`` keys."""
-    if key.ndim == 2:
-        return jax.vmap(lambda k: init_params(module, k, in_features))(key)
-    return init_params(module, key, in_features)
+    """``init_params`` for one key ``[2]`` or for each of ``[models, 2]`` keys, by one
+    compiled program (compiled once per module and key shape)."""
+    return _init_program(module, in_features, key.ndim == 2, False)(key)[0]
+
+
+def split_init(module: nn.Module, key: jax.Array, in_features: int) -> tuple[Params, jax.Array]:
+    """``split2(key)``'s first half initialises ``module`` (``init_stage_params``);
+    returns the params and the second half, by one compiled program."""
+    return _init_program(module, in_features, key.ndim == 2, True)(key)
+
+
+@lru_cache(maxsize=256)
+def _init_program(module: nn.Module, in_features: int, models: bool, split: bool) -> Callable:
+    def init(key: jax.Array) -> tuple[Params, jax.Array | None]:
+        init_key, rest = split2(key) if split else (key, None)
+        one = lambda k: init_params(module, k, in_features)
+        return (jax.vmap(one)(init_key) if models else one(init_key)), rest
+
+    return jax.jit(init)
 
 
 def pretrain_layer(
@@ -66,10 +82,10 @@ def pretrain_layer(
     """
     module = autoencoder(layer, in_features, bias_init)
     hparams = layer_hparams(layer) if hparams is None else hparams
-    init_key, fit_key = split2(key)
+    params, fit_key = split_init(module, key, in_features)
     stage = Stage(
         name,
-        layer_loss(module, layer, terms),
+        layer_loss(module, layer, terms, shared=True),  # the values come from hparams
         layer.optimizer,
         layer.epochs,
         batch_size,
@@ -79,7 +95,7 @@ def pretrain_layer(
     )
     params, record = run_stage(
         stage,
-        init_stage_params(module, init_key, in_features),
+        params,
         (x,),
         key=fit_key,
         store=store,
@@ -95,10 +111,20 @@ def stage_keys(configs: Sequence[Config], models: bool) -> jax.Array:
     """One key per stage: each pretraining layer, the softmax stage, fine-tuning.
 
     ``[layers + 2, 2]`` for one config; with ``models`` ``[layers + 2, models, 2]``,
-    model ``i``'s keys being those its own run with ``configs[i]`` would use."""
-    num_keys = len(configs[0].layers) + 2
-    keys = [jax.random.split(jax.random.PRNGKey(c.seed), num_keys) for c in configs]
-    return jnp.stack(keys, 1) if models else keys[0]
+    model ``i``'s keys being those its own run with ``configs[i]`` would use. Made by
+    one compiled program and returned as a host array, so picking a stage's key
+    runs nothing on the device."""
+    seeds = np.asarray([c.seed for c in configs], np.uint32)
+    keys = np.asarray(_keys_program(len(configs[0].layers) + 2)(seeds))  # [models, k, 2]
+    return keys.swapaxes(0, 1) if models else keys[0]
+
+
+@lru_cache(maxsize=16)
+def _keys_program(num_keys: int) -> Callable:
+    def keys(seed: jax.Array) -> jax.Array:
+        return jax.random.split(jax.random.PRNGKey(seed), num_keys)
+
+    return jax.jit(jax.vmap(keys))
 
 
 def pretrain_layers(

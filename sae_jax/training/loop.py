@@ -3,8 +3,9 @@
 An epoch is ONE jit-compiled program: a ``lax.scan`` of the train step over a
 shuffled permutation of the device-resident data, cut into minibatches, plus one
 smaller step for the remainder when the batch size does not divide the data (no
-example is dropped). The program is compiled once per stage, the train state is
-donated, and metrics reach the host once per epoch.
+example is dropped). The program is compiled once per shape and reused by every
+later ``fit`` of it; metrics reach the host once per epoch, one epoch late: epoch
+``e`` is looked at (metrics, NaN check, callback) while epoch ``e + 1`` runs.
 
 The train step is ``(state, batch, key) -> (state, metrics)`` with a loss function
 ``loss_fn(params, batch, key) -> (loss, {name: term})``.
@@ -12,7 +13,6 @@ The train step is ``(state, batch, key) -> (state, metrics)`` with a loss functi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 from typing import Any, NamedTuple
@@ -24,9 +24,12 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sae_jax.errors import NonFiniteLossError
-from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put, to_host
-from sae_jax.training.optim import make_optimizer  # noqa: F401  (part of the engine's API)
+from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put
+from sae_jax.training.epochs import Epochs, Models
+from sae_jax.training.optim import (  # noqa: F401  (make_optimizer: part of the engine's API)
+    make_optimizer,
+    set_learning_rate,
+)
 
 Params = Any
 Batch = tuple[jax.Array, ...]
@@ -64,18 +67,28 @@ def init_state(
     optimizer: optax.GradientTransformation,
     hparams: dict[str, Any] | None = None,
     models: int | None = None,
+    learning_rate: Any = None,
 ) -> TrainState:
-    """A fresh ``TrainState`` holding a copy of ``params`` (the caller's stay valid).
+    """A fresh ``TrainState`` for ``params``, built by one compiled program.
 
     With ``models=N``, ``params`` and ``hparams`` carry a leading model axis and the
-    optimizer state is initialised per model.
+    optimizer state is initialised per model. ``learning_rate`` (a scalar, or
+    ``[models]``) replaces the optimizer's (see ``optim.set_learning_rate``).
     """
-    params, hparams = jax.tree.map(jnp.array, (params, hparams))  # copies: the state is donated
-    if models is None:
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), hparams)
-    return TrainState(
-        jnp.zeros((models,), jnp.int32), params, jax.vmap(optimizer.init)(params), hparams
-    )
+    return _state_program(optimizer, models is not None)(params, hparams, learning_rate)
+
+
+@lru_cache(maxsize=256)  # compiled once per optimizer and structure
+def _state_program(optimizer: optax.GradientTransformation, models: bool) -> Callable:
+    def build(params: Params, hparams: Any, learning_rate: Any) -> TrainState:
+        init = jax.vmap(optimizer.init) if models else optimizer.init
+        opt_state = init(params)
+        if learning_rate is not None:
+            opt_state = set_learning_rate(opt_state, learning_rate)
+        step = jnp.zeros(jax.tree.leaves(params)[0].shape[:1] if models else (), jnp.int32)
+        return TrainState(step, params, opt_state, hparams)
+
+    return jax.jit(build)
 
 
 @lru_cache(maxsize=256)  # one step, and so one compiled epoch, per loss and optimizer
@@ -107,10 +120,14 @@ def make_epoch(
     data_axis: int | None = None,
     reduction: str = "mean",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """One jitted epoch ``(state, data, key, active=None) -> (state, mean metrics)``.
+    """One jitted epoch ``(state, data, key, active=None, epoch=None) -> (state, mean
+    metrics)``.
 
-    ``data`` is a tuple of arrays ``[num_examples, ...]``. The key shuffles the data;
-    step ``t`` gets ``fold_in(key, t)``. ``state`` is donated. Metrics are per example:
+    ``data`` is a tuple of arrays ``[num_examples, ...]``. The key (``fold_in(key,
+    epoch)`` when ``epoch``, an int, is given) shuffles the data; step ``t`` gets
+    ``fold_in(key, t)``. Nothing is donated: the state before the epoch stays valid
+    while the epoch runs, so the host can look at it one epoch late (``fit``); the
+    epoch's output buffers are new. Metrics are per example:
     with ``reduction="mean"`` (each step's value a mean over its batch) the mean of the
     steps' values weighted by their batch sizes; with ``"sum"`` (each a sum over its
     batch) the steps' values summed, over the number of examples.
@@ -136,7 +153,9 @@ def make_epoch(
             batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
         return step(state, batch, jax.random.fold_in(key, state.step))
 
-    def epoch(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
+    def train_epoch(state: TrainState, data: Batch, key: jax.Array, active=None, epoch=None):
+        if epoch is not None:
+            key = jax.random.fold_in(key, epoch)
         perm_key, step_key = jax.random.split(key)
         perm = jax.random.permutation(perm_key, num_examples)
         batches = perm[: full * batch_size].reshape(full, batch_size)
@@ -150,16 +169,17 @@ def make_epoch(
         return new, jax.tree.map(lambda t: t / num_examples, totals)
 
     spread = models and mesh is not None and MODEL_AXIS in mesh.axis_names
-    fn = epoch
+    fn = train_epoch
     if models:
         axis_name = MODEL_AXIS if spread else None
 
-        def fn(state: TrainState, data: Batch, key: jax.Array, active: Any = None):
-            in_axes = (0, data_axis, 0, 0)
-            return jax.vmap(epoch, in_axes, spmd_axis_name=axis_name)(state, data, key, active)
+        def fn(state: TrainState, data: Batch, key: jax.Array, active=None, epoch=None):
+            in_axes = (0, data_axis, 0, 0, None)
+            vmapped = jax.vmap(train_epoch, in_axes, spmd_axis_name=axis_name)
+            return vmapped(state, data, key, active, epoch)
 
     out = state_sharding(mesh, models) if mesh is not None else None
-    return jax.jit(fn, donate_argnums=0, out_shardings=out)
+    return jax.jit(fn, out_shardings=out)
 
 
 def state_sharding(mesh: Mesh, models: bool = False) -> NamedSharding:
@@ -185,7 +205,7 @@ def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Arr
     Every process passes the whole of ``a`` and keeps only its own shards.
     """
     if mesh is None:
-        return jnp.asarray(a)
+        return jax.device_put(a)  # no program runs for it (jnp.asarray may compile one)
     spec = []
     if models:
         spread = MODEL_AXIS in mesh.axis_names and a.shape[0] % axis_size(mesh, MODEL_AXIS) == 0
@@ -213,6 +233,7 @@ def fit(
     data_axis: int | None = None,
     hparams: Any = None,
     reduction: str = "mean",
+    evaluate: Callable[[Params], dict[str, jax.Array]] | None = None,
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -220,7 +241,7 @@ def fit(
       loss_fn: ``(params, batch, key) -> (scalar loss, {name: scalar term})``; the
         batch is the tuple of ``data``'s arrays gathered at ``batch_size`` indices.
         With ``hparams`` it is called as ``loss_fn(params, batch, key, hparams=...)``.
-      params: the initial parameter pytree; it is copied, never donated.
+      params: the initial parameter pytree; never donated.
       optimizer: an optax transformation.
       data: arrays ``[num_examples, ...]`` with one leading size, kept on the device.
       batch_size: examples per step (the global batch, whatever the devices); a
@@ -228,14 +249,16 @@ def fit(
       epochs: number of passes over the data (0 returns the initial state).
       key: PRNG key; epoch ``e`` uses ``fold_in(key, e)``.
       name: the stage's name, used in error messages.
-      on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` after every
-        epoch (``epoch`` counts from 0); it must not keep ``state``, whose buffers the
-        next epoch reuses (copy what it needs). Returning True stops training; with
-        ``models``, returning a bool array ``[models]`` stops the models that are
-        False in it (their state no longer changes), and training ends when every
-        model has stopped.
+      on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` for every
+        epoch (``epoch`` counts from 0), once the next epoch is queued on the device
+        (so the device never waits for it); ``state`` is that epoch's (arrays are
+        never donated: keeping them is fine). Returning True stops training (the
+        queued epoch is dropped); with ``models``, returning a bool array
+        ``[models]`` stops the models that are False in it (their state no longer
+        changes; the queued epoch runs again without them), and training ends when
+        every model has stopped.
       state: resume from this state (e.g. restored from a checkpoint) instead of a
-        fresh one built from ``params``; it is copied, never donated.
+        fresh one built from ``params``; never donated.
       start_epoch: the first epoch to run; with the ``state`` saved after epoch
         ``start_epoch - 1``, the result is the same as one uninterrupted run.
       mesh: a ``Mesh`` with a ``"data"`` axis (see ``sae_jax.parallel``): data
@@ -250,6 +273,9 @@ def fit(
       hparams: a pytree of scalars (or ``[models]`` arrays) for the loss.
       reduction: ``"mean"`` or ``"sum"``: how the loss reduces a batch, so that the
         epoch's metrics are per example either way (see ``make_epoch``).
+      evaluate: ``params -> {name: device array}``, called on every epoch's params
+        as soon as the epoch is queued (so it runs on the device right after it);
+        its values join the epoch's metrics.
 
     Returns:
       ``FitResult(state, history, epochs_trained, diverged)``.
@@ -267,25 +293,28 @@ def fit(
     )  # fmt: skip
     if state is None:
         state = init_state(params, optimizer, hparams, models)
-    else:
-        state = jax.tree.map(jnp.array, state)
     if mesh is not None:
         state = put(state, state_sharding(mesh, models is not None))
         key = put(key, state_sharding(mesh, models is not None))
-    fold = jax.random.fold_in if models is None else jax.vmap(jax.random.fold_in, (0, None))
-    models_left = _Models(models)
-    history: list[dict[str, Any]] = []
+    where = None if mesh is None else state_sharding(mesh, models=True)
+    run = Epochs(epoch_fn, data, key, where, Models(models), evaluate)
+    pending = None  # the epoch dispatched last, not yet looked at
     for epoch in range(start_epoch, epochs):
-        start = time.perf_counter()
-        state, metrics = epoch_fn(state, data, fold(key, epoch), models_left.mask(mesh))
-        host = {k: v.tolist() for k, v in to_host(metrics).items()}
-        seconds = time.perf_counter() - start
-        models_left.after_epoch(np.isfinite(np.asarray(host["loss"])), name, epoch, host)
-        history.append(host)
-        verdict = None if on_epoch is None else on_epoch(epoch, state, host, seconds)
-        if models_left.stop(verdict):
-            break
-    return FitResult(state, history, models_left.epochs, models_left.diverged)
+        running = run.launch(state, epoch)
+        if pending is not None:  # epoch - 1 is looked at while epoch runs
+            if run.settle(pending, name, on_epoch):
+                running = None
+                break
+            if run.left_changed(running):  # the models left changed: again without them
+                running = run.launch(pending.state, epoch)
+        pending, state = running, running.state
+    else:
+        if pending is not None:
+            run.settle(pending, name, on_epoch)
+    if pending is not None:
+        state = pending.state
+    left = run.models
+    return FitResult(state, run.history, left.epochs, left.diverged)
 
 
 def _placed(
@@ -299,47 +328,6 @@ def _placed(
     if len(lengths) != 1:
         raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in placed]}")
     return placed, lengths.pop()
-
-
-class _Models:
-    """Which of a ``fit``'s models still train, how many epochs each trained, and
-    which diverged (one model: None, and a non-finite loss raises)."""
-
-    def __init__(self, models: int | None):
-        self.active = None if models is None else np.ones(models, bool)
-        self.epochs = None if models is None else np.zeros(models, int)
-        self.diverged = None if models is None else np.zeros(models, bool)
-
-    def mask(self, mesh: Mesh | None) -> jax.Array | None:
-        return None if self.active is None else _put_mask(self.active, mesh)
-
-    def after_epoch(self, finite: np.ndarray, name: str, epoch: int, host: dict) -> None:
-        """Count the epoch for the models that trained in it; stop the ones that
-        diverged (a stopped model's loss is whatever its frozen state gives)."""
-        if self.active is None:
-            if not finite.all():
-                raise NonFiniteLossError(
-                    f"stage {name}, epoch {epoch + 1}: the loss became {host['loss']}"
-                )
-            return
-        self.epochs += self.active
-        self.diverged |= self.active & ~finite
-        self.active &= finite
-
-    def stop(self, verdict: Any) -> bool:
-        """Apply ``on_epoch``'s verdict; True when training ends."""
-        if self.active is None:
-            return bool(verdict)
-        if isinstance(verdict, np.ndarray):
-            self.active &= verdict
-        elif verdict:
-            return True
-        return not self.active.any()
-
-
-def _put_mask(active: np.ndarray, mesh: Mesh | None) -> jax.Array:
-    """The models' ``active`` flags ``[models]`` where their states live."""
-    return jnp.asarray(active) if mesh is None else put(active, state_sharding(mesh, True))
 
 
 def map_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int) -> Any:

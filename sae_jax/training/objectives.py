@@ -26,7 +26,11 @@ from sae_jax.training.loop import LossFn, Params
 
 
 def layer_loss(
-    module: Autoencoder, layer: LayerConfig, terms: Sequence[str] | None = None
+    module: Autoencoder,
+    layer: LayerConfig,
+    terms: Sequence[str] | None = None,
+    *,
+    shared: bool = False,
 ) -> LossFn:
     """The pretraining loss of one autoencoder layer, ``(params, (x,), key, hparams)
     -> (loss, terms)``.
@@ -36,27 +40,44 @@ def layer_loss(
     ``hparams`` is a ``LayerHParams`` of (traced) scalars, by default the layer's own.
     ``terms`` names the penalties computed (of ``hparams.TERMS``; by default those whose
     weight in ``layer`` is not 0; a sweep passes those of any of its models).
+
+    With ``shared``, every value comes from ``hparams`` (which is then required), so
+    one loss, and so one compiled epoch, serves every layer of this module, kind of
+    loss and ``terms``, whatever its values and epochs (a search's groups of one shape).
     """
     terms = active_terms([layer]) if terms is None else tuple(terms)
-    return _layer_loss(module, layer, terms)
+    kind = (layer.noise, layer.reconstruction, layer.decoder_activation,
+            layer.batch_reduction, layer.reconstruction_scale)  # fmt: skip
+    loss = _layer_loss(module, kind, terms)
+    return loss if shared else _with_values(loss, layer_hparams(layer))
 
 
-@lru_cache(maxsize=256)  # the same layer gives the same loss, whose programs are reused
-def _layer_loss(module: Autoencoder, layer: LayerConfig, terms: tuple[str, ...]) -> LossFn:
-    reduce = jnp.sum if layer.batch_reduction == "sum" else jnp.mean
-    own = layer_hparams(layer)
+@lru_cache(maxsize=256)
+def _with_values(loss: LossFn, own: LayerHParams) -> LossFn:
+    """``loss`` with ``own`` for ``hparams`` when none are given."""
+
+    def loss_fn(params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None):
+        return loss(params, batch, key, own if hparams is None else hparams)
+
+    return loss_fn
+
+
+@lru_cache(maxsize=256)  # the same kind of loss gives the same function, whose programs are reused
+def _layer_loss(module: Autoencoder, kind: tuple, terms: tuple[str, ...]) -> LossFn:
+    noise, reconstruction, decoder_activation, batch_reduction, scale = kind
+    reduce = jnp.sum if batch_reduction == "sum" else jnp.mean
 
     def loss_fn(
-        params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams=None
+        params: Params, batch: tuple[jax.Array, ...], key: jax.Array, hparams: LayerHParams
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        hp: LayerHParams = own if hparams is None else hparams
+        hp = hparams
         x = to_float(batch[0])
-        h, z = module.apply(params, corrupt(key, x, layer.noise, hp.noise_level))
-        if layer.reconstruction == "cross_entropy":
+        h, z = module.apply(params, corrupt(key, x, noise, hp.noise_level))
+        if reconstruction == "cross_entropy":
             rec = losses.bernoulli_cross_entropy(z, x)
         else:
-            rec = losses.squared_error(activation_fn(layer.decoder_activation)(z), x)
-        out = {"reconstruction": layer.reconstruction_scale * reduce(rec)}  # x1.0 is exact
+            rec = losses.squared_error(activation_fn(decoder_activation)(z), x)
+        out = {"reconstruction": scale * reduce(rec)}  # x1.0 is exact
         if "beta" in terms:
             out["sparsity"] = hp.beta * losses.kl_sparsity(h, hp.rho)
         if "l1" in terms:

@@ -31,7 +31,12 @@ from sae_jax.training.hparams import (
     stack,
     uses_dropout,
 )
-from sae_jax.training.layerwise import init_stage_params, pretrain_layers, split2, stage_keys
+from sae_jax.training.layerwise import (
+    init_stage_params,
+    pretrain_layers,
+    split_init,
+    stage_keys,
+)
 from sae_jax.training.loop import Params, place_data, take_models
 from sae_jax.training.objectives import classifier_loss
 from sae_jax.training.stage import Stage, StageCallback, StageRecord, StageStore, run_stage
@@ -71,7 +76,8 @@ def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) 
         raise ValueError(f"{name} labels: expected shape ({n},), one per image; got shape {got}")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"{name} labels: expected an integer dtype; got {y.dtype}")
-    for label in (int(jnp.min(y)), int(jnp.max(y))):
+    labels = np.asarray(y)  # checked on the host: no program runs for it
+    for label in (int(labels.min()), int(labels.max())):
         if not 0 <= label < classes:
             raise ValueError(
                 f"{name} labels: label {label} is outside 0..{classes - 1} (num_classes={classes})"
@@ -198,7 +204,8 @@ class _Run:
         if self.judge is None:
             return None
         batch, models = self.configs[0].eval_batch_size, self.models is not None
-        return lambda p: evaluate(module, p, inputs, self.judge[1], batch, models)["accuracy"]
+        y = self.judge[1]
+        return lambda p: evaluate(module, p, inputs, y, batch, models, on_host=False)["accuracy"]
 
 
 def _setting(config, seeds, hparams, store, mesh, on_epoch) -> _Run:
@@ -292,7 +299,6 @@ def _train_softmax(
     """The softmax-only stage on the top code of the frozen stack."""
     config, models = run.configs[0], bool(run.models)
     head = softmax_head(config)
-    head_key, softmax_key = split2(run.keys[-2])
     judge_codes = None
     if run.judge is not None:
         judge_codes = encode_dataset(layers, run.judge[0], config.eval_batch_size, models)
@@ -306,7 +312,7 @@ def _train_softmax(
         evaluate_fn=run.accuracy(head, judge_codes),
         **run.selection(),
     )
-    params = init_stage_params(head, head_key, head.in_features)
+    params, softmax_key = split_init(head, run.keys[-2], head.in_features)
     data, data_axis = (top_codes, run.train[1]), (0, None) if models else None
     return run_stage(stage, params, data, key=softmax_key, data_axis=data_axis, **run.placement)
 

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from sae_jax.config import OptimizerConfig
 from sae_jax.training.loop import LossFn, Params, TrainState, fit, init_state
-from sae_jax.training.optim import make_optimizer, set_learning_rate
+from sae_jax.training.optim import make_optimizer
 
 History = list[dict[str, float]]
 # on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
@@ -107,7 +107,7 @@ class StageStore(Protocol):
 class _Best:
     """The best epoch so far by ``metric``: of one model, or of each of ``models``.
 
-    ``params`` are a copy of the best epoch's params (per model, with a leading model
+    ``params`` are the best epoch's params (per model, with a leading model
     axis); ``epoch`` counts from 1 (0: none yet); ``value`` is the best metric.
     """
 
@@ -121,9 +121,9 @@ class _Best:
         """Keep ``params`` where ``value`` improves on the best; return the stop
         verdict for ``fit``: True to stop (one model), or which models go on."""
         improved = np.asarray(value, np.float64) > self.value  # NaN never improves
-        if improved.any():
+        if improved.any():  # arrays are never donated: no copy is needed
             if self.params is None or improved.all():
-                self.params = jax.tree.map(jnp.copy, params)
+                self.params = params
             else:
                 self.params = _keep_improved(jnp.asarray(improved), params, self.params)
         self.value = np.where(improved, value, self.value)
@@ -170,7 +170,8 @@ class Stage:
     is minimised for ``epochs`` epochs of ``batch_size`` examples with the optimizer of
     ``optimizer`` at ``learning_rate`` (a scalar or ``[models]``; None: the config's);
     ``reduction`` says how the loss reduces a batch (``fit`` reports per-example
-    metrics either way). After every epoch ``evaluate_fn(params)`` (when given) is
+    metrics either way). After every epoch ``evaluate_fn(params)`` (when given: a
+    device value, dispatched right after the epoch and read one epoch late) is
     recorded as ``metric``; with ``keep_best`` the stage returns the params of the
     epoch with the highest ``metric`` and stops after ``patience`` epochs without a
     new best.
@@ -220,11 +221,12 @@ def run_stage(
         return done
     start = time.perf_counter()
     steps = -(-_num_examples(data, models, data_axis) // stage.batch_size)
-    optimizer = make_optimizer(stage.optimizer, steps)
-    state = init_state(params, optimizer, stage.hparams, models)
-    if stage.learning_rate is not None:
-        rate = stage.learning_rate
-        state = state._replace(opt_state=set_learning_rate(state.opt_state, rate))
+    # A given rate lives in the optimizer's state alone: one optimizer (and program)
+    # serves every rate.
+    rated = stage.learning_rate is not None
+    optimizer = make_optimizer(replace(stage.optimizer, learning_rate=1.0) if rated else
+                               stage.optimizer, steps)  # fmt: skip
+    state = init_state(params, optimizer, stage.hparams, models, stage.learning_rate)
     record = StageRecord(name, stage.epochs)
     best = _Best(models, stage.patience) if stage.keep_best else None
     if store is not None and (resumed := store.resume(name, state)) is not None:
@@ -232,13 +234,14 @@ def run_stage(
         if best is not None and best_params is not None:  # saved after its best epoch
             best.restore(record, stage.metric, best_params)
     earlier_wall = record.wall_s  # of the runs that worked on the stage before
-    judge = stage.evaluate_fn and (lambda p: (stage.metric, stage.evaluate_fn(p)))
-    after_epoch = _after_epoch(name, record, best, store, key, judge, on_epoch)
+    judge = stage.evaluate_fn and (lambda p: {stage.metric: stage.evaluate_fn(p)})
+    metric = None if judge is None else stage.metric
+    after_epoch = _after_epoch(name, record, best, store, key, metric, on_epoch)
     result = fit(
         stage.loss_fn, params, optimizer, data, batch_size=stage.batch_size,
         epochs=stage.epochs, key=key, name=name, on_epoch=after_epoch, state=state,
         start_epoch=len(record.history), mesh=mesh, models=models, data_axis=data_axis,
-        hparams=stage.hparams, reduction=stage.reduction,
+        hparams=stage.hparams, reduction=stage.reduction, evaluate=judge,
     )  # fmt: skip
     record.wall_s = earlier_wall + time.perf_counter() - start
     if models is not None:
@@ -257,17 +260,14 @@ def _after_epoch(
     best: _Best | None,
     store: StageStore | None,
     key: jax.Array,
-    evaluate_fn: Callable[[Params], Any] | None,
+    metric: str | None,
     on_epoch: StageCallback | None,
 ) -> Callable[[int, TrainState, dict[str, Any], float], Any]:
-    """``fit``'s ``on_epoch`` for a stage: evaluate, record, keep the best, save.
-    ``evaluate_fn`` is ``(params) -> (metric name, value)``."""
+    """``fit``'s ``on_epoch`` for a stage: record, keep the best, save. ``metric``
+    names the evaluation in the metrics (None: the stage has none)."""
     earlier_wall, start = record.wall_s, time.perf_counter()
 
     def after_epoch(epoch: int, state: TrainState, metrics: dict[str, Any], seconds: float):
-        metric = None
-        if evaluate_fn is not None:
-            metric, metrics[metric] = evaluate_fn(state.params)
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start

@@ -295,17 +295,50 @@ def test_batches_of_one_are_allowed_and_the_callback_gets_wall_seconds():
         fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=0, epochs=1, key=KEY)
 
 
-def test_an_epoch_donates_the_state_and_not_the_data():
-    # The state's buffers are reused for the next state (no second copy of the params
-    # and optimizer moments); the data stays valid for the next epoch.
+def test_an_epoch_donates_nothing_so_the_state_before_it_stays_valid():
+    # fit looks at epoch e while epoch e + 1 runs: e's state must outlive the dispatch.
     x, y, _ = _regression(n=20)
     opt = optax.adam(0.1)
     state = init_state(_params(), opt)
     epoch = make_epoch(make_train_step(_mse, opt), 20, 5)
     new, _ = epoch(state, (x, y), KEY)
-    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
-    assert not x.is_deleted() and not y.is_deleted()
-    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new))
+    leaves = [*jax.tree.leaves(state), x, y, *jax.tree.leaves(new)]
+    assert not any(leaf.is_deleted() for leaf in leaves)
+
+
+def test_the_host_looks_at_each_epoch_once_the_next_is_queued(monkeypatch):
+    # Epoch e's metrics and callback come after epoch e + 1 is dispatched, so the
+    # device never waits for the host; a stop drops the queued epoch, and the result
+    # equals a fit that stops there.
+    import sae_jax.training.loop as loop
+
+    events = []
+    real = loop.make_epoch
+
+    def logged(*args, **kwargs):
+        program = real(*args, **kwargs)
+
+        def run(state, data, key, active=None, epoch=None):
+            events.append(f"run {epoch}")
+            return program(state, data, key, active, epoch)
+
+        return run
+
+    monkeypatch.setattr(loop, "make_epoch", logged)
+    x, y, _ = _regression(n=20)
+
+    def look(epoch, state, metrics, seconds):
+        events.append(f"look {epoch}")
+        return epoch == 2  # stop after the third epoch
+
+    result = fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=5, epochs=6, key=KEY,
+                 on_epoch=look)  # fmt: skip
+    assert events == ["run 0", "run 1", "look 0", "run 2", "look 1", "run 3", "look 2"]
+    three = fit(_mse, _params(), optax.sgd(0.1), (x, y), batch_size=5, epochs=3, key=KEY)
+    assert len(result.history) == 3 and int(result.state.step) == 12
+    assert result.history == three.history
+    for a, b in zip(jax.tree.leaves(result.state), jax.tree.leaves(three.state), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_model_that_stops_keeps_its_state_while_the_others_train():

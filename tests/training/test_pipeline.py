@@ -153,3 +153,19 @@ def test_pipeline_refuses_bad_splits_before_training(split, case):
     with pytest.raises(ValueError, match=f"^{split} {match}$"):
         run_pipeline(config, splits["train"], splits["test"], on_epoch=lambda *a: seen.append(a))
     assert seen == []  # refused before any stage ran
+
+
+def test_stage_keys_are_each_seeds_own_split_on_the_host():
+    # One compiled program makes every model's keys; each is jax.random.split of its
+    # seed's key, as a run of that seed alone would make them, over the whole seed range.
+    from sae_jax.training.layerwise import stage_keys
+
+    seeds = [0, 3, 2**31 + 5, 2**32 - 1]
+    config = synthetic_config()
+    configs = [config.replace(seed=s) for s in seeds]
+    keys = stage_keys(configs, models=True)
+    assert isinstance(keys, np.ndarray) and keys.shape == (len(config.layers) + 2, 4, 2)
+    for i, s in enumerate(seeds):
+        own = jax.random.split(jax.random.PRNGKey(s), len(config.layers) + 2)
+        np.testing.assert_array_equal(keys[:, i], own)
+        np.testing.assert_array_equal(stage_keys([configs[i]], models=False), own)

@@ -13,8 +13,8 @@ from conftest import synthetic_config, synthetic_digits
 from flax import linen as nn
 
 from sae_jax.config import LayerConfig, OptimizerConfig
-from sae_jax.models import FrozenLayer, autoencoder, init_params
-from sae_jax.training import evaluate, layerwise, objectives, pipeline, stage, sweep
+from sae_jax.models import FrozenLayer, autoencoder, classifier, init_params, softmax_head
+from sae_jax.training import evaluate, objectives, pipeline, stage, sweep
 
 RNG = np.random.default_rng(0)
 
@@ -184,24 +184,19 @@ def test_run_stage_gives_each_model_its_own_learning_rate():
 
 def _recorded_pipeline(monkeypatch, config, **kwargs):
     """``run_pipeline`` on synthetic digits (40 training, 20 test images), recording
-    the key of every ``init_params`` and, for every ``fit``, the stage's name, its key
-    and the shape of its inputs."""
-    init_keys, fits = [], []
-    real_init, real_fit = layerwise.init_params, stage.fit
-
-    def init_params(module, key, in_features):
-        init_keys.append(np.asarray(key))
-        return real_init(module, key, in_features)
+    for every ``fit`` the stage's name, its key, the shape of its inputs and the params
+    it starts from."""
+    fits = []
+    real_fit = stage.fit
 
     def fit(loss_fn, params, optimizer, data, *, name, key, **kw):
-        fits.append((name, np.asarray(key), data[0].shape))
+        fits.append((name, np.asarray(key), data[0].shape, params))
         return real_fit(loss_fn, params, optimizer, data, name=name, key=key, **kw)
 
-    monkeypatch.setattr(layerwise, "init_params", init_params)
     monkeypatch.setattr(stage, "fit", fit)
     train, test = synthetic_digits(40, 1), synthetic_digits(20, 2)
     result = pipeline.run_pipeline(config, train, test, **kwargs)
-    return result, init_keys, fits
+    return result, fits
 
 
 @pytest.mark.parametrize("pretrain,depth", [(True, 1), (True, 2), (False, 1)])
@@ -212,18 +207,26 @@ def test_every_stage_has_its_own_keys_from_the_seed(monkeypatch, pretrain, depth
     # the softmax stage's key.
     layers = synthetic_config().layers[:depth]
     config = synthetic_config(seed=11, layers=layers, finetune_epochs=1)
-    _, init_keys, fits = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
+    _, fits = _recorded_pipeline(monkeypatch, config, pretrain=pretrain)
     keys = np.asarray(jax.random.split(jax.random.PRNGKey(11), depth + 2))
     halves = [np.asarray(jax.random.split(k)) for k in keys]
     names = [f"pretrain_{i + 1}" for i in range(depth)] + ["softmax"]
     if pretrain:
-        want_init = [halves[i][0] for i in range(depth + 1)]
+        sizes = [config.input_features] + [layer.features for layer in layers]
+        pairs = zip(layers, sizes[:-1], strict=True)
+        modules = [autoencoder(layer, n, config.bias_init) for layer, n in pairs]
+        modules.append(softmax_head(config))
+        want_init = [(m, halves[i][0], sizes[i]) for i, m in enumerate(modules)]
         want_fit = [(n, halves[i][1]) for i, n in enumerate(names)] + [("finetune", keys[-1])]
     else:
-        want_init, want_fit = [keys[-2]], [("finetune", keys[-1])]
-    np.testing.assert_array_equal(init_keys, want_init)
-    assert [n for n, _, _ in fits] == [n for n, _ in want_fit]
-    np.testing.assert_array_equal([k for _, k, _ in fits], [k for _, k in want_fit])
+        want_init = [(classifier(config), keys[-2], config.input_features)]
+        want_fit = [("finetune", keys[-1])]
+    for (module, key, n), (_, _, _, params) in zip(want_init, fits, strict=False):
+        want = init_params(module, jnp.asarray(key), n)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert [n for n, *_ in fits] == [n for n, _ in want_fit]
+    np.testing.assert_array_equal([k for _, k, *_ in fits], [k for _, k in want_fit])
 
 
 def test_model_config_is_the_config_of_one_model_of_a_sweep():
@@ -247,8 +250,8 @@ def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(mon
     layer = dataclasses.replace(synthetic_config().layers[0], epochs=2)
     layers = tuple(dataclasses.replace(layer, features=f) for f in (48, 40, 32))
     config = synthetic_config(finetune_epochs=2, layers=layers)  # 64-48-40-32-4
-    result, _, fits = _recorded_pipeline(monkeypatch, config)
-    assert [(name, shape) for name, _, shape in fits] == [
+    result, fits = _recorded_pipeline(monkeypatch, config)
+    assert [(name, shape) for name, _, shape, _ in fits] == [
         ("pretrain_1", (40, 64)), ("pretrain_2", (40, 48)), ("pretrain_3", (40, 40)),
         ("softmax", (40, 32)), ("finetune", (40, 64)),
     ]  # fmt: skip
@@ -290,16 +293,20 @@ class _MemoryStore:
 def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
     x, y = _regression()
     scores = {0: [0.1, 0.5, 0.4, 0.6, 0.2, 0.1], 1: [0.3, 0.2, 0.9, 0.1, 0.1, 0.1]}
+    rates, steps = np.array([0.05, 0.01]), 2  # 8 examples in batches of 4
     calls = []
 
+    def slope(params, batch, key):  # d/dw = 1: after epoch e, w = -rate * steps * e
+        return jnp.sum(params["w"]), {}
+
     def evaluate_fn(params):  # model 0 is best at epoch 4, model 1 at epoch 3
-        calls.append(None)
-        epoch = len(calls) - 1
-        return [scores[0][epoch], scores[1][epoch]]
+        epochs = np.rint(-np.asarray(params["w"])[:, 0, 0] / (rates * steps)).astype(int)
+        calls.append(int(epochs[0]))
+        return [scores[m][e - 1] for m, e in enumerate(epochs)]
 
     spec = stage.Stage(
-        "stage", _mse, OptimizerConfig("sgd", learning_rate=1.0), 6, 4,
-        learning_rate=jnp.array([0.05, 0.01]), evaluate_fn=evaluate_fn, metric="metric",
+        "stage", slope, OptimizerConfig("sgd", learning_rate=1.0), 6, 4,
+        learning_rate=jnp.asarray(rates, jnp.float32), evaluate_fn=evaluate_fn, metric="metric",
         keep_best=True, patience=3,
     )  # fmt: skip
 
@@ -319,11 +326,13 @@ def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
 
     with pytest.raises(KeyboardInterrupt):
         stage_run(store, stop_after_two)
-    assert len(store.saved[1].history) == len(calls) == 2  # the evaluations go on from here
+    assert len(store.saved[1].history) == 2 and calls == [1, 2, 3]  # epoch 3 was queued
+    calls.clear()
     params, again = stage.run_stage(
         spec, {"w": jnp.zeros((2, 3, 1))}, (x, y), key=jnp.stack([jax.random.PRNGKey(0)] * 2),
         models=2, store=store,
     )  # fmt: skip
+    assert calls == [3, 4, 5, 6]  # the evaluations go on from the saved epoch
     assert record.best_epoch == again.best_epoch == [4, 3]
     np.testing.assert_allclose(
         [h["loss"] for h in again.history], [h["loss"] for h in record.history]
