@@ -164,8 +164,9 @@ def print_checks(checks: list[dict]) -> None:
         print(f"{c['figure']}, {c['temperature']}: {c['value']:.3f}{target}")
 
 
-def print_comparison(runs: dict[str, list], others: list[str], n_train: int) -> None:
-    """Per stage, sae_jax warm against each PyTorch side: compile s, us / step, wall s."""
+def print_comparison(runs: dict[str, list], others: list[str], n_train: int) -> dict:
+    """Per stage, sae_jax warm against each PyTorch side: compile s, us / step, wall s;
+    returns them, ``{side: {stage: {figure: median}}}``."""
     med = statistics.median
     table_ = {
         side: {
@@ -184,7 +185,9 @@ def print_comparison(runs: dict[str, list], others: list[str], n_train: int) -> 
         for name in STAGES:
             for k, label in labels:
                 a, b = table_["warm"][name][k], table_[other][name][k]
-                print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+                ratio = b / a if a else float("nan")  # a warm compile can be 0
+                print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {ratio:.2f} |")
+    return table_
 
 
 def whole_process(runs: dict[str, list], sides: list[str], flops: float | None, gflops: float):
@@ -226,13 +229,13 @@ def report(header: list[str], config: str, runs: dict[str, list], n_train: int, 
     reports = {t: median_report([overhead(r) for r in runs[t]]) for t in TEMPERATURES}
     print_overhead(config, reports)
     others = [s for s in runs if s not in TEMPERATURES]
-    gflops = matmul_gflops() if others else float("nan")
+    gflops, per_stage = (matmul_gflops() if others else float("nan")), None
     if others:
         print(
             f"\nmatrix-multiply throughput (jnp.dot 2048^2, float32): {gflops:.0f} GFLOP/s; "
             f"workload {flops / 1e12:.2f} TFLOP"
         )
-        print_comparison(runs, others, n_train)
+        per_stage = print_comparison(runs, others, n_train)
     whole = whole_process(runs, [*TEMPERATURES, *others], flops if others else None, gflops)
     process_s = {s: whole[s]["process_s"] for s in whole}
     checks = derived_checks(config, reports, process_s)
@@ -242,6 +245,7 @@ def report(header: list[str], config: str, runs: dict[str, list], n_train: int, 
         "overhead": reports,
         "per_run": {t: [overhead(r) for r in runs[t]] for t in TEMPERATURES},
         "whole_process": whole,
+        "per_stage": per_stage,
         "matmul_gflops": gflops if others else None,
         "checks": checks,
         "count_events": COUNT_EVENTS,
