@@ -232,7 +232,8 @@ def report(header: list[str], config: str, runs: dict[str, list], n_train: int, 
     gflops, per_stage = (matmul_gflops() if others else float("nan")), None
     if others:
         print(
-            f"\nmatrix-multiply throughput (jnp.dot 2048^2, float32): {gflops:.0f} GFLOP/s; "
+            f"\nmatrix-multiply throughput (jnp.dot 2048^2, float32, at the precision above): "
+            f"{gflops:.0f} GFLOP/s; "
             f"workload {flops / 1e12:.2f} TFLOP"
         )
         per_stage = print_comparison(runs, others, n_train)
