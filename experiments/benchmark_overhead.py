@@ -39,7 +39,15 @@ CACHE_MISSES = "/jax/compilation_cache/cache_misses"
 # closes it), and those of a newer RunStore that finish or wait for saves.
 STORE_MARKS = ("finished", "resume", "save_epoch", "save_finished")
 STORE_METHODS = (*STORE_MARKS, "close", "flush", "wait", "wait_until_finished", "finish")
-FIGURES = ("wall_s", "epochs_s", "steady_s", "compile_s", "checkpoint_s", "rest_s")
+FIGURES = (
+    "wall_s",
+    "epochs_s",
+    "steady_s",
+    "compile_s",
+    "checkpoint_s",
+    "rest_s",
+    "checkpoint_in_epochs_s",
+)
 COUNTS = ("programs", "cache_hits")
 COUNT_EVENTS = {
     "lowered": LOWER,
@@ -153,16 +161,19 @@ def epoch_seconds(metrics: Path) -> dict[str, list[float]]:
 def stage_windows(store: list[list], seconds: dict[str, list[float]]) -> dict[str, dict]:
     """Per stage (in the order they started): ``start`` (its first store call), ``end``
     (the end of its ``save_finished``, else of its last call), ``first_save`` (the start
-    of its first ``save_epoch``) and ``epoch_s``; stages that trained no epoch here (done
-    in an earlier run) are left out."""
+    of its first ``save_epoch``), ``saves`` (the start of every ``save_epoch``) and
+    ``epoch_s``; stages that trained no epoch here (done in an earlier run) are left
+    out."""
     stages: dict[str, dict] = {}
     for start, end, method, stage in store:
         if stage is None or method not in STORE_MARKS:
             continue
         s = stages.setdefault(stage, {"start": start, "end": end, "first_save": None})
         s["end"] = end
-        if method == "save_epoch" and s["first_save"] is None:
-            s["first_save"] = start
+        if method == "save_epoch":
+            s.setdefault("saves", []).append(start)
+            if s["first_save"] is None:
+                s["first_save"] = start
     return {
         name: {**s, "epoch_s": seconds[name]} for name, s in stages.items() if seconds.get(name)
     }
@@ -212,14 +223,27 @@ def steady_seconds(epoch_s: list[float], first_compile_s: float) -> float:
     return max(epoch_s[0] - first_compile_s, 0.0) if epoch_s else 0.0
 
 
-def _row(wall: float, epochs: float, steady: float, compile_: float, store: float) -> dict:
+def epoch_spans(stage: dict[str, Any]) -> Spans:
+    """Where the stage's epochs ran, as far as the store calls tell: epoch k ends where
+    its ``save_epoch`` starts (the loop saves an epoch once its seconds are measured)
+    and lasts its seconds. Empty where the saves and the epochs are not one to one."""
+    saves = stage.get("saves", [])
+    if len(saves) != len(stage["epoch_s"]):
+        return []
+    return [(t - s, t) for t, s in zip(saves, stage["epoch_s"], strict=True)]
+
+
+def _row(wall: float, epochs: float, steady: float, compile_: float, store: Spans, window):
+    """One row's figures; ``store``: [exposed, hidden] checkpoint spans."""
+    exposed, hidden = (length(spans, window) for spans in store)
     return {
         "wall_s": wall,
         "epochs_s": epochs,
         "steady_s": steady,
         "compile_s": compile_,
-        "checkpoint_s": store,
-        "rest_s": wall - steady - compile_ - store,
+        "checkpoint_s": exposed,
+        "rest_s": wall - steady - compile_ - exposed,
+        "checkpoint_in_epochs_s": hidden,
     }
 
 
@@ -236,8 +260,10 @@ def overhead(run: dict[str, Any]) -> dict[str, Any]:
     epochs x the median steady epoch (``steady_seconds``); ``compile_s`` the time
     covered by compile events in the window (overlapping events counted once: a trace
     holds the traces of the functions it calls); ``checkpoint_s`` the time in
-    ``RunStore``'s methods not covered by compile events; ``rest_s`` = wall - steady -
-    compile - checkpoint. Compilation inside the first epoch is not in ``steady_s`` (the
+    ``RunStore``'s methods not covered by compile events nor by the epochs (a loop may
+    save epoch k while epoch k + 1 runs: that time is ``checkpoint_in_epochs_s``, and
+    it is in the epochs' seconds already); ``rest_s`` = wall - steady - compile -
+    checkpoint. Compilation inside the first epoch is not in ``steady_s`` (the
     first epoch is left out of the median), so it is counted once, in ``compile_s``;
     ``rest_s`` holds the evaluation, the first epoch's excess over a steady one beyond
     its compilation, and the Python between. "outside" is the command's time outside
@@ -248,6 +274,9 @@ def overhead(run: dict[str, Any]) -> dict[str, Any]:
     """
     compile_spans = union(run["compile"])
     store_spans = minus(union(run["store"]), compile_spans)
+    epochs = union(span for s in run["stages"].values() for span in epoch_spans(s))
+    exposed = minus(store_spans, epochs)
+    store = [exposed, minus(store_spans, exposed)]
     lowered = run["events"].get(LOWER, [])
     hits = run["events"].get(CACHE_HITS, [])
     rows: dict[str, dict] = {}
@@ -256,16 +285,15 @@ def overhead(run: dict[str, Any]) -> dict[str, Any]:
         first = (s["start"], s["first_save"] if s["first_save"] is not None else s["end"])
         c = length(compile_spans, window)
         steady = steady_seconds(s["epoch_s"], length(compile_spans, first))
-        rows[name] = _row(
-            s["end"] - s["start"], sum(s["epoch_s"]), steady, c, length(store_spans, window)
-        )
+        rows[name] = _row(s["end"] - s["start"], sum(s["epoch_s"]), steady, c, store, window)
         rows[name].update(programs=_count(lowered, window), cache_hits=_count(hits, window))
     total = _row(
         run["total_wall_s"],
         sum(r["epochs_s"] for r in rows.values()),
         sum(r["steady_s"] for r in rows.values()),
         length(compile_spans),
-        length(store_spans),
+        store,
+        None,
     )
     total.update(programs=len(lowered), cache_hits=len(hits))
     outside = {k: total[k] - sum(r[k] for r in rows.values()) for k in (*FIGURES, *COUNTS)}
@@ -296,7 +324,7 @@ def median_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     """A markdown table of an ``overhead`` report: a row per stage, outside, total."""
     head = "| part | wall s | epochs s | steady s | compile s | checkpoint s | rest s |"
-    lines = [head + " programs | cache hits |", "|" + " --- |" * 9]
+    lines = [head + " checkpoint in epochs s | programs | cache hits |", "|" + " --- |" * 10]
     rows = [
         *report["stages"].items(),
         ("outside stages", report["outside"]),

@@ -38,10 +38,15 @@ Figures (seconds, median over the repetitions), measured in the child process:
   compile, which on a cache hit is the cache read), overlaps counted once. Compilation
   inside the first epoch is not in steady (the first epoch is left out of the median),
   so it is counted once, here.
-- checkpoint: the time inside RunStore's methods, less compilation within them.
+- checkpoint: the time inside RunStore's methods, less compilation within them and less
+  the time they ran while an epoch did (a loop may save epoch k during epoch k + 1; epoch
+  k is taken to end where its save_epoch starts): that part is in the epochs' seconds
+  already and shows as "checkpoint in epochs".
 - rest: wall - steady - compile - checkpoint (evaluation, the first epoch's excess beyond
   its compilation, Python in between; outside stages: loading, encoding between stages,
-  the test evaluation, figures, the summary).
+  the test evaluation, figures, the summary). Slightly negative where the first epoch's
+  excess over a steady one is less than the compilation inside it (steady epochs can
+  carry work the first does not, such as the previous epoch's save).
 - programs: lowerings to MLIR; cache hits: programs read from the persistent cache.
 - process: the child process's wall time as the parent saw it (interpreter start,
   imports and exit included)."""
