@@ -1,313 +1,316 @@
-"""The seed workload in sae_jax and in plain PyTorch, side by side.
+"""Where the time of a training run goes, and the seed workload in sae_jax against plain
+PyTorch.
 
-Both sides run exactly the seed preset's computation (784-1000-1500-10, batch 160,
-sigmoid units, summed squared error + KL sparsity + weight decay, Adam 1e-3 for
-each autoencoder, then fine-tuning with TF1-style RMSProp 1e-3 and the test
-accuracy after every fine-tuning epoch), on the same MNIST files, for the same
-epochs. Each repetition is a fresh child process (imports, data loading and
-compilation included, as a user would see them); the parent alternates
-sae_jax, PyTorch, sae_jax, PyTorch, ... and prints, per stage, the median
-compile seconds, microseconds per step in steady state and wall seconds, with the
-ratio PyTorch / sae_jax for each, plus peak memory and the fraction of the
-machine's matrix-multiply throughput (a large ``jnp.dot`` timed in the same run)
-that each side achieved.
+Each run is a fresh child process. The sae_jax side runs what a user runs: the training
+command (``experiments/mnist.py`` beside the ``sae_jax`` that ``PYTHONPATH`` picks) in
+the child, with a fresh temporary ``--workdir``, so its checkpoints, summary and
+figures count. Per repetition it runs twice: cold (an empty persistent compilation
+cache) and warm (the cache the cold run filled). For each it prints the overhead
+report (see ``benchmark_overhead``): per stage and outside the stages, the wall time,
+the steady compute (epochs x the median steady epoch), the compilation, the
+checkpoint seconds and the rest, and the programs compiled; then the derived checks.
 
+``--config=tiny`` is sae_jax alone. ``--config=seed`` (784-1000-1500-10, batch 160, 10
+epochs per stage by default) also runs the same computation in plain PyTorch
+(``benchmark_torch``: tensors on the device, manual minibatch slicing of a
+``randperm``, eager mode, ``--torch_compile`` adds a ``torch.compile``-d variant; its
+RMSProp is ``torch.optim.RMSprop`` with the mean square started at 1 as in TF1) and
+prints, per stage, compile s, us / step and wall s of sae_jax warm against PyTorch,
+and per side the process seconds, peak memory and the fraction of the machine's
+matrix-multiply throughput reached. The parent alternates sae_jax cold, sae_jax
+warm, PyTorch, ... ``--repeats`` times; figures are medians.
+
+  python experiments/benchmark.py --config=tiny --repeats=3
   pip install -e '.[bench]'
-  python experiments/benchmark.py --data_dir=../shared/data/mnist --epochs=10 --repeats=3
+  python experiments/benchmark.py --config=seed --data_dir=../shared/data/mnist --repeats=3
 
-The PyTorch side is what a PyTorch user would write: tensors kept on the device,
-manual minibatch slicing of a ``randperm``, eager mode (``--torch_compile`` adds a
-``torch.compile``-d variant). Its RMSProp is ``torch.optim.RMSprop`` with its
-mean square started at 1 as in TF1 (TF1 adds eps inside the square root, PyTorch
-outside; at eps = 1e-10 the difference is below float32 rounding).
+Against other code, e.g. the commit 2ab930c in a worktree: ``git worktree add
+/tmp/before 2ab930c``, then ``PYTHONPATH=/tmp/before python experiments/benchmark.py
+...`` (the children import ``sae_jax`` from ``PYTHONPATH``). ``--platform=gpu`` runs
+PyTorch on CUDA (synchronized before every timer read); ``--precision`` sets both
+sides' float32 matrix-multiply precision. ``--train_examples``, ``--test_examples``
+and ``--epochs`` shrink a run; ``--json=PATH`` also writes every figure as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from itertools import pairwise
 from pathlib import Path
 
-STAGES = ("pretrain_1", "pretrain_2", "finetune")
-SIZES = (784, 1000, 1500)
-CLASSES, BATCH, N_TRAIN, N_TEST = 10, 160, 60000, 10000
+CONFIGS = ("tiny", "seed")
+PLATFORMS = ("cpu", "gpu", "tpu")
+PRECISIONS = ("default", "highest")
+SHARED_MNIST = "../shared/data/mnist"
+PRECISION_TEXT = {
+    "highest": "highest (jax_default_matmul_precision=highest; PyTorch "
+    "set_float32_matmul_precision('highest'), allow_tf32 False): full float32",
+    "default": "default (JAX's default: TF32 on a GPU that has it, float32 on the CPU; "
+    "PyTorch on CUDA set_float32_matmul_precision('high'), allow_tf32 True, to match; "
+    "on the CPU its default, float32)",
+}
 
 
-def workload_flops(epochs: int) -> float:
-    """Matrix-multiply FLOPs of the seed workload (2 per multiply-add).
-
-    Per step of batch b through a dense layer i -> o: 2bio forward, 2bio for the
-    weight gradient, 2bio for the input gradient (not needed for the data itself).
-    Plus the forward passes that encode the data between layers and the test-set
-    evaluations after each fine-tuning epoch.
-    """
-    steps = epochs * N_TRAIN  # examples processed per stage
-    flops = 0.0
-    for i, o in pairwise(SIZES):
-        flops += steps * (4 * i * o + 6 * o * i)  # encoder (no input grad) + decoder
-        flops += 2 * N_TRAIN * i * o  # encoding the data for the next stage
-    dims = [*SIZES, CLASSES]
-    layers = list(pairwise(dims))
-    flops += steps * sum((4 if k == 0 else 6) * i * o for k, (i, o) in enumerate(layers))
-    flops += epochs * N_TEST * sum(2 * i * o for i, o in layers)
-    return flops
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """Measured float32 matrix-multiply throughput of this machine through JAX."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dot(a, a).block_until_ready()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-# ----------------------------------------------------------------------------- sae_jax
-
-
-def run_jax(data_dir: str, epochs: int, seed: int, cache: str | None) -> dict:
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    if cache:
-        from sae_jax.commands.prepare import enable_compilation_cache
-
-        enable_compilation_cache(cache)
-    from sae_jax.config import seed as seed_preset
-    from sae_jax.data import load_idx_dir
-    from sae_jax.training.pipeline import run_pipeline
-
-    config = seed_preset().with_epochs(epochs).replace(seed=seed)
-    m = load_idx_dir(data_dir)
-    train = (jax.device_put(m.train_images.reshape(N_TRAIN, -1)), jax.device_put(m.train_labels))
-    test = (jax.device_put(m.test_images.reshape(N_TEST, -1)), jax.device_put(m.test_labels))
-    start = time.perf_counter()
-    result = run_pipeline(config, train, test)
-    pipeline_s = time.perf_counter() - start
-    stages = {}
-    for s in result.stages:
-        if s.name in STAGES:
-            stages[s.name] = {"epoch_s": [h["seconds"] for h in s.history], "wall_s": s.wall_s}
-    return {"stages": stages, "pipeline_s": pipeline_s, "accuracy": result.test["accuracy"]}
-
-
-# ----------------------------------------------------------------------------- harness
-
-
-def child(args: argparse.Namespace) -> None:
-    start = time.perf_counter()
-    if args.side == "jax":
-        out = run_jax(args.data_dir, args.epochs, args.seed, args.cache)
-    else:
-        from benchmark_torch import run_torch  # beside this file
-
-        out = run_torch(args.data_dir, args.epochs, args.seed, args.side == "torch_compile")
-    out["process_s"] = time.perf_counter() - start
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(out))
-
-
-def summarize(run: dict, epochs: int) -> dict:
-    steps = math.ceil(N_TRAIN / BATCH)
-    stages = {}
-    for name, s in run["stages"].items():
-        steady = statistics.median(s["epoch_s"][1:]) if epochs > 1 else s["epoch_s"][0]
-        stages[name] = {
-            "compile_s": max(s["epoch_s"][0] - steady, 0.0) if epochs > 1 else float("nan"),
-            "us_per_step": steady / steps * 1e6,
-            "wall_s": s["wall_s"],
-        }
-    return stages
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add(
+        "--config",
+        default="tiny",
+        help="tiny (sae_jax only) or seed (against PyTorch) (default: tiny)",
     )
-    p.add_argument(
+    add(
         "--data_dir",
-        default="../shared/data/mnist",
-        help="folder with the four MNIST IDX files (default: ../shared/data/mnist)",
+        default=None,
+        help=f"folder with the four MNIST IDX files (default: "
+        f"{SHARED_MNIST} for seed, the command's default for tiny: the bundled sample)",
     )
-    p.add_argument(
-        "--epochs", type=int, default=10, help="epochs per stage, both sides (default: 10)"
+    add(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per stage (default: the preset's, 10 for seed)",
     )
-    p.add_argument("--repeats", type=int, default=3, help="repetitions of each side (default: 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument(
-        "--platform", default="cpu", help="cpu; the PyTorch side runs on the CPU (default: cpu)"
+    add("--train_examples", type=int, default=None, help="training examples (default: all)")
+    add("--test_examples", type=int, default=None, help="test examples (default: all)")
+    add("--repeats", type=int, default=3, help="repetitions of each side (default: 3)")
+    add("--seed", type=int, default=0, help="random seed (default: 0)")
+    add(
+        "--platform",
+        default="cpu",
+        help="cpu, gpu or tpu; PyTorch runs on cpu or CUDA (default: cpu)",
     )
-    p.add_argument(
+    add(
+        "--precision",
+        default="default",
+        help="float32 matrix-multiply precision of both "
+        "sides: default or highest (default: default)",
+    )
+    add(
         "--torch_compile",
         action="store_true",
-        help="also time torch.compile (default: eager only)",
+        help="with seed, also time torch.compile (default: eager only)",
     )
-    p.add_argument(
-        "--no_compilation_cache",
-        action="store_true",
-        help="compile from scratch in every sae_jax run (default: the first run fills a "
-        "fresh persistent cache that the later ones reuse, as the CLI does)",
-    )
-    p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child process
-    p.add_argument("--cache", default=None, help=argparse.SUPPRESS)  # child process
+    add("--json", default=None, help="also write every figure to this JSON file (default: none)")
+    for hidden in ("--side", "--cache", "--workdir"):  # the child process's
+        add(hidden, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark command (or, with the hidden ``--side``, one child run)."""
     p = _parser()
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.side:
-        child(args)
-        return 0
+        return child(args)
     _check(p, args)
-    import jax
-    import torch
+    if args.config == "seed" and args.epochs is None:
+        args.epochs = 10
+    if args.config == "seed" and args.data_dir is None:
+        args.data_dir = SHARED_MNIST
+    runs = _alternate(p, args)
+    from benchmark_report import N_TEST, N_TRAIN, report, workload_flops
 
-    sides = ["jax", "torch", *(["torch_compile"] if args.torch_compile else [])]
-    runs = _alternate(p, args, sides)
-    _report(
-        args,
-        runs,
-        sides,
-        f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
-        f"{jax.devices()[0].device_kind}, {jax.device_count()} JAX device(s)",
-    )
+    n_train, n_test = args.train_examples or N_TRAIN, args.test_examples or N_TEST
+    flops = workload_flops(args.epochs, n_train, n_test) if args.config == "seed" else None
+    result = report(_header(args, runs), args.config, runs, n_train, flops)
+    result["flags"] = {k: v for k, v in vars(args).items() if k not in ("side", "cache", "workdir")}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit with status 2 and one line for a bad flag or a missing PyTorch."""
-    if args.platform != "cpu":
-        p.exit(2, f"error: --platform={args.platform}: this benchmark compares on the CPU\n")
-    if args.epochs < 2 or args.repeats < 1:
-        p.exit(
-            2,
-            "error: --epochs must be >= 2 (compile time needs a steady epoch) and --repeats >= 1\n",
-        )
-    if not Path(args.data_dir).is_dir():
-        p.exit(2, f"error: --data_dir={args.data_dir}: not a directory\n")
+    for flag, value, allowed in (
+        ("--config", args.config, CONFIGS),
+        ("--platform", args.platform, PLATFORMS),
+        ("--precision", args.precision, PRECISIONS),
+    ):
+        if value not in allowed:
+            p.error(f"{flag}={value}: choose from {', '.join(allowed)}")
+    least = 2 if args.config == "seed" else 1  # seed's comparison needs a steady epoch
+    for flag, value, low in (
+        ("--epochs", args.epochs, least),
+        ("--repeats", args.repeats, 1),
+        ("--train_examples", args.train_examples, 1),
+        ("--test_examples", args.test_examples, 1),
+    ):
+        if value is not None and value < low:
+            p.error(f"{flag}={value}: must be >= {low}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json={args.json}: its folder does not exist")
+    if args.config == "seed":
+        _check_torch(p, args)
+    data_dir = args.data_dir or (SHARED_MNIST if args.config == "seed" else None)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        p.error(f"--data_dir={data_dir}: not a directory")
+
+
+def _check_torch(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 and one line where the PyTorch side cannot run."""
+    if args.platform == "tpu":
+        p.error("--platform=tpu: the PyTorch side runs on cpu or gpu; --config=tiny runs on tpu")
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
-        p.exit(2, "error: PyTorch is not installed (pip install -e '.[bench]')\n")
+        p.error("--config=seed: PyTorch is not installed (pip install -e '.[bench]')")
+    if args.platform == "gpu" and not torch.cuda.is_available():
+        p.error("--platform=gpu: this PyTorch has no CUDA device")
 
 
-def _alternate(
-    p: argparse.ArgumentParser, args: argparse.Namespace, sides: list[str]
-) -> dict[str, list[dict]]:
-    """Every side ``args.repeats`` times, alternating, each in a fresh child process."""
-    cache_dir = tempfile.mkdtemp(prefix="sae_jax_bench_cache_")
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(args.repeats):
-        for side in sides:  # alternate: A B A B ...
-            cmd = [
-                sys.executable,
-                __file__,
-                f"--side={side}",
-                f"--data_dir={args.data_dir}",
-                f"--epochs={args.epochs}",
-                f"--seed={args.seed}",
-            ]
-            if side == "jax" and not args.no_compilation_cache:
-                cmd.append(f"--cache={cache_dir}")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                sys.stderr.write(proc.stderr[-2000:])
-                p.exit(1, f"error: the {side} run failed\n")
-            runs[side].append(json.loads(line[len("RESULT ") :]))
-            run = runs[side][-1]
-            first = {n: round(s["epoch_s"][0], 2) for n, s in run["stages"].items()}
-            print(
-                f"repeat {r + 1}/{args.repeats} {side}: process {run['process_s']:.1f} s, "
-                f"pipeline {run['pipeline_s']:.1f} s, first epochs {first}, "
-                f"accuracy {run['accuracy']:.4f}",
-                flush=True,
-            )
-    shutil.rmtree(cache_dir, ignore_errors=True)
+# ----------------------------------------------------------------------------- child
+
+
+def child(args: argparse.Namespace) -> int:
+    """One run in this (child) process; prints ``RESULT <json>`` on stdout."""
+    if args.side == "jax":
+        out = _child_jax(args)
+        if out["status"] != 0:
+            return out["status"]  # the command said why, on stderr
+    else:
+        from benchmark_torch import run_torch  # beside this file
+
+        out = run_torch(
+            args.data_dir,
+            args.epochs,
+            args.seed,
+            compile_=args.side == "torch_compile",
+            device="cuda" if args.platform == "gpu" else "cpu",
+            precision=args.precision,
+            n_train=args.train_examples,
+            n_test=args.test_examples,
+        )
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+    return 0
+
+
+def _child_jax(args: argparse.Namespace) -> dict:
+    """The training command on the flags' config, recorded (see ``benchmark_overhead``)."""
+    import jax
+
+    import sae_jax  # the code measured: the one PYTHONPATH picks
+
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    from benchmark_overhead import run_command
+
+    argv = [
+        f"--platform={args.platform}",
+        f"--config={args.config}",
+        f"--seed={args.seed}",
+        f"--compilation_cache={args.cache}",
+    ]
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--data_dir", args.data_dir),
+        ("--config.train_examples", args.train_examples),
+        ("--config.test_examples", args.test_examples),
+    ):
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    workdir = Path(args.workdir)
+    run = run_command(argv, workdir)
+    summary = workdir / "summary.json"
+    run["accuracy"] = (
+        json.loads(summary.read_text()).get("test_accuracy") if summary.is_file() else None
+    )
+    run["sae_jax"] = str(Path(sae_jax.__file__).resolve().parent)
+    return run
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def _alternate(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Per repetition: sae_jax cold (a fresh compilation cache), sae_jax warm (the same
+    cache), then each PyTorch side; each a fresh child process with a fresh workdir."""
+    sides = ["torch", *(["torch_compile"] if args.torch_compile else [])]
+    sides = sides if args.config == "seed" else []
+    runs: dict[str, list[dict]] = {s: [] for s in ("cold", "warm", *sides)}
+    tmp = Path(tempfile.mkdtemp(prefix="sae_jax_bench_"))
+    try:
+        for r in range(args.repeats):
+            for temp in ("cold", "warm"):
+                extra = [f"--cache={tmp / f'cache-{r}'}", f"--workdir={tmp / f'run-{r}-{temp}'}"]
+                runs[temp].append(_spawn(p, args, "jax", extra, f"{r + 1} sae_jax {temp}"))
+            for side in sides:
+                runs[side].append(_spawn(p, args, side, [], f"{r + 1} {side}"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return runs
 
 
-def _report(
-    args: argparse.Namespace,
-    runs: dict[str, list[dict]],
-    sides: list[str],
-    versions: str,
-    machine: str,
-) -> None:
-    """The per-stage tables and the whole-run table, medians over the repetitions."""
-    gflops = matmul_gflops()
-    flops = workload_flops(args.epochs)
-    med = statistics.median
-    table = {
-        s: {
-            name: {
-                k: med([summarize(run, args.epochs)[name][k] for run in runs[s]])
-                for k in ("compile_s", "us_per_step", "wall_s")
-            }
-            for name in STAGES
-        }
-        for s in sides
-    }
-    print()
-    print(f"machine: {machine}; {versions}")
-    print(
-        f"seed workload, {args.epochs} epochs per stage, median of {args.repeats} "
-        f"alternating repetitions per side"
-    )
-    print(
-        f"matrix-multiply throughput (jnp.dot 2048^2, float32): {gflops:.0f} GFLOP/s; "
-        f"workload {flops / 1e12:.2f} TFLOP"
-    )
-    for other in sides[1:]:
-        _stage_table(table, other)
-    _whole_table(runs, sides, flops, gflops)
+def _spawn(p: argparse.ArgumentParser, args, side: str, extra: list[str], label: str) -> dict:
+    """One child run; its ``RESULT`` with ``process_s``, the child's wall time."""
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--side={side}",
+        f"--config={args.config}",
+        f"--seed={args.seed}",
+        f"--platform={args.platform}",
+        f"--precision={args.precision}",
+        *extra,
+    ]
+    for flag in ("epochs", "data_dir", "train_examples", "test_examples"):
+        if getattr(args, flag) is not None:
+            cmd.append(f"--{flag}={getattr(args, flag)}")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    process_s = time.perf_counter() - start
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), None)
+    if proc.returncode == 2:  # a user mistake, which the command said in one line
+        said = proc.stderr.strip().splitlines()
+        p.exit(2, (said[-1] if said else f"error: the {side} run refused its flags") + "\n")
+    if proc.returncode != 0 or line is None:
+        sys.stderr.write(proc.stderr[-3000:])
+        p.exit(1, f"error: the {label} run failed (exit status {proc.returncode})\n")
+    run = json.loads(line[len("RESULT ") :])
+    run["process_s"] = process_s
+    first = {n: round(s["epoch_s"][0], 2) for n, s in run["stages"].items()}
+    print(f"repeat {label}: process {process_s:.1f} s, first epochs {first}", flush=True)
+    return run
 
 
-def _stage_table(table: dict, other: str) -> None:
-    print()
-    print(f"| stage | figure | sae_jax | {other} | {other} / sae_jax |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in STAGES:
-        for k, label in (("compile_s", "compile s"), ("us_per_step", "us / step"),
-                         ("wall_s", "wall s")):  # fmt: skip
-            a, b = table["jax"][name][k], table[other][name][k]
-            print(f"| {name} | {label} | {a:.2f} | {b:.2f} | {b / a:.2f} |")
+def _header(args: argparse.Namespace, runs: dict[str, list[dict]]) -> list[str]:
+    """The lines that say what ran where: machine, versions, code, sizes, precision."""
+    import jax
 
+    if args.platform != "gpu":
+        jax.config.update("jax_platforms", args.platform)
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    versions = f"jax {jax.__version__}"
+    if args.config == "seed":
+        import torch
 
-def _whole_table(runs: dict[str, list[dict]], sides: list[str], flops: float, gflops: float):
-    med = statistics.median
-    print()
-    print(
-        "| side | pipeline s | process s | peak RSS MB | test accuracy | fraction of matmul peak |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for s in sides:
-        pipe = med([r["pipeline_s"] for r in runs[s]])
-        print(
-            f"| {s} | {pipe:.1f} | {med([r['process_s'] for r in runs[s]]):.1f} | "
-            f"{med([r['peak_rss_mb'] for r in runs[s]]):.0f} | "
-            f"{med([r['accuracy'] for r in runs[s]]):.4f} | "
-            f"{flops / pipe / (gflops * 1e9):.2f} |"
-        )
-    jax_pipe = med([r["pipeline_s"] for r in runs["jax"]])
-    for s in sides[1:]:
-        ratio = med([r["pipeline_s"] for r in runs[s]]) / jax_pipe
-        print(f"end to end (pipeline): {s} / sae_jax = {ratio:.2f}")
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    first = runs["cold"][0]
+    preset = lambda value: value if value is not None else "the preset's"
+    return [
+        "",
+        f"machine: {jax.devices()[0].device_kind}, {jax.device_count()} JAX device(s), "
+        f"platform {args.platform}; {versions}",
+        f"sae_jax from {first['sae_jax']}; command {first['command']}",
+        f"config {args.config}: epochs per stage {preset(args.epochs)}, train examples "
+        f"{preset(args.train_examples)}, test examples {preset(args.test_examples)}, "
+        f"seed {args.seed}; median of {args.repeats} alternating repetitions",
+        f"float32 matmul precision: {PRECISION_TEXT[args.precision]}",
+    ]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The PyTorch side of ``experiments/benchmark.py``: the seed workload as a PyTorch user
 would write it (tensors on the device, manual minibatch slicing of a ``randperm``,
-eager mode or ``torch.compile``), run by the benchmark in its own child process.
+eager mode or ``torch.compile``), run by the benchmark in its own child process, on the
+CPU or on CUDA (synchronized before every timer read, so a timer sees the work done).
 """
 
 from __future__ import annotations
@@ -9,58 +10,101 @@ import math
 import time
 from itertools import pairwise
 
-from benchmark import BATCH, CLASSES, N_TEST, N_TRAIN, SIZES
+from benchmark_report import BATCH, CLASSES, N_TEST, N_TRAIN, SIZES
 
 
-def run_torch(data_dir: str, epochs: int, seed: int, compile_: bool) -> dict:
+def run_torch(
+    data_dir: str,
+    epochs: int,
+    seed: int,
+    compile_: bool,
+    device: str = "cpu",
+    precision: str = "default",
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> dict:
+    """The seed workload on ``device`` (``cpu`` or ``cuda``) for ``epochs`` per stage on
+    the first ``n_train`` / ``n_test`` examples (default: all): ``{stages: {name:
+    {epoch_s, wall_s}}, pipeline_s, accuracy}``. ``precision``: ``highest`` is full
+    float32; ``default`` is TF32 on CUDA (as JAX's default there), PyTorch's default
+    (float32) on the CPU."""
     import torch
 
+    set_precision(precision, device)
     torch.manual_seed(seed)
-    x, y, x_test, y_test = _torch_data(data_dir)
-    start_all = time.perf_counter()
+    x, y, x_test, y_test = _torch_data(data_dir, device, n_train or N_TRAIN, n_test or N_TEST)
+    start_all = clock(device)
     stages, encoders = _torch_pretrain(x, epochs, compile_)
     accuracy = _torch_finetune(encoders, x, y, x_test, y_test, epochs, compile_, stages)
-    return {"stages": stages, "pipeline_s": time.perf_counter() - start_all, "accuracy": accuracy}
+    return {"stages": stages, "pipeline_s": clock(device) - start_all, "accuracy": accuracy}
 
 
-def _torch_data(data_dir: str) -> tuple:
-    """MNIST as float32 tensors in [0, 1] ``[n, 784]`` and int64 labels."""
+def set_precision(precision: str, device: str) -> None:
+    """Set PyTorch's float32 matrix-multiply precision (see ``run_torch``)."""
+    import torch
+
+    if precision == "highest":
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif device == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
+def clock(device: str) -> float:
+    """``time.perf_counter()`` once the device has done all it was given."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _torch_data(data_dir: str, device: str, n_train: int, n_test: int) -> tuple:
+    """The first examples of MNIST on ``device``: float32 ``[n, 784]`` in [0, 1] and
+    int64 labels."""
     import numpy as np
     import torch
 
     from sae_jax.data import load_idx_dir
 
     m = load_idx_dir(data_dir)
-    x = torch.from_numpy(m.train_images.reshape(N_TRAIN, -1).astype(np.float32) / 255)
-    y = torch.from_numpy(m.train_labels.astype(np.int64))
-    x_test = torch.from_numpy(m.test_images.reshape(N_TEST, -1).astype(np.float32) / 255)
-    y_test = torch.from_numpy(m.test_labels.astype(np.int64))
-    return x, y, x_test, y_test
+    images = lambda a, n: torch.from_numpy(a[:n].reshape(n, -1).astype(np.float32) / 255)
+    labels = lambda a, n: torch.from_numpy(a[:n].astype(np.int64))
+    arrays = (
+        images(m.train_images, n_train),
+        labels(m.train_labels, n_train),
+        images(m.test_images, n_test),
+        labels(m.test_labels, n_test),
+    )
+    return tuple(a.to(device) for a in arrays)
 
 
-def _uniform(*shape: int, fan_in: int, fan_out: int):
+def _uniform(*shape: int, fan_in: int, fan_out: int, device):
     import torch
 
     r = math.sqrt(6.0 / (fan_in + fan_out))
-    return torch.empty(*shape).uniform_(-r, r).requires_grad_()
+    return torch.empty(*shape, device=device).uniform_(-r, r).requires_grad_()
 
 
-def _torch_train(opt, batch_loss, epochs: int, after_epoch=lambda: None) -> dict:
-    """``epochs`` passes of shuffled minibatches; ``batch_loss(idx)`` is one loss."""
+def _torch_train(opt, batch_loss, epochs: int, x, after_epoch=lambda: None) -> dict:
+    """``epochs`` passes of shuffled minibatches of the ``len(x)`` examples, on ``x``'s
+    device; ``batch_loss(idx)`` is one loss."""
     import torch
 
-    start, epoch_s = time.perf_counter(), []
+    n, device = len(x), x.device
+    start, epoch_s = clock(device.type), []
     for _ in range(epochs):
-        t = time.perf_counter()
-        perm = torch.randperm(N_TRAIN)
-        for s in range(0, N_TRAIN, BATCH):
+        t = clock(device.type)
+        perm = torch.randperm(n, device=device)
+        for s in range(0, n, BATCH):
             loss = batch_loss(perm[s : s + BATCH])
             opt.zero_grad()
             loss.backward()
             opt.step()
         after_epoch()
-        epoch_s.append(time.perf_counter() - t)
-    return {"epoch_s": epoch_s, "wall_s": time.perf_counter() - start}
+        epoch_s.append(clock(device.type) - t)
+    return {"epoch_s": epoch_s, "wall_s": clock(device.type) - start}
 
 
 def _ae_loss(w, b, wd, bd, xb):
@@ -79,13 +123,19 @@ def _torch_pretrain(x, epochs: int, compile_: bool) -> tuple[dict, list]:
 
     stages, data, encoders = {}, x, []
     for k, (i, o) in enumerate(pairwise(SIZES)):
-        w, b = _uniform(i, o, fan_in=i, fan_out=o), _uniform(o, fan_in=i, fan_out=o)
-        wd, bd = _uniform(o, i, fan_in=o, fan_out=i), _uniform(i, fan_in=o, fan_out=i)
+        w, b = (
+            _uniform(i, o, fan_in=i, fan_out=o, device=x.device),
+            _uniform(o, fan_in=i, fan_out=o, device=x.device),
+        )
+        wd, bd = (
+            _uniform(o, i, fan_in=o, fan_out=i, device=x.device),
+            _uniform(i, fan_in=o, fan_out=i, device=x.device),
+        )
         opt = torch.optim.Adam([w, b, wd, bd], lr=1e-3)
         loss_fn = torch.compile(_ae_loss) if compile_ else _ae_loss
         layer = (w, b, wd, bd)
         stages[f"pretrain_{k + 1}"] = _torch_train(
-            opt, lambda idx, f=loss_fn, p=layer, d=data: f(*p, d[idx]), epochs
+            opt, lambda idx, f=loss_fn, p=layer, d=data: f(*p, d[idx]), epochs, x
         )
         with torch.no_grad():
             data = torch.sigmoid(data @ w + b)
@@ -109,8 +159,8 @@ def _torch_finetune(encoders, x, y, x_test, y_test, epochs, compile_, stages) ->
     import torch
 
     head = (
-        _uniform(SIZES[-1], CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
-        _uniform(CLASSES, fan_in=SIZES[-1], fan_out=CLASSES),
+        _uniform(SIZES[-1], CLASSES, fan_in=SIZES[-1], fan_out=CLASSES, device=x.device),
+        _uniform(CLASSES, fan_in=SIZES[-1], fan_out=CLASSES, device=x.device),
     )
     params = [*encoders, head]
     flat = [p for pair in params for p in pair]
@@ -128,6 +178,7 @@ def _torch_finetune(encoders, x, y, x_test, y_test, epochs, compile_, stages) ->
         opt,
         lambda idx: torch.nn.functional.cross_entropy(forward(params, x[idx]), y[idx]),
         epochs,
+        x,
         measure,
     )
     return test["accuracy"]

@@ -115,8 +115,7 @@ def test_losses_example_runs():
 
 # The commands printed in the docstrings of experiments/*.py, in the order they can
 # run (encode.py reads the run that mnist.py leaves in checkpoints/mnist). Not here:
-# benchmark.py, whose command needs the bench extra (PyTorch) and the whole seed
-# workload of real MNIST.
+# benchmark.py, whose commands tests/test_benchmark.py runs at a tiny size.
 SCRIPTS = ["mnist", "encode", "sweep", "search", "benchmark_sweep"]
 # What each command gets appended to run at a tiny size: a few hundred examples, one
 # epoch per stage, fewer seeds, points or model counts (a later flag wins).
