@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -23,10 +25,37 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     os.replace(tmp, path)
 
 
+def mosaic(images: np.ndarray, columns: int, gap: int = 1) -> np.ndarray:
+    """``images`` ``[n, h, w]`` as one ``[rows * (h + gap) - gap, columns * (w + gap)
+    - gap]`` array, row by row, with ``gap`` pixels of NaN between tiles (and NaN
+    where the last row has no image); drawn as one image, it is one ``imshow``
+    instead of one panel per tile."""
+    n, h, w = images.shape
+    rows = -(-n // columns)
+    out = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap), np.nan)
+    for i, tile in enumerate(images):
+        r, c = divmod(i, columns)
+        out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    return out
+
+
+def _show(fig: Figure, rect: Sequence[float], image: np.ndarray, vmin: float) -> Axes:
+    """``image`` in gray from ``vmin`` to 1 (NaN white) on axes at ``rect`` of ``fig``."""
+    ax = fig.add_axes(rect)
+    cmap = colormaps["gray"].with_extremes(bad="white")
+    ax.imshow(image, cmap=cmap, vmin=vmin, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    return ax
+
+
 def save_filters(
     kernel: np.ndarray, path: str | os.PathLike[str], count: int = 100, shape=(28, 28)
 ) -> None:
-    """The first ``count`` units' input weights as a grid of ``shape`` tiles (UFLDL style).
+    """The first ``count`` units' input weights as a grid of ``shape`` tiles (UFLDL style),
+    each scaled by its largest magnitude, drawn as one ``mosaic``.
 
     Args:
       kernel: ``[in_features, units]``, the first layer's encoder weights.
@@ -35,16 +64,12 @@ def save_filters(
     kernel = np.asarray(kernel)
     count = min(count, kernel.shape[1])
     side = math.ceil(math.sqrt(count))
+    tiles = kernel[:, :count].T.reshape(count, *shape)
+    scale = np.abs(tiles).max(axis=(1, 2), keepdims=True)
+    tiles = tiles / np.where(scale > 0, scale, 1.0)
     fig = Figure(figsize=(8, 8))
     fig.suptitle(f"first-layer filters (units 1-{count} of {kernel.shape[1]})")
-    for i in range(side * side):
-        ax = fig.add_subplot(side, side, i + 1)
-        ax.set_axis_off()
-        if i < count:
-            tile = kernel[:, i].reshape(shape)
-            scale = np.abs(tile).max() or 1.0
-            ax.imshow(tile / scale, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
-    fig.subplots_adjust(0.01, 0.01, 0.99, 0.95, 0.05, 0.05)
+    _show(fig, (0.01, 0.01, 0.98, 0.94), mosaic(tiles, side), vmin=-1)
     _save(fig, path)
 
 
@@ -55,7 +80,8 @@ def save_reconstructions(
     corrupted: np.ndarray | None = None,
     shape=(28, 28),
 ) -> None:
-    """Rows of digits: original, corrupted (when given) and reconstructed.
+    """Rows of digits: original, corrupted (when given) and reconstructed, drawn as one
+    ``mosaic`` whose rows are labelled.
 
     Args:
       original, reconstructed, corrupted: ``[k, features]`` in ``[0, 1]``.
@@ -66,16 +92,12 @@ def save_reconstructions(
         rows.append(("corrupted", corrupted))
     rows.append(("reconstructed", reconstructed))
     k = len(original)
+    images = np.concatenate([np.asarray(im).reshape(k, *shape) for _, im in rows])
     fig = Figure(figsize=(1.2 * k, 1.2 * len(rows)))
-    for r, (label, images) in enumerate(rows):
-        for c in range(k):
-            ax = fig.add_subplot(len(rows), k, r * k + c + 1)
-            ax.imshow(np.asarray(images[c]).reshape(shape), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.subplots_adjust(0.06, 0.02, 0.99, 0.98, 0.05, 0.05)
+    ax = _show(fig, (0.1, 0.02, 0.89, 0.96), mosaic(images, k, gap=2), vmin=0)
+    ax.set_yticks([r * (shape[0] + 2) + shape[0] / 2 for r in range(len(rows))])
+    ax.set_yticklabels([label for label, _ in rows], fontsize=8)
+    ax.tick_params(length=0)
     _save(fig, path)
 
 
