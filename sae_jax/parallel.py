@@ -194,15 +194,16 @@ def shard_layout(nbytes: int, num_examples: int, mesh: Mesh, shard: bool | None,
 def layout_line(nbytes: int, mesh: Mesh) -> str:
     """Where data parallelism over ``mesh`` keeps training data of ``nbytes``, in words."""
     devices, mib = axis_size(mesh, DATA_AXIS), nbytes / 2**20
+    over = f"data parallel over {devices} device{'s' if devices > 1 else ''}"
     if fits_on_device(nbytes, mesh):
         return (
-            f"data parallel over {devices} devices: the training data ({mib:.1f} MiB) is whole "
-            f"on every device, each gathering its rows of a batch locally"
+            f"{over}: the training data ({mib:.1f} MiB) is whole on every device, each "
+            f"gathering its rows of a batch locally"
         )
     return (
-        f"data parallel over {devices} devices: the training data ({mib:.1f} MiB) does not fit "
-        f"on one device ({device_memory(mesh) / 2**20:.0f} MiB), so it is split over them, each "
-        f"drawing its rows of a batch from its own shard"
+        f"{over}: the training data ({mib:.1f} MiB) does not fit on one device "
+        f"({device_memory(mesh) / 2**20:.0f} MiB), so it is split over them, each drawing "
+        f"its rows of a batch from its own shard"
     )
 
 

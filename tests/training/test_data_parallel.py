@@ -3,13 +3,15 @@ programs have no collective on a minibatch or on indices, only the gradients' an
 metrics' all-reduce; data too large for a device is sharded, each device drawing from
 its own shard; a batch size that the data axis does not divide is refused."""
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
-from conftest import REPO
+import pytest
+from conftest import REPO, run_script
 
 from sae_jax.parallel import epoch_order
 
@@ -192,3 +194,30 @@ def test_epoch_order_permutes_each_shard_apart():
         rows = np.concatenate([np.ravel(batches[:, s]), rest[s]])
         np.testing.assert_array_equal(np.sort(rows), np.arange(10))
     assert not np.array_equal(batches[:, 0], batches[:, 1])  # each shard its own order
+
+
+@pytest.mark.parametrize(
+    ("script", "flags", "devices"),
+    [("mnist", ("--config.batch_size=30",), 4), ("sweep", ("--seeds=2",), 2)],
+)
+def test_the_commands_refuse_a_batch_size_the_devices_do_not_divide(
+    tmp_path, script, flags, devices
+):
+    # 4 devices: a run splits its batches over all 4, a sweep of 2 models over 2 each.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = run_script(
+        script,
+        "--config=tiny",  # batch_size=25
+        *flags,
+        "--data_source=idx",
+        f"--data_dir={tmp_path}",  # no files: refused before the data is looked for
+        f"--workdir={tmp_path / 'run'}",
+        env=env,
+    )
+    batch = 30 if script == "mnist" else 25
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"error: --config.batch_size={batch} does not divide over the {devices} devices of the "
+        f"mesh's data axis: use a multiple of {devices}\n"
+    )
+    assert not (tmp_path / "run").exists()
