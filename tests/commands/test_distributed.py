@@ -210,7 +210,7 @@ from sae_jax.commands.train import run_mnist
 flags = cli.parser(None).parse_args(sys.argv[1:-1])
 cli.start(flags)
 config = tiny().replace(layers=(LayerConfig(features=16, epochs=1),), softmax_epochs=0,
-                        finetune_epochs=1)
+                        finetune_epochs=1, batch_size=24)
 run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=exits.log)
 """
 
