@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_script
 
-from sae_jax.parallel import epoch_order
+from sae_jax.parallel import device_memory, epoch_order, fits_on_device, shard_layout
 
 # Collects the compiled text of every epoch program that ``fit`` runs, with the shapes
 # that its collectives may have: a parameter's (whole, or one model's of a sweep, or
@@ -221,3 +221,34 @@ def test_the_commands_refuse_a_batch_size_the_devices_do_not_divide(
         f"mesh's data axis: use a multiple of {devices}\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+class _Device:
+    def __init__(self, limit):
+        self.limit = limit
+
+    def memory_stats(self):
+        return None if self.limit is None else {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+
+class _Mesh:
+    """What ``device_memory`` and ``shard_layout`` read of a mesh: its shape and the
+    devices of this process."""
+
+    def __init__(self, *limits):
+        self.local_devices = [_Device(limit) for limit in limits]
+        self.shape = {"data": len(limits)}
+
+
+def test_data_is_sharded_only_where_it_takes_over_half_a_device():
+    assert device_memory(_Mesh(None, None)) is None  # CPU: no limit, the data fits
+    assert fits_on_device(10**15, _Mesh(None, None))
+    assert device_memory(_Mesh(1000, 800)) == 800  # the smallest device decides
+    assert fits_on_device(400, _Mesh(1000, 800)) and not fits_on_device(401, _Mesh(1000, 800))
+    assert not shard_layout(400, 10, _Mesh(1000, 800), None, "fit")
+    assert shard_layout(401, 10, _Mesh(1000, 800), None, "fit")
+    assert shard_layout(1, 10, _Mesh(1000, 800), True, "fit")  # forced either way
+    assert not shard_layout(10**6, 10, _Mesh(1000, 800), False, "fit")
+    assert not shard_layout(401, 10, _Mesh(1000), None, "fit")  # one device: nothing to split
+    with pytest.raises(ValueError, match="fit: the data's 11 examples, to be sharded"):
+        shard_layout(401, 11, _Mesh(1000, 800), None, "fit")
