@@ -8,7 +8,7 @@ device's memory (``fits_on_device``) is kept whole on every device, so each devi
 gathers its part of a minibatch locally and a step's only collectives are the
 gradients' and the metrics' all-reduce; a larger one is split over the data axis,
 each device drawing its part of every minibatch from its own shard
-(``shard_order``, ``take_batch``). A sweep's mesh has a second axis,
+(``epoch_order``, ``take_batch``). A sweep's mesh has a second axis,
 ``"models"``, over which the models are spread: each device trains its share of
 them, and the models never communicate.
 
