@@ -143,6 +143,7 @@ SHARDED = PRELUDE + textwrap.dedent(r"""
     for models, data_axis, w0, data in [
         (None, None, np.zeros(3, np.float32), (xs, ys)),
         (2, 0, np.zeros((2, 3), np.float32), (np.stack([xs, -xs]), np.stack([ys, ys]))),
+        (2, None, np.zeros((2, 3), np.float32), (xs, ys)),  # 2 models sharing the data
     ]:
         mesh = make_mesh(models=models) if models else make_mesh()
         key = jax.random.PRNGKey(2)
@@ -152,7 +153,7 @@ SHARDED = PRELUDE + textwrap.dedent(r"""
                        reduction="sum")
         want = w0 - 0.01 * np.einsum("...n,...nd->...d", data[1], data[0])
         np.testing.assert_allclose(got.state.params, want, rtol=1e-5, atol=1e-5)
-        check(f"sharded, models={models}", (24, 12, 6, 16, 8, 4))
+        check(f"sharded, models={models}, data_axis={data_axis}", (24, 12, 6, 16, 8, 4))
     print("shards drawn locally")
 """)
 
