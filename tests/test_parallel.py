@@ -38,7 +38,10 @@ SHARDED = textwrap.dedent(r"""
     y = rng.integers(0, 4, 400).astype(np.uint8)
     key = jax.random.PRNGKey(1)
 
-    placed = place_data(x, mesh)
+    placed = place_data(x, mesh)  # small enough: whole on every device
+    assert placed.sharding.is_fully_replicated, placed.sharding
+    assert {s.data.shape for s in placed.addressable_shards} == {(400, 64)}
+    placed = place_data(x, mesh, shard=True)
     assert placed.sharding.spec == P("data"), placed.sharding
     assert {s.data.shape for s in placed.addressable_shards} == {(50, 64)}
 

@@ -115,10 +115,23 @@ class Prepared:
 
 
 def prepare(
-    config: Config, workdir: str | os.PathLike[str], data: DataSpec, log: Callable[[str], None]
+    config: Config,
+    workdir: str | os.PathLike[str],
+    data: DataSpec,
+    log: Callable[[str], None],
+    data_devices: int = 1,
 ) -> Prepared:
-    """Check the config and the workdir, then load the data (before anything compiles)."""
+    """Check the config and the workdir, then load the data (before anything compiles).
+
+    ``data_devices``: the size of the data axis of the mesh the run trains on (see
+    ``parallel.data_axis_devices``), over which ``config.batch_size`` must divide.
+    """
     config.validate()
+    if config.batch_size % data_devices:
+        raise UserError(
+            f"--config.batch_size={config.batch_size} does not divide over the "
+            f"{data_devices} devices of the mesh's data axis: use a multiple of {data_devices}"
+        )
     if not str(workdir):
         raise UserError("--workdir is empty: name a folder")
     workdir = user_path(workdir)

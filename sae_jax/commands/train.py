@@ -22,7 +22,7 @@ from sae_jax.config import Config
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.errors import UserError
 from sae_jax.files import stopped, write_bytes_atomic
-from sae_jax.parallel import default_mesh, is_primary
+from sae_jax.parallel import data_axis_devices, default_mesh, is_primary, layout_line
 from sae_jax.training.layerwise import pretrain_stack
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
@@ -83,7 +83,7 @@ def run_mnist(
     start = time.perf_counter()
     if tensorboard:
         check_available()  # a user mistake, found before anything is written
-    ready = prepare(config, workdir, data, log)
+    ready = prepare(config, workdir, data, log, data_devices=data_axis_devices())
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
         options = {"pretrain": False} if not pretrain else {}
@@ -160,6 +160,8 @@ def _train(
         f"{config.layer_sizes}, {jax.default_backend()} x{mesh.size if mesh else 1}"
         f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
+    if mesh is not None:
+        log(layout_line(x.nbytes + (0 if y is None else y.nbytes), mesh))
     if y is None:
         if not pretrain:
             raise UserError("--no_pretraining: the data has no labels, so nothing to fine-tune")

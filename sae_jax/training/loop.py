@@ -24,6 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sae_jax import parallel
 from sae_jax.parallel import DATA_AXIS, MODEL_AXIS, axis_size, put
 from sae_jax.training.epochs import Epochs, Models
 from sae_jax.training.optim import (  # noqa: F401  (make_optimizer: part of the engine's API)
@@ -119,6 +120,7 @@ def make_epoch(
     models: bool = False,
     data_axis: int | None = None,
     reduction: str = "mean",
+    sharded: bool = False,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One jitted epoch ``(state, data, key, active=None, epoch=None) -> (state, mean
     metrics)``.
@@ -134,35 +136,36 @@ def make_epoch(
 
     With a ``mesh``, every minibatch is split over the mesh's ``"data"`` axis while
     params and optimizer state stay replicated (data parallelism; XLA inserts the
-    gradient all-reduce). With ``models``, the epoch is ``vmap``-ed over a leading
-    model axis of ``state`` and ``key`` (and of ``data`` when ``data_axis=0``),
-    which a mesh with a ``"models"`` axis spreads over that axis's devices; then
-    ``active`` (bool ``[models]``, or None for all) says which models train: the
-    others' states come back unchanged.
+    gradient all-reduce; no collective moves the batch, see ``parallel.take_batch``).
+    The data is whole on every device, and the result equals one device's up to
+    rounding; a remainder step that does not divide over the axis runs replicated.
+    With ``sharded`` the data is split over the axis and each device draws its part
+    of every batch from its own shard: another shuffle than one device's (see
+    ``parallel.epoch_order``). With ``models``, the epoch is ``vmap``-ed over a
+    leading model axis of ``state`` and ``key`` (and of ``data`` when
+    ``data_axis=0``), which a mesh with a ``"models"`` axis spreads over that axis's
+    devices; then ``active`` (bool ``[models]``, or None for all) says which models
+    train: the others' states come back unchanged.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: choose mean or sum")
-    full, remainder = divmod(num_examples, batch_size)
+    remainder = num_examples % batch_size
     weight = (lambda size: size) if reduction == "mean" else (lambda size: 1)
-    batch_sharding = NamedSharding(mesh, P(DATA_AXIS)) if mesh is not None else None
-    split = axis_size(mesh, DATA_AXIS) if mesh is not None else 1
+    shards = axis_size(mesh, DATA_AXIS) if mesh is not None and sharded else 1
 
     def run_step(state: TrainState, data: Batch, idx: jax.Array, key: jax.Array):
-        batch = tuple(jnp.take(a, idx, axis=0) for a in data)
-        if batch_sharding is not None and len(idx) % split == 0:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        batch = parallel.take_batch(data, idx, mesh, sharded)
         return step(state, batch, jax.random.fold_in(key, state.step))
 
     def train_epoch(state: TrainState, data: Batch, key: jax.Array, active=None, epoch=None):
         if epoch is not None:
             key = jax.random.fold_in(key, epoch)
         perm_key, step_key = jax.random.split(key)
-        perm = jax.random.permutation(perm_key, num_examples)
-        batches = perm[: full * batch_size].reshape(full, batch_size)
+        batches, rest = parallel.epoch_order(perm_key, num_examples, batch_size, shards)
         new, metrics = jax.lax.scan(lambda s, idx: run_step(s, data, idx, step_key), state, batches)
         totals = jax.tree.map(lambda m: jnp.sum(m, axis=0) * weight(batch_size), metrics)
         if remainder:
-            new, last = run_step(new, data, perm[full * batch_size :], step_key)
+            new, last = run_step(new, data, rest, step_key)
             totals = jax.tree.map(lambda t, m: t + m * weight(remainder), totals, last)
         if active is not None:  # a finished model keeps its state
             new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
@@ -196,13 +199,16 @@ def take_models(tree: Params, index: np.ndarray, mesh: Mesh | None = None) -> Pa
     return jax.jit(lambda t: jax.tree.map(lambda a: a[index], t), out_shardings=out)(tree)
 
 
-def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Array:
-    """Put ``a`` ``[n, ...]`` on the device(s): split over the mesh's ``"data"`` axis
-    when ``n`` divides evenly, else replicated (no mesh: the default device).
+def place_data(
+    a: jax.Array, mesh: Mesh | None, models: bool = False, shard: bool | None = None
+) -> jax.Array:
+    """Put ``a`` ``[n, ...]`` on the device(s) (no mesh: the default device).
 
-    With ``models``, ``a`` is ``[models, n, ...]`` and its first axis is also split
-    over the mesh's ``"models"`` axis (when it has one and the count divides).
-    Every process passes the whole of ``a`` and keeps only its own shards.
+    With a mesh, ``a`` is whole on every device, or with ``shard`` (None: when it
+    does not fit on one, ``parallel.fits_on_device``) split over the ``"data"`` axis
+    where ``n`` divides. With ``models``, ``a`` is ``[models, n, ...]`` and its first
+    axis is also split over the ``"models"`` axis (if any, where the count divides).
+    Every process passes the whole of ``a`` and keeps its own devices' shards.
     """
     if mesh is None:
         return jax.device_put(a)  # no program runs for it (jnp.asarray may compile one)
@@ -211,7 +217,9 @@ def place_data(a: jax.Array, mesh: Mesh | None, models: bool = False) -> jax.Arr
         spread = MODEL_AXIS in mesh.axis_names and a.shape[0] % axis_size(mesh, MODEL_AXIS) == 0
         spec.append(MODEL_AXIS if spread else None)
     n = a.shape[len(spec)]
-    spec.append(DATA_AXIS if n % axis_size(mesh, DATA_AXIS) == 0 else None)
+    if shard is None:
+        shard = not parallel.fits_on_device(parallel.device_bytes(a, mesh, models), mesh)
+    spec.append(DATA_AXIS if shard and n % axis_size(mesh, DATA_AXIS) == 0 else None)
     return jax.device_put(a, NamedSharding(mesh, P(*spec)))
 
 
@@ -234,6 +242,7 @@ def fit(
     hparams: Any = None,
     reduction: str = "mean",
     evaluate: Callable[[Params], dict[str, jax.Array]] | None = None,
+    shard_data: bool | None = None,
 ) -> FitResult:
     """Train ``params`` on ``data`` for ``epochs`` epochs of shuffled minibatches.
 
@@ -262,7 +271,7 @@ def fit(
       start_epoch: the first epoch to run; with the ``state`` saved after epoch
         ``start_epoch - 1``, the result is the same as one uninterrupted run.
       mesh: a ``Mesh`` with a ``"data"`` axis (see ``sae_jax.parallel``): data
-        parallelism over its devices.
+        parallelism over its devices; ``batch_size`` must divide over that axis.
       models: train this many models at once in one compiled program: ``params``,
         ``key`` (``[models, 2]``) and every ``hparams`` leaf carry a leading model
         axis, and metrics are lists with one value per model. A model whose loss
@@ -276,20 +285,26 @@ def fit(
       evaluate: ``params -> {name: device array}``, called on every epoch's params
         as soon as the epoch is queued (so it runs on the device right after it);
         its values join the epoch's metrics.
+      shard_data: with a mesh, split ``data`` over its ``"data"`` axis instead of
+        keeping it whole on every device (see ``make_epoch``); None (default): only
+        data that does not fit on one device.
 
     Returns:
       ``FitResult(state, history, epochs_trained, diverged)``.
 
     Raises:
       NonFiniteLossError: the epoch's mean loss is NaN or infinite (one model).
+      ValueError: ``batch_size`` does not divide over the mesh's data axis, or data
+        to shard does not divide over it.
     """
-    data, num_examples = _placed(data, mesh, models, data_axis, name)
+    parallel.check_batch_split(batch_size, mesh)
+    data, num_examples, sharded = _placed(data, mesh, models, data_axis, name, shard_data)
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")
     step = make_train_step(loss_fn, optimizer)
     epoch_fn = make_epoch(
         step, num_examples, batch_size, mesh=mesh, models=models is not None,
-        data_axis=data_axis, reduction=reduction,
+        data_axis=data_axis, reduction=reduction, sharded=sharded,
     )  # fmt: skip
     if state is None:
         state = init_state(params, optimizer, hparams, models)
@@ -318,16 +333,23 @@ def fit(
 
 
 def _placed(
-    data: Sequence[jax.Array], mesh: Mesh | None, models: int | None, data_axis: Any, name: str
-) -> tuple[tuple[jax.Array, ...], int]:
-    """``data`` on the device(s) (see ``place_data``) and its number of examples."""
+    data: Sequence[jax.Array], mesh: Mesh | None, models: int | None, data_axis: Any, name: str,
+    shard: bool | None,
+) -> tuple[tuple[jax.Array, ...], int, bool]:  # fmt: skip
+    """``data`` on the device(s) (see ``place_data``; all of it whole on every device,
+    or all of it sharded), its number of examples, and whether it is sharded."""
     axes = data_axis if isinstance(data_axis, tuple) else (data_axis,) * len(data)
     per_model = [models is not None and ax == 0 for ax in axes]
-    placed = tuple(place_data(a, mesh, m) for a, m in zip(data, per_model, strict=True))
-    lengths = {a.shape[1 if m else 0] for a, m in zip(placed, per_model, strict=True)}
+    lengths = {np.shape(a)[1 if m else 0] for a, m in zip(data, per_model, strict=True)}
     if len(lengths) != 1:
-        raise ValueError(f"{name}: data arrays differ in length: {[a.shape for a in placed]}")
-    return placed, lengths.pop()
+        raise ValueError(f"{name}: data arrays differ in length: {[np.shape(a) for a in data]}")
+    n = lengths.pop()
+    if mesh is None:
+        return tuple(jax.device_put(a) for a in data), n, False
+    nbytes = sum(parallel.device_bytes(a, mesh, m) for a, m in zip(data, per_model, strict=True))
+    shard = parallel.shard_layout(nbytes, n, mesh, shard, name)
+    placed = tuple(place_data(a, mesh, m, shard) for a, m in zip(data, per_model, strict=True))
+    return placed, n, shard
 
 
 def map_batches(fn: Callable[[Any], Any], xs: Any, batch_size: int) -> Any:

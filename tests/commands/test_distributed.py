@@ -21,7 +21,8 @@ from conftest import REPO, free_port, run_script
 import sae_jax
 from sae_jax.files import WorkdirLock
 
-FLAGS = ("--config=tiny", "--epochs=4", "--data_source=sample")
+# tiny's batch of 25 does not divide over 2 devices; 24 does.
+FLAGS = ("--config=tiny", "--config.batch_size=24", "--epochs=4", "--data_source=sample")
 KILL_AT = "pretrain_2 epoch   2/4"
 
 
@@ -115,6 +116,9 @@ def one(tmp_path_factory):
 def test_two_processes_write_one_run_and_only_process_0_prints(two):
     workdir, [(_, out0, _), (_, out1, err1)] = two
     assert "cpu x2 (data parallel) over 2 processes" in out0 and "test_accuracy" in out0
+    # The data is small: every process keeps all of it on its device.
+    assert "data parallel over 2 devices: the training data (" in out0
+    assert "MiB) is whole on every device" in out0
     assert quiet(out1) and not err1, out1 + err1
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 2
@@ -169,7 +173,7 @@ def test_a_run_of_two_processes_loads_in_one(two):
 def test_a_sweep_spreads_its_models_over_two_processes_of_two_devices(tmp_path):
     # 2 models on 4 devices: each model on the 2 devices of one process, its
     # minibatches split over them.
-    flags = ("--config=tiny", "--epochs=1", "--layers=32", "--seeds=2")
+    flags = ("--config=tiny", "--config.batch_size=24", "--epochs=1", "--layers=32", "--seeds=2")
     [(_, out0, _), (_, out1, err1)] = run(
         "sweep", *flags, f"--workdir={tmp_path / 'two'}", devices=2
     )
@@ -206,7 +210,7 @@ from sae_jax.commands.train import run_mnist
 flags = cli.parser(None).parse_args(sys.argv[1:-1])
 cli.start(flags)
 config = tiny().replace(layers=(LayerConfig(features=16, epochs=1),), softmax_epochs=0,
-                        finetune_epochs=1)
+                        finetune_epochs=1, batch_size=24)
 run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=exits.log)
 """
 
