@@ -10,12 +10,14 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.sharding import Mesh
 
 from sae_jax.config import Config
@@ -101,14 +103,32 @@ def write_figures(
     params = jax.device_get(first.params)  # the first layer's, replicated
     kernel = np.asarray(params["params"]["encoder"]["kernel"])
     figures.save_filters(kernel, workdir / "filters.png", shape=(side, side))
-    x = to_float(jnp.asarray(x[:10]))
-    corrupted = corrupt(jax.random.PRNGKey(config.seed), x, layer.noise, layer.noise_level)
-    reconstructed = first.module.apply(params, corrupted, method=lambda m, v: m.decode(m.encode(v)))
+    round_trip = _round_trip(first.module, layer.noise)
+    x, corrupted, reconstructed = jax.device_get(
+        round_trip(params, np.asarray(x[:10]), np.uint32(config.seed), layer.noise_level)
+    )
     figures.save_reconstructions(
-        np.asarray(x),
-        np.asarray(reconstructed),
+        x,
+        reconstructed,
         workdir / "reconstructions.png",
-        corrupted=np.asarray(corrupted) if layer.noise != "none" else None,
+        corrupted=corrupted if layer.noise != "none" else None,
         shape=(side, side),
     )
     return paths
+
+
+@lru_cache(maxsize=16)
+def _round_trip(module: nn.Module, noise: str) -> Callable:
+    """One program: images ``[k, features]`` scaled to [0, 1], corrupted with ``noise``
+    (from the key of ``seed``) and reconstructed by the autoencoder ``module``."""
+
+    def run(params: Any, x: jax.Array, seed: jax.Array, level: float):
+        x = to_float(x)
+        corrupted = corrupt(jax.random.PRNGKey(seed), x, noise, level)
+        return x, corrupted, module.apply(params, corrupted, method=_decode_encode)
+
+    return jax.jit(run)
+
+
+def _decode_encode(module: nn.Module, x: jax.Array) -> jax.Array:
+    return module.decode(module.encode(x))
