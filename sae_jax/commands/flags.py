@@ -196,6 +196,39 @@ def _run_flags(p: Parser) -> None:
     )
 
 
+def checkpoint_flags(p: Parser) -> None:
+    """``--restart`` and ``--checkpoint_every``, for a command that trains with
+    checkpoints in ``--workdir``."""
+    from sae_jax.files import CHECKPOINT_EVERY
+
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run saved in --workdir and start over (default: resume it)",
+    )
+    p.add_argument(
+        "--checkpoint_every",
+        type=_seconds,
+        default=CHECKPOINT_EVERY,
+        metavar="SECONDS",
+        help="save an epoch checkpoint when at least SECONDS have passed since the last "
+        "one; 0 saves every epoch. The end of every stage is always saved, and so is the "
+        "epoch in progress on Ctrl-C or SIGTERM. Saves run in the background; "
+        f"(default: {CHECKPOINT_EVERY:g})",
+    )
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (``inf``: only the ends of stages and signals)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    return value
+
+
 def data_spec(flags: argparse.Namespace):
     """The ``DataSpec`` that the data flags describe, or (where they name MNIST by
     default) the data of the run whose ``config.json`` ``start`` loaded."""
