@@ -248,6 +248,7 @@ class RunStore:
             self._saver.release(self.workdir / "checkpoints" / self._stage)
         with signals_deferred():
             self._saver.wait()
+        self._metrics.close()
 
     # ------------------------------------------------------------------ StageStore
 

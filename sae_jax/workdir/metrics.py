@@ -52,6 +52,7 @@ class MetricsLog:
         self._rows = self._read()  # (stage, epoch, entry), in the file's order
         self._logged: dict[str, int] = {}  # epochs of each stage written by this run
         self._digests: dict[str, Any] = {}  # sha256 of each stage's lines so far
+        self._file: Any = None  # open for appending, between rewrites
 
     def _read(self) -> list[tuple[str, int, Entry]]:
         if not self.path.exists():
@@ -83,8 +84,16 @@ class MetricsLog:
             self._rows.append((stage, epoch, entry))
         self._logged[stage] = max(done, len(history))
         if lines and self.write:
-            with open(self.path, "a") as f:
-                f.write("".join(lines))
+            if self._file is None:
+                self._file = open(self.path, "a")  # noqa: SIM115 (kept open: see close)
+            self._file.write("".join(lines))
+            self._file.flush()  # in the file, whatever happens to this process next
+
+    def close(self) -> None:
+        """Close the file (``log`` opens it again if needed)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def digest(self, stage: str) -> str:
         """The sha256 of the lines of ``stage`` written so far (from epoch 1)."""
@@ -120,5 +129,6 @@ class MetricsLog:
         if settled == self._rows and self._clean:
             return  # as it is (a new run's stage, or one restored as it was written)
         self._rows, self._clean = settled, True
+        self.close()  # the file is replaced
         if self.write:
             write_text_atomic(self.path, "".join(_line(*row) for row in self._rows))
