@@ -1,8 +1,9 @@
 """Stacked autoencoders on MNIST: greedy layer-wise pretraining of autoencoders, then
 fine-tuning of the stack with a softmax head.
 
-A checkpoint is saved after every epoch in --workdir: run the same command again and
-it resumes where it stopped. The results go to <workdir>/summary.json.
+Checkpoints are saved in --workdir (an epoch a minute, the end of every stage, and
+the epoch in progress on Ctrl-C or SIGTERM): run the same command again and it
+resumes where it stopped. The results go to <workdir>/summary.json.
 
   python experiments/mnist.py --config=tiny      # seconds, on the bundled sample
   python experiments/mnist.py --platform=cpu --config=seed \\
@@ -30,11 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="folder for checkpoints, metrics, figures and summary.json "
         "(default: checkpoints/mnist)",
     )
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard the run saved in --workdir and start over (default: resume it)",
-    )
+    cli.checkpoint_flags(p)  # --restart, --checkpoint_every
     p.add_argument(
         "--eval_only",
         action="store_true",
@@ -83,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=exits.log,
             progress_stream=exits.progress_stream(),
             tensorboard=flags.tensorboard,
+            checkpoint_every=flags.checkpoint_every,
         )
 
     return exits.run_command(body)

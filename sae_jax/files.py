@@ -26,6 +26,9 @@ from typing import Any
 from sae_jax.errors import CheckpointError, Stopped
 
 LOCK_NAME = "run.lock"
+# Seconds between epoch checkpoints by default (see workdir.checkpoint.RunStore and
+# --checkpoint_every).
+CHECKPOINT_EVERY = 60.0
 
 
 def read_json(path: Path, what: str = "file") -> Any:

@@ -21,7 +21,7 @@ from sae_jax.commands.progress import Progress
 from sae_jax.config import Config
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.errors import UserError
-from sae_jax.files import stopped, write_bytes_atomic
+from sae_jax.files import CHECKPOINT_EVERY, stopped, write_bytes_atomic
 from sae_jax.parallel import data_axis_devices, default_mesh, is_primary, layout_line
 from sae_jax.training.layerwise import pretrain_stack
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
@@ -44,12 +44,15 @@ def run_mnist(
     log: Callable[[str], None] = print,
     progress_stream: TextIO | None = None,
     tensorboard: bool = False,
+    checkpoint_every: float = CHECKPOINT_EVERY,
 ) -> dict[str, Any]:
     """Run ``config`` on MNIST (or the data ``data`` names) with checkpoints in
     ``workdir``, resuming what is there.
 
     Writes to ``workdir`` (relative to the current directory, ``~`` expanded):
-    orbax checkpoints after every epoch (see ``sae_jax.workdir.checkpoint``),
+    orbax checkpoints, saved in the background, of an epoch every
+    ``checkpoint_every`` seconds (0: every epoch), of the end of every stage, and of
+    the epoch in progress on SIGINT or SIGTERM (see ``sae_jax.workdir.checkpoint``),
     ``metrics.jsonl``, ``summary.json``, ``run.lock`` and, with ``figures``,
     ``filters.png``, ``reconstructions.png`` and ``curves.png``. One run at a time
     holds a workdir: another is refused, or waits with ``wait``.
@@ -91,13 +94,13 @@ def run_mnist(
             options["data"] = own
         store = RunStore(
             workdir, config, restart=restart, log=log, options=options or None,
-            data=provenance(dataset)["data"],
+            data=provenance(dataset)["data"], checkpoint_every=checkpoint_every,
         )  # fmt: skip
         if ready.standardization is not None and is_primary():
             mean, std = ready.standardization
             write_bytes_atomic(workdir / STANDARDIZATION, npz_bytes(mean=mean, std=std))
         board = TensorBoard(workdir / "tensorboard") if tensorboard and is_primary() else None
-        with board or nullcontext():
+        with store, board or nullcontext():  # the store's end waits for its saves
             progress = Progress(config, log, progress_stream)
             on_epoch = progress if board is None else _both(progress, board.epoch)
             try:
@@ -105,6 +108,7 @@ def run_mnist(
                     config, dataset, store, data_parallel, pretrain, log, on_epoch
                 )
             except KeyboardInterrupt as e:
+                store.close()  # what is in flight commits first: the message says what is saved
                 raise stopped(e, store.where()) from None
             summary = run_summary(config, result, dataset, mesh, pretrain)
             summary["total_wall_s"] = time.perf_counter() - start

@@ -2,8 +2,12 @@
 
 Modules, in import order:
 
-- ``restore``: orbax checkpoints read back, whole on every process.
-- ``checkpoint``: orbax checkpoints of every stage, their manifests, resuming
+- ``restore``: orbax checkpoints read back, whole on every process; damaged ones
+  moved aside.
+- ``saving``: saves in a background thread, manifests once committed, SIGINT and
+  SIGTERM held until the epoch is saved.
+- ``metrics``: ``metrics.jsonl``, which also gives a resumed stage its history.
+- ``checkpoint``: orbax checkpoints of every stage, when to save, resuming
   (``RunStore``).
 - ``figures``: the PNG figures (matplotlib, imported only when drawing).
 - ``summary``: ``summary.json`` and the provenance of a run, and its figures.

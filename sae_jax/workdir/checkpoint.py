@@ -5,28 +5,39 @@ Layout of a workdir::
   .sae_jax                     the mark that a run owns the folder (files.check_workdir)
   config.json                  the run's config; another config is refused
   data.json                    the source and sha256 of the data; other data is refused
-  checkpoints/<stage>/<epoch>/ the train state and RNG key after each epoch, with the
-                               stage, epoch, metrics so far and config (last few kept)
-  frozen/<stage>/0/            the final params of each completed stage
-  metrics.jsonl                one line per epoch per stage, as checkpointed
+  checkpoints/<stage>/<epoch>/ the train state and RNG key after an epoch, with the
+                               stage, epoch, record and config (last few kept)
+  frozen/<stage>/0/            the final params and whole record of each completed stage
+  metrics.jsonl                one line per epoch per stage (the history of a resumed
+                               stage is read back from it, see ``workdir.metrics``)
   manifests/                   size and sha256 of every file of every checkpoint
   damaged/                     checkpoints that failed their check, moved aside
 
+An epoch is checkpointed when ``checkpoint_every`` seconds have passed since the
+last checkpoint, at the end of every stage (its frozen params), and when SIGINT or
+SIGTERM asks the run to stop. Used as a context manager (``with RunStore(...) as
+store``), the store saves in the background (``workdir.saving``): the next epoch
+runs while the last save commits, and the block's end waits for the saves in
+flight. Outside one, every save is committed before the call returns.
+
 Each checkpoint's files are checked against its manifest before orbax reads them,
-so a truncated or corrupted checkpoint is found (and skipped) before it is used.
+so a truncated or corrupted checkpoint, or one whose save never finished, is found
+(and skipped) before it is used.
 
 In a run of several processes every process calls the same methods: orbax saves
 and restores collectively into the one workdir (a folder every process sees),
 while process 0 alone writes ``config.json``, ``metrics.jsonl`` and the manifests,
-checks manifests and moves damaged checkpoints aside, and tells the others which
-checkpoint to restore.
+checks manifests and moves damaged checkpoints aside, tells the others which
+checkpoint to restore, and decides when to save (by its clock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,23 +54,22 @@ from sae_jax.config.files import (
     config_to_json,
     read_config,
 )
-from sae_jax.errors import CheckpointError
+from sae_jax.errors import CheckpointError, Stopped
 from sae_jax.files import (
-    failed_writes_quiet,
-    file_manifest,
+    CHECKPOINT_EVERY,
+    RESUME,
     make_workdir,
-    manifest_path,
-    manifest_problem,
     read_json,
     signals_deferred,
-    storage_error,
     user_path,
     write_text_atomic,
 )
 from sae_jax.parallel import barrier, broadcast_int, is_primary, replicated
 from sae_jax.training.loop import Params, TrainState
 from sae_jax.training.stage import StageRecord
-from sae_jax.workdir.restore import checkpoint_manager, restore_intact
+from sae_jax.workdir.metrics import METRICS, MetricsLog
+from sae_jax.workdir.restore import checkpoint_manager, restore_latest
+from sae_jax.workdir.saving import HeldSignals, Saver, agreed, copied
 
 STANDARDIZATION = "standardization.npz"  # the per-feature mean and std of --standardize
 DATA_RECORD = "data.json"  # the source and sha256 of the data the run started on
@@ -69,7 +79,7 @@ MANAGED = (
     "checkpoints",
     "frozen",
     "manifests",
-    "metrics.jsonl",
+    METRICS,
     "damaged",
     "summary.json",
     "filters.png",
@@ -80,24 +90,24 @@ MANAGED = (
 )
 
 
-def _record(stage: str, meta: dict[str, Any]) -> StageRecord:
-    return StageRecord(
-        stage, meta["epochs"], meta["wall_s"], list(meta["history"]), meta.get("best_epoch", 0)
-    )
+def _record(stage: str, meta: dict[str, Any], history: list | None = None) -> StageRecord:
+    """The record a checkpoint's ``meta`` describes; ``history`` where the meta does
+    not hold it (an epoch checkpoint: see ``workdir.metrics``)."""
+    history = list(meta["history"]) if "history" in meta else history
+    return StageRecord(stage, meta["epochs"], meta["wall_s"], history, meta.get("best_epoch", 0))
 
 
 def _meta(record: StageRecord, **extra: Any) -> dict[str, Any]:
     return {
         "epochs": record.epochs,
         "wall_s": record.wall_s,
-        "history": record.history,
         "best_epoch": record.best_epoch,
         **extra,
     }
 
 
 class RunStore:
-    """A ``StageStore`` on disk: orbax checkpoints of every epoch of every stage.
+    """A ``StageStore`` on disk: orbax checkpoints of the epochs of every stage.
 
     Args:
       workdir: the run's folder (created if needed; relative to the current
@@ -110,6 +120,14 @@ class RunStore:
       options: other settings that change what the stages compute (saved and
         compared with the config under ``"_run"``), e.g. ``{"pretrain": False}``.
       log: receives one line per restore, fallback or move.
+      checkpoint_every: seconds between epoch checkpoints: an epoch is saved when
+        at least this long has passed since the last checkpoint (0: every epoch).
+        The end of every stage is always saved.
+
+    As a context manager it saves in the background, and while a stage trains it
+    holds SIGINT and SIGTERM until the epoch in progress is saved, then stops the
+    run with ``Stopped`` (a second signal stops it at once); the block's end waits
+    for the saves in flight (``close``).
     """
 
     def __init__(
@@ -122,10 +140,14 @@ class RunStore:
         options: dict[str, Any] | None = None,
         log: Callable[[str], None] = print,
         data: dict[str, Any] | None = None,
+        checkpoint_every: float = CHECKPOINT_EVERY,
     ):
+        if not checkpoint_every >= 0:  # NaN too
+            raise ValueError(f"checkpoint_every={checkpoint_every}: must be >= 0 seconds")
         self.workdir = user_path(workdir)
         self.keep = keep
         self.log = log
+        self.checkpoint_every = checkpoint_every
         make_workdir(self.workdir)
         if restart and is_primary():
             for name in MANAGED:
@@ -135,6 +157,20 @@ class RunStore:
                 elif path.exists():
                     path.unlink()
         barrier("sae_jax: workdir ready")
+        self._config = self._check_config(config, options)
+        self._check_data(data)
+        # Read by every process before process 0 rewrites it: finished and resume
+        # begin with a collective (_agreed) that each process reaches after this.
+        self._metrics = MetricsLog(self.workdir, write=is_primary())
+        self._saver = Saver(self.workdir, durable=[self._metrics.path])
+        self._signals = HeldSignals()
+        self._stage: str | None = None  # the stage being trained
+        self._frozen: set[str] = set()  # the stages whose end this run saved
+        self._last_save = time.monotonic()
+
+    def _check_config(self, config: Config, options: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's config as JSON (with ``options``), refused if the workdir holds
+        another, written to ``config.json`` if it holds none."""
         config_path = self.workdir / "config.json"
         wanted = config_to_json(config)
         if options:
@@ -152,11 +188,7 @@ class RunStore:
                 )
         elif is_primary():
             write_text_atomic(config_path, json.dumps(wanted, indent=2) + "\n")
-        self._check_data(data)
-        self._config = wanted
-        self._done: list[StageRecord] = []  # stages finished so far, in order
-        self._stage: str | None = None  # the stage being trained
-        self._saved: tuple[str, int] | None = None  # the last epoch checkpoint written
+        return wanted
 
     def _check_data(self, data: dict[str, Any] | None) -> None:
         """Refuse to go on with other data than the run started on: ``data``
@@ -184,10 +216,39 @@ class RunStore:
         """Where the run is, for a message: the stage being trained and what is saved."""
         if self._stage is None:
             return f"before training started; nothing new is saved in {self.workdir}"
+        folder, step = self._saver.committed or (None, 0)
         saved = "no epoch of it is saved yet"
-        if self._saved is not None and self._saved[0] == self._stage:
-            saved = f"epoch {self._saved[1]} is saved"
+        if folder == self.workdir / "checkpoints" / self._stage:
+            saved = f"epoch {step} is saved"
+        elif folder == self.workdir / "frozen" / self._stage:
+            return f"after {self._stage} (it is saved in {self.workdir})"
         return f"during {self._stage} ({saved} in {self.workdir})"
+
+    # ------------------------------------------------------------------ lifetime
+
+    def __enter__(self) -> RunStore:
+        self._saver.background = True
+        self._signals.install()
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+        elif jax.process_count() == 1:  # a lost process could make the wait endless
+            with contextlib.suppress(OSError):  # the error on its way out says more
+                self.close()
+        else:
+            self._signals.uninstall()
+
+    def close(self) -> None:
+        """Wait until every save is committed (``OSError`` naming a checkpoint that
+        could not be saved), and give the signals back their handlers."""
+        self._signals.uninstall()
+        if self._stage is not None:
+            self._saver.release(self.workdir / "checkpoints" / self._stage)
+        with signals_deferred():
+            self._saver.wait()
+        self._metrics.close()
 
     # ------------------------------------------------------------------ StageStore
 
@@ -196,14 +257,18 @@ class RunStore:
         directory = self.workdir / "frozen" / stage
         if not _agreed(directory.exists()):
             return None
-        restored = self._restore_latest(checkpoint_manager(directory, None), directory, template)
+        self._saver.wait()  # orbax works in one thread at a time
+        manager = checkpoint_manager(directory, None)
+        try:
+            restored = self._restore(manager, directory, template)
+        finally:
+            manager.close()
         if restored is None:
             return None
         params, meta = restored
         record = _record(stage, meta)
         self.log(f"{stage}: finished in an earlier run, restored from {directory}")
-        self._done.append(record)
-        self._rewrite_metrics()
+        self._metrics.settle(stage, record.history)
         return params, record
 
     def resume(
@@ -218,17 +283,25 @@ class RunStore:
             return {**tree, "best": template.params} if meta.get("with_best") else tree
 
         self._stage, restored = stage, None
+        self._signals.holding = True
         if _agreed(directory.exists()):
-            restored = self._restore_latest(
-                checkpoint_manager(directory, self.keep), directory, structure
-            )
+            self._saver.wait()  # orbax works in one thread at a time
+            manager = checkpoint_manager(directory, self.keep)
+            try:
+                restored = self._restore(manager, directory, structure)
+            finally:
+                manager.close()
         if restored is None:
-            self._rewrite_metrics()
+            self._metrics.settle(stage, [])
             return None
         tree, meta = restored
-        record = _record(stage, meta)
+        history = None
+        if "history" not in meta:  # saved with the sha256 of the lines in metrics.jsonl
+            epochs, digest = meta["epoch"], meta["history_sha256"]
+            history = self._metrics.history(stage, epochs, digest, directory / str(epochs))
+        record = _record(stage, meta, history)
         self.log(f"{stage}: resuming after epoch {len(record.history)} from {directory}")
-        self._rewrite_metrics(record)
+        self._metrics.settle(stage, record.history)
         return tree["state"], record, tree.get("best")
 
     def save_epoch(
@@ -239,97 +312,64 @@ class RunStore:
         record: StageRecord,
         best: Params | None = None,
     ) -> None:
-        """Checkpoint ``state`` (and the ``best`` params so far, when given) after epoch
-        ``len(record.history)``, then log its metrics."""
-        epoch = len(record.history)
-        tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
-        tree = replicated(tree)  # a checkpoint of several processes holds global arrays
-        meta = _meta(record, stage=stage, epoch=epoch, config=self._config)
-        with signals_deferred():  # SIGINT and SIGTERM wait until the epoch is saved
-            manager = checkpoint_manager(self.workdir / "checkpoints" / stage, self.keep)
-            self._save(manager, epoch, tree, {**meta, "with_best": best is not None})
-            self._saved = (stage, epoch)
-            if is_primary():
-                with open(self.workdir / "metrics.jsonl", "a") as f:
-                    line = {"stage": stage, "epoch": epoch, **record.history[-1]}
-                    f.write(json.dumps(line) + "\n")
+        """Log the metrics of epoch ``len(record.history)``, and checkpoint ``state``
+        (with the ``best`` params so far, when given) if it is time to; raise
+        ``Stopped`` once it is saved if SIGINT or SIGTERM came (see the class)."""
+        self._saver.check()  # a save that failed in the background stops the run here
+        self._metrics.log(stage, record.history)
+        due, signum = agreed(
+            time.monotonic() - self._last_save >= self.checkpoint_every,
+            self._signals.caught or 0,
+        )
+        if due or signum:
+            epoch = len(record.history)
+            tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
+            tree = copied(replicated(tree))  # a checkpoint of several processes holds global arrays
+            meta = _meta(
+                record, stage=stage, epoch=epoch, config=self._config,
+                with_best=best is not None, history_sha256=self._metrics.digest(stage),
+            )  # fmt: skip
+            self._saver.save(self.workdir / "checkpoints" / stage, epoch, tree, meta, self.keep)
+            self._last_save = time.monotonic()
+        if signum:
+            self._stop(signum)
 
     def save_finished(self, stage: str, params: Params, record: StageRecord) -> None:
         """Keep the final params of ``stage`` as its own frozen pytree."""
-        with signals_deferred():
-            manager = checkpoint_manager(self.workdir / "frozen" / stage, None)
-            if not _agreed(manager.latest_step() is not None):
-                meta = _meta(record, stage=stage, config=self._config)
-                self._save(manager, 0, replicated(params), meta)
-            else:
-                manager.close()
-        self._done.append(record)
+        self._saver.check()
+        self._metrics.log(stage, record.history)
+        directory = self.workdir / "frozen" / stage
+        if stage not in self._frozen and not _agreed((directory / "0").exists()):
+            meta = _meta(record, history=record.history, stage=stage, config=self._config)
+            self._saver.save(directory, 0, copied(replicated(params)), meta, None)
+            self._frozen.add(stage)
+            self._last_save = time.monotonic()
+        self._saver.release(directory)
+        self._saver.release(self.workdir / "checkpoints" / stage)
+        _, signum = agreed(False, self._signals.caught or 0)
+        self._signals.holding = False
+        if signum:
+            self._stop(signum)
 
     # ------------------------------------------------------------------ helpers
 
-    def _save(self, manager: ocp.CheckpointManager, step: int, tree: Any, meta: dict) -> None:
-        """Save with orbax, then write the manifest; drop manifests of deleted steps.
-
-        A failed save (a full disk, a file-size limit) raises ``OSError`` naming the
-        checkpoint; what was saved before stays valid, and a half-written checkpoint
-        has no manifest."""
-        step_dir = Path(manager.directory) / str(step)
-        manifest = manifest_path(self.workdir, step_dir)
-        try:
-            with failed_writes_quiet():
-                manager.save(
-                    step,
-                    args=ocp.args.Composite(
-                        tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)
-                    ),
-                )
-            barrier(f"sae_jax: saved {step_dir}")  # every process's files are written
-            if is_primary():
-                manifest.parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
-                kept = {f"{s}.json" for s in manager.all_steps()}
-                for old in manifest.parent.glob("*.json"):
-                    if old.name not in kept:  # its checkpoint was superseded and deleted
-                        old.unlink()
-        except Exception as e:  # orbax and tensorstore raise many kinds
-            raise storage_error(f"cannot save the checkpoint {step_dir}", e) from None
-        finally:
-            manager.close()
-
-    def _restore_latest(
+    def _restore(
         self, manager: ocp.CheckpointManager, directory: Path, template: Any
     ) -> tuple[Any, dict] | None:
-        """Restore the newest step that passes its manifest check; move the steps that
-        fail it aside. Only a failed check condemns a checkpoint: one that passes but
-        cannot be restored stops the run (``CheckpointError``) and stays where it is.
-        Process 0 checks and moves; every process restores the step it chose."""
-        try:
-            step = broadcast_int(self._newest_intact(manager, directory) if is_primary() else -1)
-            if step < 0:
-                return None
-            step_dir = directory / str(step)
-            tree, meta = restore_intact(manager, step, template, step_dir)
-            self._check_saved_config(meta, step_dir)
-            return tree, meta
-        finally:
-            manager.close()
+        """``restore_latest``, refusing a checkpoint saved under another config."""
+        restored = restore_latest(manager, directory, template, self.workdir, self.log)
+        if restored is None:
+            return None
+        step_dir, tree, meta = restored
+        self._check_saved_config(meta, step_dir)
+        return tree, meta
 
-    def _newest_intact(self, manager: ocp.CheckpointManager, directory: Path) -> int:
-        """The newest step of ``manager`` whose files match its manifest (-1: none);
-        the steps that fail the check are moved to ``damaged/``."""
-        for step in sorted(manager.all_steps(), reverse=True):
-            step_dir = directory / str(step)
-            problem = manifest_problem(self.workdir, step_dir)
-            if problem is None:
-                return step
-            target = self._move_aside(step_dir)
-            manifest_path(self.workdir, step_dir).unlink(missing_ok=True)
-            self.log(
-                f"checkpoint {step_dir} is damaged ({problem}); moved to {target}, "
-                f"falling back to an earlier one"
-            )
-            manager.reload()
-        return -1
+    def _stop(self, signum: int) -> None:
+        """Stop the run for ``signum`` once what was saved is committed."""
+        self._signals.caught = None
+        self._saver.wait()
+        name = signal.Signals(signum).name
+        raise Stopped(f"stopped by {name} {self.where()}; {RESUME}", signum)
 
     def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
         """Refuse a checkpoint saved under another config (config.json replaced)."""
@@ -339,26 +379,6 @@ class RunStore:
                 f"{step_dir} was saved by a run with another config ({'; '.join(diffs)}); "
                 f"use another --workdir, or --restart to discard that run"
             )
-
-    def _move_aside(self, path: Path) -> Path:
-        target_dir = self.workdir / "damaged"
-        target_dir.mkdir(exist_ok=True)
-        rel = path.relative_to(self.workdir)
-        target = target_dir / f"{'-'.join(rel.parts)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(path, target)
-        return target
-
-    def _rewrite_metrics(self, current: StageRecord | None = None) -> None:
-        """Make metrics.jsonl hold exactly the checkpointed epochs, before appending."""
-        if not is_primary():
-            return
-        records = [*self._done, *([current] if current is not None else [])]
-        lines = [
-            json.dumps({"stage": r.name, "epoch": i + 1, **h}) + "\n"
-            for r in records
-            for i, h in enumerate(r.history)
-        ]
-        write_text_atomic(self.workdir / "metrics.jsonl", "".join(lines))
 
 
 def _agreed(fact: bool) -> bool:

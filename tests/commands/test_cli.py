@@ -86,6 +86,14 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         (["--data_source=idx"], "the idx source needs a data directory (--data_dir)"),
         (["--data_source=ftp"], "unknown data source 'ftp'"),
         (["--bogus=1"], "unrecognized arguments: --bogus=1"),
+        (
+            ["--checkpoint_every=-1"],
+            "argument --checkpoint_every: must be a number of seconds >= 0, not '-1'",
+        ),
+        (
+            ["--checkpoint_every=nan"],
+            "argument --checkpoint_every: must be a number of seconds >= 0, not 'nan'",
+        ),
         (["--distributed"], "--platform=cpu: cannot join the multi-host run"),
         (["--distributed", "--distributed_timeout=0"], "--distributed_timeout=0: must be >= 1"),
     ],

@@ -66,14 +66,17 @@ def run(script: str, *flags: str, **kw) -> list[tuple[int, str, str]]:
     return results
 
 
-def run_until(line_start: str, procs: list) -> None:
-    """Read process 0's output until a line starts with ``line_start``, then SIGKILL
-    every process (as a scheduler or a lost host would end them)."""
+def run_until(line_start: str, procs: list, saved: Path | None = None) -> None:
+    """Read process 0's output until a line starts with ``line_start`` (and the file
+    ``saved`` exists: a checkpoint's manifest), then SIGKILL every process (as a
+    scheduler or a lost host would end them)."""
     for line in procs[0].stdout:
         if line.startswith(line_start):
             break
     else:
         pytest.fail(f"no line {line_start!r}: {finish(procs)}")
+    while saved is not None and not saved.exists():
+        time.sleep(0.01)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     finish(procs)
@@ -145,12 +148,14 @@ def test_two_processes_equal_one_process_up_to_rounding(two, one):
 def test_a_killed_run_resumes_to_the_params_of_an_uninterrupted_one(two, tmp_path):
     whole, _ = two
     workdir = tmp_path / "run"
-    run_until(KILL_AT, launch("mnist", *FLAGS, f"--workdir={workdir}"))
+    manifest = workdir / "manifests" / "checkpoints" / "pretrain_2" / "2.json"
+    every = "--checkpoint_every=0"  # every epoch, saved in the background
+    run_until(KILL_AT, launch("mnist", *FLAGS, every, f"--workdir={workdir}"), manifest)
     other = tmp_path / "other"
     shutil.copytree(workdir, other)
     [(_, out0, _), _] = run("mnist", *FLAGS, f"--workdir={workdir}")
     assert "pretrain_1: finished in an earlier run" in out0
-    assert "pretrain_2: resuming after epoch" in out0
+    assert "pretrain_2: resuming after epoch 2 from" in out0
     for a, b in zip(_leaves(whole), _leaves(workdir), strict=True):
         np.testing.assert_array_equal(a, b)
     # The same run resumed by one process on one device.
@@ -220,6 +225,50 @@ def test_a_stage_of_no_epochs_is_saved_by_two_processes(tmp_path):
     assert "test_accuracy" in out0
     assert (tmp_path / "frozen" / "softmax" / "0").is_dir()
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
+
+
+# Process 1's clock runs far ahead: by it alone every epoch would be due. Process 0
+# decides, for every process, by its own clock.
+SKEWED = """
+import sys, types
+from sae_jax.commands import exits
+from sae_jax.commands import flags as cli
+from sae_jax.data import DataSpec
+from sae_jax.commands.train import run_mnist
+from sae_jax.workdir import checkpoint
+
+flags = cli.parser(None).parse_args(sys.argv[1:-1])
+config = cli.start(flags)
+if flags.process_id == 1:
+    checkpoint.time = types.SimpleNamespace(monotonic=lambda: 1e12)
+run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=exits.log,
+          checkpoint_every=3600)
+"""
+
+
+def test_every_process_saves_when_process_0_decides(tmp_path):
+    [(_, out0, _), _] = run(SKEWED, "--config=tiny", "--epochs=2", str(tmp_path))
+    assert "test_accuracy" in out0
+    assert not (tmp_path / "checkpoints").exists()  # no epoch was due by process 0's clock
+    stages = ["finetune", "pretrain_1", "pretrain_2", "softmax"]
+    assert sorted(p.name for p in (tmp_path / "frozen").iterdir()) == stages
+
+
+def test_sigterm_to_one_process_stops_every_process_once_the_epoch_is_saved(tmp_path):
+    flags = ("--config=tiny", "--epochs=30", "--data_source=sample", "--no_figures")
+    procs = launch("mnist", *flags, f"--workdir={tmp_path}")
+    for line in procs[0].stdout:
+        if line.startswith("pretrain_1 epoch   2/30"):
+            break
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs, timeout=120)
+    assert [status for status, _, _ in results] == [143, 143], results
+    err0 = results[0][2]
+    assert err0.startswith("error: stopped by SIGTERM during pretrain_1 (epoch "), err0
+    saved = int(err0.split("(epoch ")[1].split()[0])
+    assert saved >= 2
+    [(_, out0, _), _] = run("mnist", *flags, f"--workdir={tmp_path}")
+    assert f"pretrain_1: resuming after epoch {saved} from" in out0
 
 
 # What the survivor says: process 0 finds process 1 gone in its next collective; process

@@ -23,7 +23,7 @@ from sae_jax.inference import load_model
 from sae_jax.workdir.checkpoint import RunStore
 
 SCRIPT = str(REPO / "experiments" / "mnist.py")
-TINY = ["--config=tiny", "--epochs=1", "--no_figures"]
+TINY = ["--config=tiny", "--epochs=1", "--no_figures", "--checkpoint_every=0"]  # every epoch
 
 
 def _mnist(*flags, cwd=REPO, env=None, shell_prefix=""):
@@ -165,6 +165,7 @@ def tmpfs(tmp_path):
 
 def test_a_full_disk_ends_in_one_line_and_keeps_what_was_saved(tmpfs):
     flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={tmpfs / 'w'}"]
+    flags.append("--checkpoint_every=0")  # every epoch, to fill the disk
     line = _one_line(_mnist(*flags), 1)
     assert line.startswith(f"error: cannot save the checkpoint {tmpfs}/w/checkpoints/pretrain_1/")
     assert line.endswith(": No space left on device")

@@ -32,25 +32,52 @@ from sae_jax.training.stage import Stage, StageRecord, run_stage
 from sae_jax.workdir.checkpoint import RunStore, _record
 
 RUNNER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
+    from pathlib import Path
+    import orbax.checkpoint as ocp
     from sae_jax.config import tiny
     from sae_jax.data import DataSpec
     from sae_jax.commands.train import run_mnist
+    from sae_jax.workdir import saving
 
-    workdir, kill_at = sys.argv[1], sys.argv[2]
+    workdir, how, kill_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
     def log(line):
         print(line, flush=True)
-        if kill_at and line.startswith(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "saved" and line.startswith(kill_at):  # once that epoch is committed
+            stage, _, epoch = line.split()[:3]
+            name = f"{int(epoch.split('/')[0])}.json"
+            manifest = workdir / "manifests" / "checkpoints" / stage / name
+            while not manifest.exists():
+                time.sleep(0.01)
+            die()
+        if how == "now" and line.startswith(kill_at):  # that epoch's save just handed over
+            die()
 
-    run_mnist(tiny(), workdir, data=DataSpec(source="sample"), figures=False, log=log)
+    step_dir = workdir / kill_at  # for the others, a checkpoint: frozen/pretrain_2/0
+    if how == "writing":  # orbax has begun writing it, in the background
+        save = ocp.CheckpointManager.save
+        def save_then_die(self, step, *args, **kw):
+            started = save(self, step, *args, **kw)
+            if Path(self.directory) / str(step) == step_dir:
+                die()
+            return started
+        ocp.CheckpointManager.save = save_then_die
+    if how == "committed":  # orbax has committed it, and its manifest is not written
+        manifest = saving.file_manifest
+        saving.file_manifest = lambda d: die() if d == step_dir else manifest(d)
+
+    run_mnist(tiny(), workdir, data=DataSpec(source="sample"), figures=False, log=log,
+              checkpoint_every=0)
 """)
 
 
-def _run(workdir: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+def _run(workdir: Path, how: str = "", kill_at: str = "") -> subprocess.CompletedProcess:
+    """A tiny run that saves every epoch, in the background; ``how`` and ``kill_at``
+    say when it kills itself with SIGKILL (see ``RUNNER``)."""
     return subprocess.run(
-        [sys.executable, "-c", RUNNER, str(workdir), kill_at],
+        [sys.executable, "-c", RUNNER, str(workdir), how, kill_at],
         capture_output=True,
         text=True,
         timeout=300,
@@ -70,27 +97,64 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("kill_at", ["pretrain_2 epoch   2/3", "finetune   epoch   3/4"])
-def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
-    killed = _run(tmp_path, kill_at)
-    assert killed.returncode == -9, killed.stderr  # really killed, not finished
-    assert killed.stdout.splitlines()[-1].startswith(kill_at)
-    resumed = _run(tmp_path)
+def _killed_then_resumed(workdir: Path, how: str, kill_at: str) -> str:
+    """Kill a run as ``how`` and ``kill_at`` say, run it again to the end; its output."""
+    killed = _run(workdir, how, kill_at)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr  # really killed
+    resumed = _run(workdir)
     assert resumed.returncode == 0, resumed.stderr
-    stage, epoch = kill_at.split()[0], int(kill_at.split()[2].split("/")[0])
-    assert f"{stage}: resuming after epoch {epoch} from" in resumed.stdout
-    if stage == "finetune":
-        assert "pretrain_1: finished in an earlier run" in resumed.stdout
-    for a, b in zip(_leaves(load_model(uninterrupted)), _leaves(load_model(tmp_path)), strict=True):
+    return resumed.stdout
+
+
+def _assert_same_run(uninterrupted: Path, workdir: Path) -> None:
+    """The same params bit for bit, metrics (but the seconds) and test accuracy."""
+    for a, b in zip(_leaves(load_model(uninterrupted)), _leaves(load_model(workdir)), strict=True):
         np.testing.assert_array_equal(a, b)
     strip = lambda path: [
         {k: v for k, v in json.loads(line).items() if k != "seconds"}
         for line in path.read_text().splitlines()
     ]
-    assert strip(tmp_path / "metrics.jsonl") == strip(uninterrupted / "metrics.jsonl")
+    assert strip(workdir / "metrics.jsonl") == strip(uninterrupted / "metrics.jsonl")
     whole = json.loads((uninterrupted / "summary.json").read_text())
-    after = json.loads((tmp_path / "summary.json").read_text())
+    after = json.loads((workdir / "summary.json").read_text())
     assert after["test_accuracy"] == whole["test_accuracy"]
+
+
+@pytest.mark.parametrize("kill_at", ["pretrain_2 epoch   2/3", "finetune   epoch   3/4"])
+def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
+    """Killed once the epoch's checkpoint is committed: it resumes from that epoch."""
+    out = _killed_then_resumed(tmp_path, "saved", kill_at)
+    stage, epoch = kill_at.split()[0], int(kill_at.split()[2].split("/")[0])
+    assert f"{stage}: resuming after epoch {epoch} from" in out
+    if stage == "finetune":
+        assert "pretrain_1: finished in an earlier run" in out
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "how, kill_at, said",
+    [
+        # orbax writing epoch 2 in the background: epoch 1, committed before it, is used
+        ("writing", "checkpoints/pretrain_1/2", ["pretrain_1: resuming after epoch 1 from"]),
+        # the last save, the fine-tuned params, half written: the last epoch is used
+        ("writing", "frozen/finetune/0", ["finetune: resuming after epoch 4 from"]),
+        # committed but without its manifest: not trusted, the stage's last epoch is used
+        (
+            "committed",
+            "frozen/pretrain_2/0",
+            ["pretrain_2/0 is damaged (it has no manifest", "pretrain_2: resuming after epoch 3"],
+        ),
+        # while the epoch's save is in flight, wherever it is
+        ("now", "finetune   epoch   2/4", ["pretrain_1: finished in an earlier run"]),
+    ],
+)
+def test_sigkill_with_saves_in_flight_then_resume_is_bit_identical(
+    uninterrupted, tmp_path, how, kill_at, said
+):
+    out = _killed_then_resumed(tmp_path, how, kill_at)
+    for line in said:
+        assert line in out, out
+    _assert_same_run(uninterrupted, tmp_path)
 
 
 def _biggest_file(directory: Path) -> Path:
@@ -123,8 +187,9 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, damage, reason):
 
     with pytest.raises(_Crash):
         run_pipeline(
-            config, train, test, on_epoch=crash, store=RunStore(tmp_path / "b", config, log=print)
-        )
+            config, train, test, on_epoch=crash,
+            store=RunStore(tmp_path / "b", config, log=print, checkpoint_every=0),
+        )  # fmt: skip
     latest = tmp_path / "b" / "checkpoints" / "finetune" / "3"
     biggest = _biggest_file(latest)
     if damage == "truncate":
@@ -139,8 +204,9 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, damage, reason):
 
     logs = []
     resumed = run_pipeline(
-        config, train, test, store=RunStore(tmp_path / "b", config, log=logs.append)
-    )
+        config, train, test,
+        store=RunStore(tmp_path / "b", config, log=logs.append, checkpoint_every=0),
+    )  # fmt: skip
     damaged = [line for line in logs if "is damaged" in line]
     assert len(damaged) == 1 and str(latest) in damaged[0], logs
     assert re.search(reason, damaged[0]), damaged[0]
@@ -377,7 +443,7 @@ def test_resumed_stage_returns_the_best_epoch_of_the_whole_stage(tmp_path, optim
             keep_best=True,
             patience=4,
         )
-        store = RunStore(workdir, config, log=lambda line: None)
+        store = RunStore(workdir, config, log=lambda line: None, checkpoint_every=0)
         key = jax.random.PRNGKey(1)
         return run_stage(spec, params, (x, y), key=key, store=store, on_epoch=on_epoch)
 
@@ -430,7 +496,7 @@ def _lines(path: Path) -> list[tuple[str, int, float]]:
 def test_run_store_saves_resumes_and_restores_stage_by_stage(tmp_path):
     """RunStore on its own, without training: what each call writes, says and returns."""
     config, logs = _small_config(), []
-    store = RunStore(tmp_path, config, keep=2, log=logs.append)
+    store = RunStore(tmp_path, config, keep=2, log=logs.append, checkpoint_every=0)
     assert store.where() == f"before training started; nothing new is saved in {tmp_path}"
     written_config = json.dumps(config_to_json(config), indent=2) + "\n"  # for people to read
     assert (tmp_path / "config.json").read_text() == written_config
@@ -452,14 +518,15 @@ def test_run_store_saves_resumes_and_restores_stage_by_stage(tmp_path):
     written = _lines(tmp_path / "metrics.jsonl")
     assert written == [("pretrain_1", 1, 1.0), ("pretrain_1", 2, 2.0), ("pretrain_1", 3, 3.0),
                        ("pretrain_2", 1, 10.0)]  # fmt: skip
-    (tmp_path / "metrics.jsonl").write_text("")  # a rerun writes it anew from the checkpoints
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # an epoch not saved, and a torn line
+        f.write(json.dumps({"stage": "pretrain_2", "epoch": 2, "loss": 11.0}) + '\n{"stage": "pr')
 
     logs.clear()
     again = RunStore(tmp_path, config, keep=2, log=logs.append)
     params, done = again.finished("pretrain_1", {"w": jnp.zeros(3)})
     np.testing.assert_array_equal(params["w"], [7.0, 7.0, 7.0])
     assert done == record
-    assert _lines(tmp_path / "metrics.jsonl") == written[:3]  # kept even if no stage follows
+    assert _lines(tmp_path / "metrics.jsonl")[:3] == written[:3]  # kept
     assert again.finished("pretrain_2", {"w": jnp.zeros(3)}) is None
     state, resumed, best = again.resume("pretrain_2", _state(0.0))
     np.testing.assert_array_equal(state.params["w"], [10.0, 10.0, 10.0])
@@ -476,7 +543,7 @@ def test_a_condemned_checkpoint_goes_with_its_manifest_and_metrics(tmp_path, dam
     """Epoch 2 is damaged: the rerun moves it aside, drops its manifest and its metrics
     line, and resumes from epoch 1."""
     config, record = _small_config(), StageRecord("pretrain_1", 3)
-    store = RunStore(tmp_path, config, log=print)
+    store = RunStore(tmp_path, config, log=print, checkpoint_every=0)
     for epoch in (1, 2):
         record.history.append({"loss": float(epoch)})
         store.save_epoch("pretrain_1", _state(epoch), jax.random.PRNGKey(epoch), record)
@@ -504,7 +571,7 @@ def test_a_condemned_checkpoint_goes_with_its_manifest_and_metrics(tmp_path, dam
 
 def test_run_store_keeps_three_epochs_by_default_and_restart_clears_only_its_files(tmp_path):
     config, record = _small_config(), StageRecord("finetune", 5)
-    store = RunStore(tmp_path, config, log=print)
+    store = RunStore(tmp_path, config, log=print, checkpoint_every=0)
     for epoch in range(1, 6):
         record.history.append({"loss": float(epoch)})
         store.save_epoch("finetune", _state(epoch), jax.random.PRNGKey(epoch), record)
@@ -519,7 +586,7 @@ def test_a_checkpoint_saved_under_another_config_is_refused(tmp_path):
     """config.json replaced by hand: the checkpoints still carry the config they were
     saved under, and resuming from them is refused, leaving them in place."""
     config, record = _small_config(), StageRecord("pretrain_1", 2, history=[{"loss": 1.0}])
-    RunStore(tmp_path, config, log=print).save_epoch(
+    RunStore(tmp_path, config, log=print, checkpoint_every=0).save_epoch(
         "pretrain_1", _state(1.0), jax.random.PRNGKey(1), record
     )
     (tmp_path / "config.json").unlink()
