@@ -7,7 +7,8 @@ the compilation cache off; the parent alternates one device, N devices, one
 device, ... and prints, per model count, the median wall seconds of the sweep (from
 ``sweep.json``: training and evaluation, compilation included, data loading not)
 and the ratio one device / N devices. Flags other than its own go to ``sweep.py``
-(default: ``--config=tiny``).
+(default: ``--config=tiny --config.batch_size=24``, a batch that divides over a
+data axis of 2 or 4 devices).
 
   python experiments/benchmark_sweep.py --devices=4 --models=2,4,8
   python experiments/benchmark_sweep.py --devices=4 --models=2,4,8 --config=seed \\
@@ -50,7 +51,9 @@ def main() -> int:
         counts = [int(m) for m in args.models.split(",")]
     except ValueError:
         p.error(f"--models={args.models}: not a list of integers")
-    flags = ["--config=tiny", *sweep_flags]  # a later --config wins
+    # tiny's batch of 25 divides over no data axis of 2 or 4 devices; 24 does
+    given = any(f.startswith("--config=") for f in sweep_flags)
+    flags = [*([] if given else ["--config=tiny", "--config.batch_size=24"]), *sweep_flags]
     print(f"| models | 1 device (s) | {args.devices} devices (s) | 1 device / {args.devices} |")
     print("| --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:

@@ -247,7 +247,7 @@ run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, l
 
 
 def test_every_process_saves_when_process_0_decides(tmp_path):
-    [(_, out0, _), _] = run(SKEWED, "--config=tiny", "--epochs=2", str(tmp_path))
+    [(_, out0, _), _] = run(SKEWED, *FLAGS[:2], "--epochs=2", str(tmp_path))
     assert "test_accuracy" in out0
     assert not (tmp_path / "checkpoints").exists()  # no epoch was due by process 0's clock
     stages = ["finetune", "pretrain_1", "pretrain_2", "softmax"]
@@ -255,7 +255,7 @@ def test_every_process_saves_when_process_0_decides(tmp_path):
 
 
 def test_sigterm_to_one_process_stops_every_process_once_the_epoch_is_saved(tmp_path):
-    flags = ("--config=tiny", "--epochs=30", "--data_source=sample", "--no_figures")
+    flags = (*FLAGS[:2], "--epochs=30", "--data_source=sample", "--no_figures")
     procs = launch("mnist", *flags, f"--workdir={tmp_path}")
     for line in procs[0].stdout:
         if line.startswith("pretrain_1 epoch   2/30"):

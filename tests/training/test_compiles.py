@@ -72,7 +72,10 @@ def test_a_pipeline_compiles_its_stages_programs_and_nothing_else():
     # state and one epoch; an encoding of the train split after each layer and of the
     # test split for the softmax's and fine-tuning's evaluation (whose programs are
     # one each). No eager op (a copy, a key split, an init outside jit) runs.
+    from sae_jax.training import layerwise
+
     config, train, test = _own_shapes(41, (13, 5))
+    layerwise._keys_program.cache_clear()  # its shape is any two-layer run's
     with compiled_names() as names:
         run_pipeline(config, train, test)
     expected = {"keys": 1, "init": 3, "build": 4, "train_epoch": 4, "_encode": 4,
