@@ -121,6 +121,8 @@ def run_command(body: Callable[[], Any]) -> int:
         message, status = os_error_line(e), 1
         leave = _several_processes()  # another process may be gone: see below
     except _collective_errors() as e:  # only in a run of several processes
+        if not _collective_failure(e):
+            raise
         message, status, leave = f"{PEER_LOST} ({exception_line(e)}); {RESUME_ALL}", 1, True
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
@@ -153,7 +155,16 @@ def _collective_errors() -> tuple[type[BaseException], ...]:
         return ()
     import jax
 
-    return (jax.errors.JaxRuntimeError,)
+    return (jax.errors.JaxRuntimeError, ValueError)
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` (of ``_collective_errors``) is a failed collective: JAX's runtime
+    error, or the ``ValueError`` that a host-side gather (``process_allgather``)
+    raises when gloo loses its peer."""
+    import jax
+
+    return isinstance(e, jax.errors.JaxRuntimeError) or "Gloo" in str(e)
 
 
 _quiet = False  # set by ``start`` in the processes of a multi-process run but the first
