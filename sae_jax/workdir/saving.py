@@ -60,12 +60,13 @@ class Saver:
     before ``save`` returns, and writes their manifests once committed; one orbax
     manager per folder of steps, kept until ``release``.
 
-    At most ``PENDING`` saves wait or run at a time: a further one waits for the
-    first to finish. A save that fails is reported once, as an ``OSError`` naming
-    the checkpoint, by the next call of ``save``, ``check`` or ``wait``; what was
-    committed before stays valid. ``durable`` are files that the checkpoints rely on
-    (the metrics log); process 0 flushes them to disk before writing a manifest.
-    ``committed`` is the folder and step of the last step whose manifest is written.
+    At most ``PENDING`` saves wait or run at a time (one in a run of several
+    processes): a further one waits for the first to finish. A save that fails is
+    reported once, as an ``OSError`` naming the checkpoint, by the next call of
+    ``save``, ``check`` or ``wait``; what was committed before stays valid.
+    ``durable`` are files that the checkpoints rely on (the metrics log); process 0
+    flushes them to disk before writing a manifest. ``committed`` is the folder and
+    step of the last step whose manifest is written.
     """
 
     PENDING = 2
@@ -94,8 +95,12 @@ class Saver:
                 self._run(step_dir, start, finish)
             self.check()
             return
+        if jax.process_count() > 1:
+            # Orbax's barriers in this thread, its commit in its own; and one save at a
+            # time (orbax names the barriers of every manager alike).
+            self.wait()
         self._slots.acquire()  # wait for a slot: a save holds a copy of the arrays
-        if jax.process_count() > 1:  # orbax's barriers in this thread, its commit in its own
+        if jax.process_count() > 1:
             self._run(step_dir, start)
             start = lambda: None
             if self._failure is not None:
