@@ -134,5 +134,5 @@ def save_curves(stages: Sequence[StageRecord], path: str | os.PathLike[str]) -> 
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.25 / n, right=1 - 0.05 / n, bottom=0.14, top=0.9, wspace=0.3)
     _save(fig, path)
