@@ -27,13 +27,7 @@ from sae_jax.training.layerwise import pretrain_stack
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
 from sae_jax.workdir.checkpoint import STANDARDIZATION, RunStore
-from sae_jax.workdir.summary import (
-    import_figures_meanwhile,
-    provenance,
-    run_summary,
-    write_figures,
-    write_json_atomic,
-)
+from sae_jax.workdir.summary import provenance, run_summary, write_figures, write_json_atomic
 from sae_jax.workdir.tensorboard import TensorBoard, check_available
 
 
@@ -95,8 +89,6 @@ def run_mnist(
     ready = prepare(config, workdir, data, log, data_devices=data_axis_devices())
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
-        if figures and is_primary():
-            import_figures_meanwhile()
         options = {"pretrain": False} if not pretrain else {}
         if own := data.run_options():
             options["data"] = own

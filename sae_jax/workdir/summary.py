@@ -3,7 +3,6 @@ the figures."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import json
 import math
@@ -11,7 +10,6 @@ import os
 import platform
 import shlex
 import sys
-import threading
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -81,16 +79,6 @@ def run_summary(
         summary["finetune_best_epoch"] = finetune.best_epoch
         summary["test_accuracy_before_finetune"] = result.test_before_finetune.get("accuracy")
     return summary
-
-
-def import_figures_meanwhile() -> None:
-    """Import matplotlib (``sae_jax.workdir.figures``) in a background thread while
-    training runs, so that ``write_figures`` finds it imported (its import takes
-    about 0.45 s on the CPU of the README's figures; waiting for it, when it has not
-    finished, is Python's own import lock)."""
-    threading.Thread(
-        target=importlib.import_module, args=("sae_jax.workdir.figures",), daemon=True
-    ).start()
 
 
 def write_figures(
