@@ -227,10 +227,10 @@ def test_a_stage_of_no_epochs_is_saved_by_two_processes(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
 
 
-# Process 1's clock runs far ahead: by it alone every epoch would be due. Process 0
-# decides, for every process, by its own clock.
+# Process 1's clock runs a million times too fast: by it alone every epoch would be
+# due. Process 0 decides, for every process, by its own clock.
 SKEWED = """
-import sys, types
+import sys, time, types
 from sae_jax.commands import exits
 from sae_jax.commands import flags as cli
 from sae_jax.data import DataSpec
@@ -240,7 +240,8 @@ from sae_jax.workdir import checkpoint
 flags = cli.parser(None).parse_args(sys.argv[1:-1])
 config = cli.start(flags)
 if flags.process_id == 1:
-    checkpoint.time = types.SimpleNamespace(monotonic=lambda: 1e12)
+    clock = time.monotonic
+    checkpoint.time = types.SimpleNamespace(monotonic=lambda: clock() * 1e6)
 run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=exits.log,
           checkpoint_every=3600)
 """
