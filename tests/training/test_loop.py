@@ -393,3 +393,30 @@ def test_epoch_metrics_are_per_example_means_for_both_reductions(reduction):
     for epoch in out.history:
         assert epoch["loss"] == pytest.approx(want, rel=1e-6)
         assert epoch["twice"] == pytest.approx(2 * want, rel=1e-6)
+
+
+def test_models_that_all_go_on_run_each_epoch_once(monkeypatch):
+    # The queued epoch runs again only when a model has stopped since it was queued:
+    # with every model going on, each epoch is dispatched once; a stop costs one rerun.
+    import sae_jax.training.loop as loop
+
+    runs = []
+    real = loop.make_epoch
+
+    def logged(*args, **kwargs):
+        program = real(*args, **kwargs)
+
+        def run(state, data, key, active=None, epoch=None):
+            runs.append(epoch)
+            return program(state, data, key, active, epoch)
+
+        return run
+
+    monkeypatch.setattr(loop, "make_epoch", logged)
+    x, y, _ = _regression(n=20)
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    keys = jax.random.split(KEY, 2)
+    go_on = lambda epoch, state, metrics, s: np.array([True, epoch < 1])  # model 1: 2 epochs
+    fit(_mse, stack(_params(), _params()), optax.sgd(0.05), (x, y), batch_size=5, epochs=4,
+        key=keys, models=2, on_epoch=go_on)  # fmt: skip
+    assert runs == [0, 1, 2, 2, 3]  # epoch 2 again, without model 1
