@@ -134,6 +134,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command_argv(argv: list[str]) -> list[str]:
+    """A documented command line as it runs here: ``python`` is this interpreter and
+    ``sae-jax`` the console script installed beside it (as a user's shell finds them)."""
+    program = {"python": sys.executable, "sae-jax": str(Path(sys.executable).parent / "sae-jax")}
+    return [program.get(argv[0], argv[0]), *argv[1:]]
+
+
 def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
     """Run ``experiments/<name>.py`` with ``flags`` as a user would, from ``cwd`` with
     the environment ``env`` (default: this one); capture its output."""

@@ -1,5 +1,6 @@
-"""experiments/benchmark.py: the overhead arithmetic on a made-up record, the derived
-checks, bad flags, and the commands of its docstring at a tiny size."""
+"""sae-jax benchmark (and experiments/benchmark.py): the overhead arithmetic on a
+made-up record, the derived checks, bad flags, and the commands of its docstring at a
+tiny size."""
 
 import ast
 import json
@@ -8,14 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED_MNIST
+from conftest import REPO, SHARED_MNIST, command_argv
 
-sys.path.insert(0, str(REPO / "experiments"))
-
-import benchmark_overhead as bo
-import benchmark_report as br
+import sae_jax.cli.benchmark_overhead as bo
+import sae_jax.cli.benchmark_report as br
 
 SCRIPT = REPO / "experiments" / "benchmark.py"
+MODULE = REPO / "sae_jax" / "cli" / "benchmark.py"
 
 
 def made_up_run() -> dict:
@@ -142,9 +142,9 @@ def test_a_bad_flag_is_one_line_and_status_2(flags, named):
 
 
 def docstring_commands() -> list[list[str]]:
-    """The ``python experiments/benchmark.py`` command lines of its docstring."""
-    doc = ast.get_docstring(ast.parse(SCRIPT.read_text())).replace("\\\n", " ")
-    lines = [x.strip() for x in doc.splitlines() if x.strip().startswith("python ")]
+    """The ``sae-jax benchmark`` command lines of its docstring."""
+    doc = ast.get_docstring(ast.parse(MODULE.read_text())).replace("\\\n", " ")
+    lines = [x.strip() for x in doc.splitlines() if x.strip().startswith("sae-jax ")]
     return [shlex.split(line) for line in lines]
 
 
@@ -160,7 +160,7 @@ def test_every_docstring_command_runs_at_a_tiny_size(argv, tmp_path):
             pytest.skip(f"no MNIST files at {SHARED_MNIST}")
     out = tmp_path / "figures.json"
     proc = subprocess.run(
-        [sys.executable, *argv[1:], *TINY, f"--json={out}"], cwd=REPO, capture_output=True,
+        [*command_argv(argv), *TINY, f"--json={out}"], cwd=REPO, capture_output=True,
         text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr

@@ -16,6 +16,7 @@ LAYERS = [
     {"workdir"},
     {"inference"},
     {"commands"},
+    {"cli", "__main__"},
 ]
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -47,6 +48,7 @@ def _imports(path: Path) -> list[tuple[int, str, bool]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sae_jax"):
             names = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n for n in names if n != "sae_jax.__version__"]  # the face's one constant
             found += [(node.lineno, _resolve(n), id(node) in top) for n in names]
         elif isinstance(node, ast.Import):
             found += [

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_MNIST
+from conftest import REPO, SHARED_MNIST, command_argv
 
 README = (REPO / "README.md").read_text()
 RUNNABLE = re.findall(r"<!-- runnable -->\n```(bash|python)\n(.*?)```", README, re.S)
@@ -113,18 +113,25 @@ def test_losses_example_runs():
     assert namespace["params"]["w"].shape == (784, 256)
 
 
-# The commands printed in the docstrings of experiments/*.py, in the order they can
-# run (encode.py reads the run that mnist.py leaves in checkpoints/mnist). Not here:
-# benchmark.py, whose commands tests/test_benchmark.py runs at a tiny size.
-SCRIPTS = ["mnist", "encode", "sweep", "search", "benchmark_sweep"]
+# The commands printed in the docstrings of the subcommands and scripts, in the order
+# they can run (encode reads the run that train leaves in checkpoints/mnist). Not here:
+# the benchmark, whose commands tests/test_benchmark.py runs at a tiny size.
+SCRIPTS = [
+    "sae_jax/cli/main.py",
+    "sae_jax/cli/train.py",
+    "sae_jax/cli/encode.py",
+    "sae_jax/cli/sweep.py",
+    "sae_jax/cli/search.py",
+    "experiments/benchmark_sweep.py",
+]
 # What each command gets appended to run at a tiny size: a few hundred examples, one
 # epoch per stage, fewer seeds, points or model counts (a later flag wins).
 SMALL_DATA = ["--config.train_examples=300", "--config.test_examples=100"]
 SHRINK = {
     "--config=seed": [*SMALL_DATA, "--epochs=1"],
     "--config=sda3": [*SMALL_DATA, "--config.validation_examples=100", "--epochs=1"],
-    "sweep.py": ["--seeds=2", "--epochs=1"],
-    "search.py": ["--points=2", "--epochs=1"],
+    "sae-jax sweep": ["--seeds=2", "--epochs=1"],
+    "sae-jax search": ["--points=2", "--epochs=1"],
     # and the tests' compilation cache for its sweeps, which it turns off to time them
     "benchmark_sweep.py": [
         "--models=2",
@@ -135,14 +142,12 @@ SHRINK = {
 
 
 def docstring_commands(script: str) -> list[list[str]]:
-    """The ``python experiments/...`` command lines of ``script``'s docstring."""
+    """The ``sae-jax ...`` and ``python ...`` command lines of ``script``'s docstring."""
     import ast
 
-    doc = ast.get_docstring(ast.parse((REPO / "experiments" / f"{script}.py").read_text()))
-    lines = doc.replace("\\\n", " ").splitlines()
-    return [
-        shlex.split(line, comments=True) for line in lines if line.strip().startswith("python ")
-    ]
+    doc = ast.get_docstring(ast.parse((REPO / script).read_text()))
+    lines = [line.strip() for line in doc.replace("\\\n", " ").splitlines()]
+    return [shlex.split(x, comments=True) for x in lines if x.startswith(("sae-jax ", "python "))]
 
 
 def test_every_experiment_docstring_command_runs_at_a_tiny_size(clone):
@@ -157,13 +162,13 @@ def test_every_experiment_docstring_command_runs_at_a_tiny_size(clone):
                 skipped.append(shown)
                 continue
             proc = subprocess.run(
-                [sys.executable, *argv[1:], *extra], cwd=clone, capture_output=True, text=True,
+                [*command_argv(argv), *extra], cwd=clone, capture_output=True, text=True,
                 timeout=600, env=os.environ,
             )  # fmt: skip
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
             ran.append(shown)
-    assert len(ran) + len(skipped) == sum(len(docstring_commands(s)) for s in SCRIPTS) >= 10
+    assert len(ran) + len(skipped) == sum(len(docstring_commands(s)) for s in SCRIPTS) >= 12
     assert (clone / "codes.npy").is_file()
     if skipped:
         pytest.skip(f"{len(ran)} docstring commands ran; skipped: {skipped}")

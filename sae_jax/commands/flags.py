@@ -48,10 +48,13 @@ class Parser(argparse.ArgumentParser):
         return flags
 
 
-def parser(description: str | None, training: bool = True) -> Parser:
-    """A ``Parser`` with the flags the experiments share: the platform, the data, the
-    compilation cache and, with ``training``, the config and a run's own flags."""
-    p = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(description: str | None, training: bool = True, prog: str | None = None) -> Parser:
+    """A ``Parser`` named ``prog`` (in usage lines; default: the script's name) with the
+    flags the commands share: the platform, the data, the compilation cache and, with
+    ``training``, the config and a run's own flags."""
+    p = Parser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default: cpu)")
     if training:
         _config_flags(p)

@@ -1,10 +1,8 @@
-"""The overhead report of ``experiments/benchmark.py``: where the wall time of one run of
+"""The overhead report of ``sae-jax benchmark``: where the wall time of one run of
 the training command goes.
 
-``run_command`` runs the training command (the ``experiments/mnist.py`` that sits beside
-the ``sae_jax`` package imported, so ``PYTHONPATH`` picks the code measured) in this
-process, with a fresh ``--workdir``, and records three things while it runs, needing
-nothing from the package but what it had at the branch point (2ab930c):
+``run_command`` runs the training command (``sae-jax train``, ``sae_jax.cli.train``) in
+this process, with a fresh ``--workdir``, and records three things while it runs:
 
 - compilation: the spans of JAX's compile events (``jax.monitoring`` duration events
   ``COMPILE_EVENTS``: tracing to a jaxpr, lowering to MLIR, and the backend compile,
@@ -22,7 +20,6 @@ the definitions) and ``table`` into a markdown table.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import statistics
 import time
@@ -113,32 +110,21 @@ class Recorder:
         return timed
 
 
-def command_path() -> Path:
-    """The training command of the ``sae_jax`` imported: its repository's
-    ``experiments/mnist.py``, else the one beside this file."""
-    import sae_jax
-
-    beside_package = Path(sae_jax.__file__).resolve().parents[1] / "experiments" / "mnist.py"
-    return beside_package if beside_package.is_file() else Path(__file__).with_name("mnist.py")
-
-
 def run_command(argv: list[str], workdir: Path) -> dict[str, Any]:
     """Run the training command with ``argv`` and ``--workdir=workdir`` in this process
     (jax and sae_jax already imported) and return what ``overhead`` reads: the exit
     status, ``total_wall_s`` (the command's main, start to end), the stages, the
     compile spans, the store calls and the monitoring events' times."""
-    path = command_path()
-    spec = importlib.util.spec_from_file_location("sae_jax_bench_command", path)
-    command = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(command)
+    from sae_jax.cli import train
+
     recorder = Recorder()
     recorder.install()
     start = recorder.now()
-    status = command.main([*argv, f"--workdir={workdir}"])
+    status = train.main([*argv, f"--workdir={workdir}"])
     total = recorder.now() - start
     return {
         "status": status,
-        "command": str(path),
+        "command": "sae-jax train",
         "total_wall_s": total,
         "start": start,
         "stages": stage_windows(recorder.store, epoch_seconds(workdir / "metrics.jsonl")),

@@ -1,4 +1,4 @@
-"""The PyTorch side of ``experiments/benchmark.py``: the seed workload as a PyTorch user
+"""The PyTorch side of ``sae-jax benchmark``: the seed workload as a PyTorch user
 would write it (tensors on the device, manual minibatch slicing of a ``randperm``,
 eager mode or ``torch.compile``), run by the benchmark in its own child process, on the
 CPU or on CUDA (synchronized before every timer read, so a timer sees the work done).
@@ -10,7 +10,7 @@ import math
 import time
 from itertools import pairwise
 
-from benchmark_report import BATCH, CLASSES, N_TEST, N_TRAIN, SIZES
+from sae_jax.cli.benchmark_report import BATCH, CLASSES, N_TEST, N_TRAIN, SIZES
 
 
 def run_torch(

@@ -1,4 +1,4 @@
-"""What ``experiments/benchmark.py`` prints and writes: the overhead tables of its sae_jax
+"""What ``sae-jax benchmark`` prints and writes: the overhead tables of its sae_jax
 runs (see ``benchmark_overhead``), the comparison with PyTorch per stage and for the
 whole process, and the derived checks against their targets.
 """
@@ -11,7 +11,7 @@ import time
 from itertools import pairwise
 from typing import Any
 
-from benchmark_overhead import COUNT_EVENTS, median_report, overhead, table
+from sae_jax.cli.benchmark_overhead import COUNT_EVENTS, median_report, overhead, table
 
 # The seed workload (784-1000-1500-10, batch 160), which both sides of the comparison run.
 STAGES = ("pretrain_1", "pretrain_2", "finetune")
