@@ -102,6 +102,8 @@ def salt_and_pepper(
     return jnp.where(hit, noise, x)
 
 
+#: The corruptions by name (``masking``, ``gaussian``, ``salt_and_pepper``), each
+#: ``(key, x, level) -> array of x's shape``.
 CORRUPTIONS: dict[str, Callable[[jax.Array, jax.Array, ArrayLike], jax.Array]] = {
     "masking": masking_noise,
     "gaussian": gaussian_noise,

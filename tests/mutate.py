@@ -85,7 +85,7 @@ TESTS = {
     "training/sweep": ["training/test_search.py", "test_parallel.py"],
     "training/search": ["training/test_search.py", "test_parallel.py"],
 }
-COPIED = ["sae_jax", "tests", "experiments", "README.md", "pyproject.toml"]
+COPIED = ["sae_jax", "tests", "experiments", "docs", "README.md", "pyproject.toml"]
 
 
 def _own_tests(module: str) -> str:
@@ -316,7 +316,9 @@ def _copy_repo(root: Path) -> Path:
     for name in COPIED:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "_build")
+            )
         else:
             shutil.copy2(src, repo / name)
     if (REPO.parent / "shared").exists():

@@ -1,5 +1,6 @@
-"""The README runs as written: every block marked runnable, in order, from the root of a
-copy of the repository (default flags, relative paths), with ../shared beside it."""
+"""The README and the guides run as written: every block marked runnable, in order, from
+the root of a copy of the repository (default flags, relative paths), with ../shared beside
+it."""
 
 import json
 import os
@@ -13,12 +14,36 @@ import numpy as np
 import pytest
 from conftest import REPO, SHARED_MNIST, command_argv
 
-README = (REPO / "README.md").read_text()
-RUNNABLE = re.findall(r"<!-- runnable -->\n```(bash|python)\n(.*?)```", README, re.S)
+# The pages with runnable blocks, in an order in which each block finds what the ones
+# before it leave (the README's quick start trains checkpoints/mnist; the guide to data
+# writes my_digits.npz, trains checkpoints/own and then encodes it); any other page of
+# docs/ after them.
+PAGES = [
+    "README.md",
+    *(f"docs/guides/{g}.md" for g in ["running", "configs", "data", "sweeps", "losses"]),
+]
+DOCS = {p.relative_to(REPO).as_posix() for p in (REPO / "docs").rglob("*.md")}
+PAGES += sorted(p for p in DOCS - set(PAGES) if not p.startswith("docs/_build/"))
+# (kind, body, page) of every runnable block, in that order
+RUNNABLE = [
+    (kind, body, page)
+    for page in PAGES
+    for kind, body in re.findall(
+        r"<!-- runnable -->\n```(bash|python)\n(.*?)```", (REPO / page).read_text(), re.S
+    )
+]
 # What the README marks optional, and what the test puts in its place (dropped if absent).
 OPTIONAL = {"[--epochs=N]": "--epochs=1"}
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dev"
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".dev",
+    "_build",
 )
 
 
@@ -33,7 +58,7 @@ def commands(block: str) -> list[list[str]]:
 
 
 def test_commands_parse_as_documented():
-    blocks = [body for kind, body in RUNNABLE if kind == "bash"]
+    blocks = [body for kind, body, _ in RUNNABLE if kind == "bash"]
     seed = next(c for b in blocks for c in commands(b) if "--config=seed" in c)
     assert seed[-2:] == ["--workdir=checkpoints/seed", "--epochs=1"]  # [--seed=S] dropped
     assert [c[-1] for c in commands(blocks[0])] == ["--config=tiny", "--config=tiny", "--eval_only"]
@@ -53,9 +78,10 @@ def clone(tmp_path):
 
 
 def test_readme_runs_as_written(clone):
-    assert len(RUNNABLE) >= 6, "the README lost its runnable markers"
+    assert sum(page == "README.md" for _, _, page in RUNNABLE) >= 2, "the quick start's"
+    assert len(RUNNABLE) >= 6, "the README and the guides lost their runnable markers"
     ran, skipped = [], []
-    for kind, body in RUNNABLE:
+    for kind, body, _ in RUNNABLE:
         if kind == "python":
             steps = [[sys.executable, "-c", body]]
         else:
@@ -102,13 +128,13 @@ def test_readme_runs_as_written(clone):
     )
     assert (clone / "checkpoints" / "search" / "search.md").read_text().count("| yes |") == 2
     if skipped:
-        pytest.skip(f"{len(ran)} README steps ran; skipped for want of ../shared: {skipped}")
+        pytest.skip(f"{len(ran)} documented steps ran; skipped for want of ../shared: {skipped}")
 
 
 def test_losses_example_runs():
-    example = next(body for _, body in RUNNABLE if "def train_step" in body)
+    example, page = next((body, page) for _, body, page in RUNNABLE if "def train_step" in body)
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, page, "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["params"]["w"].shape == (784, 256)
 

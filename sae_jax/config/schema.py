@@ -114,7 +114,7 @@ class Config:
 
     @property
     def layer_sizes(self) -> list[int]:
-        """Widths from the input up: ``[input_features, features of each layer...]``."""
+        """Widths from the input up, ``[input_features, features of each layer...]``."""
         return [self.input_features, *(layer.features for layer in self.layers)]
 
     def replace(self, **changes: Any) -> Config:
