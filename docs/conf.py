@@ -4,16 +4,23 @@ Build from the repository root: ``sphinx-build -W -b html docs docs/_build/html`
 Nothing here reaches the network.
 """
 
+import contextlib
+import io
 import os
 import re
 import sys
 from pathlib import Path
+
+from docutils import nodes
+from sphinx.util.docutils import SphinxDirective
 
 ROOT = Path(__file__).resolve().parents[1]
 # The sae_jax of this checkout, installed or not: for autodoc here, and for the
 # kernel that executes the tutorial (it inherits PYTHONPATH).
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+os.environ.setdefault("COLUMNS", "88")  # the width of the commands' --help text
 
 import sae_jax  # noqa: E402
 
@@ -77,6 +84,23 @@ def _signature(app, what, name, obj, options, signature, return_annotation):
     return signature, return_annotation
 
 
+class CommandHelp(SphinxDirective):
+    """``{command-help} train``: what ``sae-jax train --help`` prints, as a literal
+    block (no argument: ``sae-jax --help``), so the page cannot drift from the flags."""
+
+    optional_arguments = 1
+
+    def run(self):
+        from sae_jax.cli.main import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main([*self.arguments, "--help"])
+        text = out.getvalue()
+        return [nodes.literal_block(text, text, language="text")]
+
+
 def setup(app):
+    app.add_directive("command-help", CommandHelp)
     app.connect("autodoc-skip-member", _skip_member)
     app.connect("autodoc-process-signature", _signature)
