@@ -8,7 +8,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -82,12 +81,10 @@ def test_readme_runs_as_written(clone):
     assert len(RUNNABLE) >= 6, "the README and the guides lost their runnable markers"
     ran, skipped = [], []
     for kind, body, _ in RUNNABLE:
-        if kind == "python":
-            steps = [[sys.executable, "-c", body]]
-        else:
-            steps = [[sys.executable if c[0] == "python" else c[0], *c[1:]] for c in commands(body)]
-        for argv in steps:
-            shown = body if kind == "python" else shlex.join(argv[1:])
+        written = [["python", "-c", body]] if kind == "python" else commands(body)
+        for line in written:
+            argv = command_argv(line)
+            shown = body if kind == "python" else shlex.join(line)
             if "../shared/" in shown and not SHARED_MNIST.is_dir():
                 skipped.append(shown)
                 continue
