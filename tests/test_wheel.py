@@ -12,10 +12,12 @@ dependency the wheel's metadata asks for is present at a version it allows."""
 import email
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
 import sys
+import tarfile
 import zipfile
 from importlib import metadata
 from pathlib import Path
@@ -68,6 +70,16 @@ def test_the_wheel_carries_the_package_the_sample_its_types_and_the_command(buil
     assert "sae-jax = sae_jax.cli.main:main" in entry_points
     meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"{info}/METADATA"))
     assert meta["Version"] == sae_jax.__version__ and meta["Name"] == "sae-jax"
+    top = f"sae_jax-{sae_jax.__version__}"
+    with tarfile.open(sdist) as tar:
+        in_sdist = set(tar.getnames())
+    assert {f"{top}/{f}" for f in ("CHANGELOG.md", "CITATION.cff", "sae_jax/py.typed")} <= in_sdist
+
+
+def test_the_citation_names_this_version():
+    citation = (REPO / "CITATION.cff").read_text()
+    assert re.search(r"^cff-version: 1\.2\.0$", citation, re.M)
+    assert re.search(rf"^version: {re.escape(sae_jax.__version__)}$", citation, re.M)
 
 
 def _fresh_venv(tmp: Path, wheel: Path) -> Path:
