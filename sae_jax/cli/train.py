@@ -23,9 +23,8 @@ from sae_jax.commands import exits
 from sae_jax.commands import flags as cli
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``sae-jax train``: parse ``argv`` (default ``sys.argv[1:]``), train; the exit
-    status."""
+def parser(prog: str | None = None) -> cli.Parser:
+    """The flags of ``sae-jax train``: the shared ones and its own."""
     p = cli.parser(__doc__, prog=prog)
     p.add_argument(
         "--workdir",
@@ -60,7 +59,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         help="split every minibatch over all devices, even one (default: only when there "
         "are several)",
     )
-    flags = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``sae-jax train``: parse ``argv`` (default ``sys.argv[1:]``), train; the exit
+    status."""
+    flags = parser(prog).parse_args(argv)
 
     def body() -> None:
         from sae_jax.commands.saved import evaluate_saved

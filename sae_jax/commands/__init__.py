@@ -12,5 +12,6 @@ Modules, in import order:
 - ``sweep``: a grid of models, one table row per grid point (``sweep.json``).
 - ``search``: a search, ``search.json`` and ``search.md``.
 
-``experiments/*.py`` are thin entry points over these.
+``sae_jax.cli`` (``sae-jax``, and the scripts of ``experiments/``) parses flags and
+calls these.
 """

@@ -1,7 +1,7 @@
 """Searches from the command line: choose a config on the validation split, then
 test the chosen one once; the results go to ``search.json`` and ``search.md``.
 
-``experiments/search.py`` parses flags and calls ``run_search``.
+``sae-jax search`` (``sae_jax.cli.search``) parses flags and calls ``run_search``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sweeps from the command line: a grid of hyperparameter values times seeds, trained as
 one ``vmap``-ed program per stage, reported as one row per grid point.
 
-``experiments/sweep.py`` parses flags and calls ``run_sweep``.
+``sae-jax sweep`` (``sae_jax.cli.sweep``) parses flags and calls ``run_sweep``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The train command as a library function: load, train with checkpoints, report,
 write the summary (``run_mnist``).
 
-``experiments/mnist.py`` only parses flags and calls ``run_mnist``; tests and
+``sae-jax train`` (``sae_jax.cli.train``) only parses flags and calls ``run_mnist``; tests and
 notebooks call it directly.
 """
 

@@ -24,7 +24,7 @@ def seed() -> Config:
     for 10 epochs per layer, no softmax-only stage (as in the original), then 10
     epochs of fine-tuning with RMSProp 1e-3, decay 0.9 (TF1 defaults).
 
-    Run: ``python experiments/mnist.py --platform=cpu --config=seed
+    Run: ``sae-jax train --platform=cpu --config=seed
     --data_dir=../shared/data/mnist``
     """
     layer = LayerConfig(
@@ -57,7 +57,7 @@ def tiny() -> Config:
     of fine-tuning with Adam 3e-3 (RMSProp at 1e-3 barely moves in so few steps).
     Reaches about 0.86 test accuracy on the first 500 test images.
 
-    Run: ``python experiments/mnist.py --platform=cpu --config=tiny
+    Run: ``sae-jax train --platform=cpu --config=tiny
     --data_dir=../shared/data/mnist``
     """
     base = seed()
@@ -93,7 +93,7 @@ def ufldl() -> Config:
     and 60 epochs added 0.3 points), up to 40 epochs of fine-tuning (patience 5);
     all chosen on the validation split.
 
-    Run: ``python experiments/mnist.py --config=ufldl --data_dir=../shared/data/mnist
+    Run: ``sae-jax train --config=ufldl --data_dir=../shared/data/mnist
     --workdir=checkpoints/ufldl``
     """
     layer = LayerConfig(
@@ -148,7 +148,7 @@ def sda3() -> Config:
     fine-tuned at 1e-3 (also chosen on validation) for up to 150 epochs:
     ``--no_pretraining --finetune_lr=1e-3 --epochs=150``.
 
-    Run: ``python experiments/mnist.py --config=sda3 --data_dir=../shared/data/mnist
+    Run: ``sae-jax train --config=sda3 --data_dir=../shared/data/mnist
     --workdir=checkpoints/sda3``
     """
     base = LayerConfig(
@@ -182,12 +182,12 @@ def sda3_dropout() -> Config:
     The same layers as ``sda3``; fine-tuning keeps each input pixel with probability
     0.8 and each hidden unit with probability 0.8 (inverted dropout), with Adam 1e-3
     for up to 50 epochs, patience 8. Chosen on the validation split by
-    ``experiments/search.py`` over fine-tuning rates 3e-4 and 1e-3, input keep 0.8
+    ``sae-jax search`` over fine-tuning rates 3e-4 and 1e-3, input keep 0.8
     and 1 and hidden keep 0.5 and 0.8 (8 points, seed 0): best validation accuracy
     98.80% at epoch 45 (``sda3`` itself: 98.72%), test error 1.37% (seed 0).
     ``experiments/results.md`` has the whole search.
 
-    Run: ``python experiments/mnist.py --config=sda3_dropout
+    Run: ``sae-jax train --config=sda3_dropout
     --data_dir=../shared/data/mnist --workdir=checkpoints/sda3_dropout``
     """
     return sda3().replace(

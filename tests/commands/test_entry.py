@@ -1,14 +1,19 @@
 """``sae-jax`` and ``python -m sae_jax``: the subcommands, ``--help`` and ``--version``,
 the one-line errors, and the scripts of ``experiments/`` as the same commands."""
 
+import inspect
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, command_argv
+from conftest import REPO, SHARED_MNIST, command_argv
 
 import sae_jax
+from sae_jax.cli import train
 from sae_jax.cli.main import SUBCOMMANDS, main
+from sae_jax.config.presets import PRESETS
 
 # subcommand: the script of experiments/ that is the same command
 SCRIPTS = {
@@ -26,7 +31,9 @@ def _run(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
 
 def test_every_script_of_experiments_is_a_subcommand():
     assert set(SUBCOMMANDS) == set(SCRIPTS)
-    assert {f"{s}.py" for s in SCRIPTS.values()} <= {p.name for p in (REPO / "experiments").glob("*.py")}
+    assert {f"{s}.py" for s in SCRIPTS.values()} <= {
+        p.name for p in (REPO / "experiments").glob("*.py")
+    }
 
 
 def test_help_lists_the_subcommands_and_version_prints_the_package_version():
@@ -88,3 +95,15 @@ def test_a_bad_flag_is_the_same_line_and_status_through_every_entry(argv, named,
         assert proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
     assert len({proc.stderr for proc in seen}) == 1
     assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_presets_run_line_is_a_train_command_of_that_preset(name):
+    """The ``Run:`` line of each preset's docstring parses with ``sae-jax train``'s
+    flags, names its preset and reads data that exist beside the repository."""
+    doc = " ".join(inspect.getdoc(PRESETS[name]).split())
+    line = re.search(r"Run: ``(sae-jax train [^`]*)``", doc).group(1)
+    flags = train.parser().parse_args(shlex.split(line)[2:])
+    assert flags.config == name
+    if flags.data_dir and SHARED_MNIST.is_dir():
+        assert (REPO / flags.data_dir).resolve() == SHARED_MNIST.resolve()
