@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -153,3 +154,32 @@ def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.Complet
         env=env,
         timeout=600,
     )
+
+
+# What a copy of the repository leaves out.
+COPY_IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".dev",
+    "_build",
+    ".mypy_cache",
+    "dist",
+)
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A copy of the working tree at ``tmp/main`` (its checkpoints/ emptied), with
+    ``tmp/shared`` pointing at the real ../shared."""
+    root = tmp_path / "main"
+    shutil.copytree(REPO, root, ignore=COPY_IGNORE)
+    shutil.rmtree(root / "checkpoints")
+    (root / "checkpoints").mkdir()
+    if (REPO.parent / "shared").is_dir():
+        (tmp_path / "shared").symlink_to(REPO.parent / "shared")
+    return root

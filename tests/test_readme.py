@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 
 import numpy as np
@@ -33,17 +32,6 @@ RUNNABLE = [
 ]
 # What the README marks optional, and what the test puts in its place (dropped if absent).
 OPTIONAL = {"[--epochs=N]": "--epochs=1"}
-COPY_IGNORE = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "venv",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.egg-info",
-    ".dev",
-    "_build",
-)
 
 
 def commands(block: str) -> list[list[str]]:
@@ -61,19 +49,6 @@ def test_commands_parse_as_documented():
     seed = next(c for b in blocks for c in commands(b) if "--config=seed" in c)
     assert seed[-2:] == ["--workdir=checkpoints/seed", "--epochs=1"]  # [--seed=S] dropped
     assert [c[-1] for c in commands(blocks[0])] == ["--config=tiny", "--config=tiny", "--eval_only"]
-
-
-@pytest.fixture
-def clone(tmp_path):
-    """A copy of the working tree at ``tmp/main`` (its checkpoints/ emptied), with
-    ``tmp/shared`` pointing at the real ../shared."""
-    root = tmp_path / "main"
-    shutil.copytree(REPO, root, ignore=COPY_IGNORE)
-    shutil.rmtree(root / "checkpoints")
-    (root / "checkpoints").mkdir()
-    if (REPO.parent / "shared").is_dir():
-        (tmp_path / "shared").symlink_to(REPO.parent / "shared")
-    return root
 
 
 def test_readme_runs_as_written(clone):
@@ -134,64 +109,3 @@ def test_losses_example_runs():
     exec(compile(example, page, "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["params"]["w"].shape == (784, 256)
-
-
-# The commands printed in the docstrings of the subcommands and scripts, in the order
-# they can run (encode reads the run that train leaves in checkpoints/mnist). Not here:
-# the benchmark, whose commands tests/test_benchmark.py runs at a tiny size.
-SCRIPTS = [
-    "sae_jax/cli/main.py",
-    "sae_jax/cli/train.py",
-    "sae_jax/cli/encode.py",
-    "sae_jax/cli/sweep.py",
-    "sae_jax/cli/search.py",
-    "experiments/benchmark_sweep.py",
-]
-# What each command gets appended to run at a tiny size: a few hundred examples, one
-# epoch per stage, fewer seeds, points or model counts (a later flag wins).
-SMALL_DATA = ["--config.train_examples=300", "--config.test_examples=100"]
-SHRINK = {
-    "--config=seed": [*SMALL_DATA, "--epochs=1"],
-    "--config=sda3": [*SMALL_DATA, "--config.validation_examples=100", "--epochs=1"],
-    "sae-jax sweep": ["--seeds=2", "--epochs=1"],
-    "sae-jax search": ["--points=2", "--epochs=1"],
-    # and the tests' compilation cache for its sweeps, which it turns off to time them
-    "benchmark_sweep.py": [
-        "--models=2",
-        "--epochs=1",
-        f"--compilation_cache={os.environ['JAX_COMPILATION_CACHE_DIR']}",
-    ],
-}
-
-
-def docstring_commands(script: str) -> list[list[str]]:
-    """The ``sae-jax ...`` and ``python ...`` command lines of ``script``'s docstring."""
-    import ast
-
-    doc = ast.get_docstring(ast.parse((REPO / script).read_text()))
-    lines = [line.strip() for line in doc.replace("\\\n", " ").splitlines()]
-    return [shlex.split(x, comments=True) for x in lines if x.startswith(("sae-jax ", "python "))]
-
-
-def test_every_experiment_docstring_command_runs_at_a_tiny_size(clone):
-    mnist = np.load(REPO / "sae_jax" / "_data" / "mnist_sample.npz")
-    np.savez(clone / "my_data.npz", x=mnist["train_images"], y=mnist["train_labels"])
-    ran, skipped = [], []
-    for script in SCRIPTS:
-        for argv in docstring_commands(script):
-            extra = [f for key, flags in SHRINK.items() if key in " ".join(argv) for f in flags]
-            shown = shlex.join(argv)
-            if "../shared/" in shown and not SHARED_MNIST.is_dir():
-                skipped.append(shown)
-                continue
-            proc = subprocess.run(
-                [*command_argv(argv), *extra], cwd=clone, capture_output=True, text=True,
-                timeout=600, env=os.environ,
-            )  # fmt: skip
-            output = proc.stdout + proc.stderr
-            assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
-            ran.append(shown)
-    assert len(ran) + len(skipped) == sum(len(docstring_commands(s)) for s in SCRIPTS) >= 12
-    assert (clone / "codes.npy").is_file()
-    if skipped:
-        pytest.skip(f"{len(ran)} docstring commands ran; skipped: {skipped}")
