@@ -102,7 +102,7 @@ def salt_and_pepper(
     return jnp.where(hit, noise, x)
 
 
-CORRUPTIONS: dict[str, Callable[[jax.Array, jax.Array, ArrayLike], jax.Array]] = {
+CORRUPTIONS: dict[str, Callable[[jax.Array, ArrayLike, ArrayLike], jax.Array]] = {
     "masking": masking_noise,
     "gaussian": gaussian_noise,
     "salt_and_pepper": salt_and_pepper,
