@@ -18,7 +18,15 @@ RUNNABLE = re.findall(r"<!-- runnable -->\n```(bash|python)\n(.*?)```", README, 
 # What the README marks optional, and what the test puts in its place (dropped if absent).
 OPTIONAL = {"[--epochs=N]": "--epochs=1"}
 COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", ".dev"
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "*.egg-info",
+    ".dev",
 )
 
 
