@@ -104,7 +104,7 @@ def salt_and_pepper(
 
 #: The corruptions by name (``masking``, ``gaussian``, ``salt_and_pepper``), each
 #: ``(key, x, level) -> array of x's shape``.
-CORRUPTIONS: dict[str, Callable[[jax.Array, jax.Array, ArrayLike], jax.Array]] = {
+CORRUPTIONS: dict[str, Callable[[jax.Array, ArrayLike, ArrayLike], jax.Array]] = {
     "masking": masking_noise,
     "gaussian": gaussian_noise,
     "salt_and_pepper": salt_and_pepper,

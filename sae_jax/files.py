@@ -256,7 +256,7 @@ class WorkdirLock:
         self.log(f"waiting for {holder} to finish with {self.path.parent}")
         fcntl.flock(fd, fcntl.LOCK_EX)
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):  # the lock goes with the descriptor anyway
                 os.ftruncate(self._fd, 0)  # empty: released in good order
@@ -282,8 +282,8 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 RESUME = "run the same command again to resume"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -183,18 +183,20 @@ class TrainedModel:
 
 @partial(jax.jit, static_argnums=0)
 def _predict(module: Classifier, params: Params, x: jax.Array) -> jax.Array:
-    return module.apply(params, x)
+    # Flax types apply's result as ``Any | tuple[Any, variables]`` (the tuple: with
+    # ``mutable``, never passed here); likewise below.
+    return cast(jax.Array, module.apply(params, x))
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _encode_depth(module: Classifier, params: Params, x: jax.Array, depth: int) -> jax.Array:
-    return module.apply(params, x, depth, method=Classifier.encode)
+    return cast(jax.Array, module.apply(params, x, depth, method=Classifier.encode))
 
 
 @partial(jax.jit, static_argnums=0)
 def _encode_layers(modules: tuple[Autoencoder, ...], params: tuple, x: jax.Array) -> jax.Array:
     for module, p in zip(modules, params, strict=True):
-        x = module.apply(p, x, method=Autoencoder.encode)
+        x = cast(jax.Array, module.apply(p, x, method=Autoencoder.encode))
     return x
 
 

@@ -12,9 +12,9 @@ Parameter layout:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,9 @@ from flax import linen as nn
 from sae_jax.config import Config, LayerConfig
 from sae_jax.corruption import dropout
 
-Params = dict[str, Any]
+# A variables pytree as ``Module.init`` returns it: a dict, or a ``FrozenDict`` when
+# Flax is configured to return those.
+Params = Mapping[str, Any]
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "sigmoid": jax.nn.sigmoid,
@@ -240,11 +242,14 @@ class FrozenLayer:
     @property
     def encoder_params(self) -> Params:
         """``{"kernel": [in, out], "bias": [out]}`` of the encoder half."""
-        return self.params["params"]["encoder"]
+        encoder: Params = self.params["params"]["encoder"]
+        return encoder
 
     def encode(self, x: jax.Array) -> jax.Array:
         """``[batch, in_features] -> [batch, features]``."""
-        return self.module.apply(self.params, x, method=Autoencoder.encode)
+        # Flax types ``apply`` as ``Any | tuple[Any, variables]``; the tuple comes back
+        # only when ``mutable`` is passed.
+        return cast(jax.Array, self.module.apply(self.params, x, method=Autoencoder.encode))
 
 
 def compose(layers: Sequence[FrozenLayer], head_params: Params) -> Params:

@@ -200,9 +200,11 @@ def layout_line(nbytes: int, mesh: Mesh) -> str:
             f"{over}: the training data ({mib:.1f} MiB) is whole on every device, each "
             f"gathering its rows of a batch locally"
         )
+    memory = device_memory(mesh)  # None where this process's devices report none
+    size = "" if memory is None else f" ({memory / 2**20:.0f} MiB)"
     return (
-        f"{over}: the training data ({mib:.1f} MiB) does not fit on one device "
-        f"({device_memory(mesh) / 2**20:.0f} MiB), so it is split over them, each drawing "
+        f"{over}: the training data ({mib:.1f} MiB) does not fit on one device"
+        f"{size}, so it is split over them, each drawing "
         f"its rows of a batch from its own shard"
     )
 

@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 CONFIGS = ("tiny", "seed")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -58,7 +59,7 @@ PRECISION_TEXT = {
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2
+    def error(self, message: str) -> NoReturn:  # one line, exit status 2
         self.exit(2, f"error: {message} (see --help)\n")
 
 

@@ -85,11 +85,11 @@ class Recorder:
             if callable(getattr(RunStore, name, None)):
                 setattr(RunStore, name, self._timed(getattr(RunStore, name), name))
 
-    def _duration(self, event: str, duration: float, **_: Any) -> None:
+    def _duration(self, event: str, duration_secs: float, **_: str | int) -> None:
         end = self.now()  # recorded as the event ends
         self.events.setdefault(event, []).append(end)
         if event in COMPILE_EVENTS:
-            self.compile.append([end - duration, end, event])
+            self.compile.append([end - duration_secs, end, event])
 
     def _event(self, event: str, **_: Any) -> None:
         self.events.setdefault(event, []).append(self.now())
@@ -219,7 +219,14 @@ def epoch_spans(stage: dict[str, Any]) -> Spans:
     return [(t - s, t) for t, s in zip(saves, stage["epoch_s"], strict=True)]
 
 
-def _row(wall: float, epochs: float, steady: float, compile_: float, store: Spans, window):
+def _row(
+    wall: float,
+    epochs: float,
+    steady: float,
+    compile_: float,
+    store: list[Spans],
+    window: tuple[float, float] | None,
+) -> dict[str, float]:
     """One row's figures; ``store``: [exposed, hidden] checkpoint spans."""
     exposed, hidden = (length(spans, window) for spans in store)
     return {

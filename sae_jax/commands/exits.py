@@ -85,6 +85,7 @@ def _runtime_aborts_in_one_line(timeout_s: int) -> None:
         stdin=subprocess.PIPE,
         start_new_session=True,  # a Ctrl-C on the terminal is for the run only
     )
+    assert helper.stdin is not None  # stdin=PIPE
     os.dup2(helper.stdin.fileno(), 2)
     helper.stdin.close()
 

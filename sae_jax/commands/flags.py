@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from sae_jax.commands.exits import select
 from sae_jax.config import Config
 from sae_jax.config.files import apply_overrides, load_config
 from sae_jax.config.presets import PRESETS
 from sae_jax.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sae_jax.data import DataSpec
 
 T = TypeVar("T")
 
@@ -24,10 +27,12 @@ class Parser(argparse.ArgumentParser):
     collects ``--config.<dotted.field>=<value>`` overrides (also ``--config.<field>
     <value>``), in order, into ``config_overrides``: a list of ``(field, value)``."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(  # type: ignore[override]  # typeshed overloads it on namespace's type
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
         flags, rest = self.parse_known_args(args, namespace)
         overrides, unknown = [], []
         takes_overrides = "--config" in self._option_string_actions
@@ -234,7 +239,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def data_spec(flags: argparse.Namespace):
+def data_spec(flags: argparse.Namespace) -> DataSpec:
     """The ``DataSpec`` that the data flags describe, or (where they name MNIST by
     default) the data of the run whose ``config.json`` ``start`` loaded."""
     from sae_jax.data import DataSpec

@@ -82,9 +82,10 @@ def load_data(config: Config, data: DataSpec, log: Callable[[str], None]) -> tup
     labelled data, ``num_classes`` from the largest label."""
     dataset = data.load(need=(config.train_examples, config.test_examples), log=log)
     dataset = dataset.head(config.train_examples, config.test_examples)
-    flat = lambda images: None if images is None else images.reshape(len(images), -1)
+    flat = lambda images: images.reshape(len(images), -1)
+    test = dataset.test_images
     dataset = dataset._replace(
-        train_images=flat(dataset.train_images), test_images=flat(dataset.test_images)
+        train_images=flat(dataset.train_images), test_images=None if test is None else flat(test)
     )
     features = dataset.train_images.shape[1]
     labels = [y for y in (dataset.train_labels, dataset.test_labels) if y is not None]
@@ -153,9 +154,11 @@ def prepare(
             )
         fit = dataset.train_images[: len(dataset.train_images) - config.validation_examples]
         stats = standardization(fit)
-        scale = lambda x: None if x is None else standardize(x, *stats)
+        scale = lambda x: standardize(x, *stats)
+        test = dataset.test_images
         dataset = dataset._replace(
-            train_images=scale(dataset.train_images), test_images=scale(dataset.test_images)
+            train_images=scale(dataset.train_images),
+            test_images=None if test is None else scale(test),
         )
     return Prepared(workdir, config, dataset, stats)
 
@@ -206,5 +209,6 @@ def earlier_run(path: Path) -> bool:
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     """The ``.npz`` file of ``arrays``, for ``write_bytes_atomic``."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    # numpy's stub lets **arrays reach savez's allow_pickle: bool (numpy >= 2.1)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()

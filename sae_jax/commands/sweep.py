@@ -112,7 +112,7 @@ def run_sweep(
     check_models(config, model_seeds, model_hparams)
     ready = prepare(config, workdir, data, log, data_axis_devices(len(model_seeds)))
     workdir, config, mnist = ready.workdir, ready.config, ready.data
-    if mnist.train_labels is None or mnist.test_labels is None:
+    if mnist.train_labels is None or mnist.test_labels is None or mnist.test_images is None:
         raise UserError(
             f"{data.path}: a sweep compares test errors, so it needs labels and a test split "
             f"(y, x_test and y_test)"

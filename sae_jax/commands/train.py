@@ -89,7 +89,7 @@ def run_mnist(
     ready = prepare(config, workdir, data, log, data_devices=data_axis_devices())
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
-        options = {"pretrain": False} if not pretrain else {}
+        options: dict[str, Any] = {"pretrain": False} if not pretrain else {}
         if own := data.run_options():
             options["data"] = own
         store = RunStore(
@@ -173,6 +173,7 @@ def _train(
         return PipelineResult(layers, None, {}, stages), mesh
     test = None
     if dataset.test_labels is not None:
+        assert dataset.test_images is not None  # test labels come with test images
         test = (dataset.test_images, dataset.test_labels)
     result = run_pipeline(  # which holds out the validation split and places the splits
         config, (x, y), test, on_epoch=on_epoch, store=store, mesh=mesh, pretrain=pretrain

@@ -105,6 +105,7 @@ def _checked(path: Path, make) -> Config:
 def _from_python(path: Path) -> Config:
     """Run ``path`` as a module and call its ``get_config()``."""
     spec = importlib.util.spec_from_file_location(f"_sae_jax_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None  # a path always has both
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

@@ -169,7 +169,9 @@ def load_dataset(
     title = IDX_DATASETS[dataset].title if dataset in IDX_DATASETS else dataset
     data_dir = user_path(data_dir) if data_dir is not None else None
     cache_dir = user_path(cache_dir) if cache_dir is not None else None
-    again = dict(verify=verify, progress=progress, log=log, cache_dir=cache_dir, mirror=mirror)
+    again: dict[str, Any] = dict(
+        verify=verify, progress=progress, log=log, cache_dir=cache_dir, mirror=mirror
+    )
 
     def found(what: str, data: Dataset) -> Dataset:
         log(f"{title}: {what}")
@@ -191,7 +193,13 @@ def load_dataset(
             return load_dataset(dataset, "idx", data_dir, **again)
         if data_dir is not None:
             log(f"{title}: no IDX files in {data_dir}, looking elsewhere")
-        small = None not in need and need[0] <= SAMPLE_SIZES[0] and need[1] <= SAMPLE_SIZES[1]
+        n_train, n_test = need
+        small = (
+            n_train is not None
+            and n_test is not None
+            and n_train <= SAMPLE_SIZES[0]
+            and n_test <= SAMPLE_SIZES[1]
+        )
         if dataset == "mnist" and small:
             return load_dataset(dataset, "sample", log=log)
         cache = dataset_cache_dir(cache_dir, dataset)

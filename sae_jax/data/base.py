@@ -33,7 +33,7 @@ class Dataset(NamedTuple):
         """The first ``n_train`` training and ``n_test`` test examples (None: all)."""
         cut = lambda a, n: None if a is None else a[:n]
         return self._replace(
-            train_images=cut(self.train_images, n_train),
+            train_images=self.train_images[:n_train],
             train_labels=cut(self.train_labels, n_train),
             test_images=cut(self.test_images, n_test),
             test_labels=cut(self.test_labels, n_test),

@@ -14,6 +14,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +100,7 @@ def idx_dataset(name: str) -> IdxDataset:
 
 
 # IDX type codes (third byte of the magic number) to numpy dtypes.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -275,11 +276,12 @@ def load_idx_dir(
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data directory not found")
-    paths = {}
+    paths: dict[str, Path] = {}
     for key, stem in MNIST_FILES.items():
-        paths[key] = _find(data_dir, stem)
-        if paths[key] is None:
+        path = _find(data_dir, stem)
+        if path is None:
             raise DataError(f"{data_dir}: missing {stem}.gz (or {stem})")
+        paths[key] = path
     raws = {key: _read_uncompressed(path) for key, path in paths.items()}
     arrays = {key: parse_idx(raw, str(paths[key])) for key, raw in raws.items()}
     for split in ("train", "test"):
@@ -292,7 +294,9 @@ def load_idx_dir(
     if verify:  # last: a file that is damaged or inconsistent is reported as such
         for key, path in paths.items():
             _verify(spec, path, raws[key])
-    return Dataset(**arrays)
+    return Dataset(
+        arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
+    )
 
 
 def _verify(spec: IdxDataset, path: Path, raw: bytes) -> None:

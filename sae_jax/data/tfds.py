@@ -54,7 +54,7 @@ def load_tfds(
         )
     except Exception as e:  # tfds raises many kinds; report them as one line
         raise DataError(f"tensorflow-datasets could not load {name}: {_first_line(e)}") from None
-    arrays = []
+    arrays: list[np.ndarray] = []
     for split, source in zip(("train", "test"), splits, strict=True):
         records = [source[i] for i in range(len(source))]
         if not records:
@@ -73,7 +73,8 @@ def load_tfds(
         if labels.size and labels.min() < 0:
             raise DataError(f"tensorflow-datasets {name}: negative labels in {split}")
         arrays += [images, labels.astype(np.uint8 if labels.max() < 256 else np.int32)]
-    return Dataset(*arrays)
+    train_images, train_labels, test_images, test_labels = arrays
+    return Dataset(train_images, train_labels, test_images, test_labels)
 
 
 def tfds_prepared(name: str = "mnist", data_dir: str | os.PathLike[str] | None = None) -> bool:

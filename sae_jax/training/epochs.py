@@ -35,7 +35,15 @@ class Epochs:
     ``on_epoch`` called) once epoch ``e + 1`` is queued, so the device never waits
     for the host between epochs. The result is the same as looking at once."""
 
-    def __init__(self, epoch_fn, data, key, where, models, evaluate):
+    def __init__(
+        self,
+        epoch_fn: Callable[..., tuple[Any, dict[str, jax.Array]]],
+        data: tuple[jax.Array, ...],
+        key: jax.Array,
+        where: NamedSharding | None,
+        models: Models,
+        evaluate: Callable[[Any], dict[str, jax.Array]] | None,
+    ) -> None:
         """``epoch_fn(state, data, key, active, epoch)`` runs one epoch; ``where`` is
         where the models' flags live (None: the default device); ``models`` a
         ``Models``; ``evaluate`` as for ``fit``."""
@@ -67,7 +75,8 @@ class Epochs:
     def left_changed(self, running: Launched) -> bool:
         """Whether ``running`` trained models that have stopped since it was queued."""
         left = self.models.active
-        return left is not None and not np.array_equal(left, running.active)
+        ran = running.active
+        return left is not None and (ran is None or not np.array_equal(left, ran))
 
 
 class Models:

@@ -66,7 +66,7 @@ class HParams(NamedTuple):
 def layer_hparams(layer: LayerConfig) -> LayerHParams:
     """The values of one layer, as float32 scalars."""
     values = [getattr(layer, name) for name in LayerHParams._fields[:-1]]
-    return LayerHParams(*np.float32([*values, layer.optimizer.learning_rate]))
+    return LayerHParams(*np.asarray([*values, layer.optimizer.learning_rate], np.float32))
 
 
 def hparams_of(config: Config) -> HParams:
@@ -95,7 +95,7 @@ def pretraining_rows(hp: HParams) -> np.ndarray:
 def structure(config: Config) -> Config:
     """``config`` with every ``HParams`` value set to one constant: what the models of
     one sweep must share (shapes, loop lengths, kinds of loss and noise, seeds aside)."""
-    zero = {name: 0.0 for name in LayerHParams._fields[:-1]}
+    zero: dict[str, Any] = {name: 0.0 for name in LayerHParams._fields[:-1]}
     layers = tuple(
         dataclasses.replace(layer, **zero, optimizer=_rate(layer.optimizer, 1.0))
         for layer in config.layers
@@ -148,7 +148,8 @@ def _layer_value(name: str) -> Callable[[Config, float], Config]:
         def one(layer: LayerConfig) -> LayerConfig:
             if name == "noise_level" and layer.noise == "none":
                 return layer
-            return dataclasses.replace(layer, **{name: float(value)})
+            change: dict[str, Any] = {name: float(value)}
+            return dataclasses.replace(layer, **change)
 
         return config.replace(layers=tuple(one(layer) for layer in config.layers))
 

@@ -165,7 +165,7 @@ def pretrain_layers(
 
 def pretrain_stack(
     config: Config,
-    x: jax.Array,
+    x: jax.Array | np.ndarray,
     *,
     on_epoch: StageCallback | None = None,
     store: StageStore | None = None,

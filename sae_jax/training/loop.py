@@ -34,7 +34,9 @@ from sae_jax.training.optim import (  # noqa: F401  (make_optimizer: part of the
 
 Params = Any
 Batch = tuple[jax.Array, ...]
-LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+# ``(params, batch, key[, hparams]) -> (loss, terms)``: ``hparams`` is passed, by
+# keyword, only where the state has some (see ``TrainState``).
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 StepFn = Callable[["TrainState", Batch, jax.Array], tuple["TrainState", dict[str, jax.Array]]]
 EpochCallback = Callable[[int, "TrainState", dict[str, float], float], bool | None]
 
@@ -200,7 +202,7 @@ def take_models(tree: Params, index: np.ndarray, mesh: Mesh | None = None) -> Pa
 
 
 def place_data(
-    a: jax.Array, mesh: Mesh | None, models: bool = False, shard: bool | None = None
+    a: jax.Array | np.ndarray, mesh: Mesh | None, models: bool = False, shard: bool | None = None
 ) -> jax.Array:
     """Put ``a`` ``[n, ...]`` on the device(s) (no mesh: the default device).
 
@@ -318,7 +320,7 @@ def fit(
         running = run.launch(state, epoch)
         if pending is not None:  # epoch - 1 is looked at while epoch runs
             if run.settle(pending, name, on_epoch):
-                running = None
+                del running
                 break
             if run.left_changed(running):  # the models left changed: again without them
                 running = run.launch(pending.state, epoch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,12 @@ def _layer_loss(module: Autoencoder, kind: tuple, terms: tuple[str, ...]) -> Los
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         hp = hparams
         x = to_float(batch[0])
-        h, z = module.apply(params, corrupt(key, x, noise, hp.noise_level))
+        # Flax types apply's result as ``Any | tuple[Any, variables]`` (the tuple: with
+        # ``mutable``, not passed here); likewise below.
+        h, z = cast(
+            tuple[jax.Array, jax.Array],
+            module.apply(params, corrupt(key, x, noise, hp.noise_level)),
+        )
         if reconstruction == "cross_entropy":
             rec = losses.bernoulli_cross_entropy(z, x)
         else:
@@ -117,12 +122,15 @@ def classifier_loss(
         x, y = batch
         if dropout:
             keep = own if hparams is None else hparams
-            logits = module.apply(params, to_float(x), key, **keep, method="dropout_logits")
+            logits = cast(
+                jax.Array,
+                module.apply(params, to_float(x), key, **keep, method="dropout_logits"),
+            )
         else:
-            logits = module.apply(params, to_float(x))
+            logits = cast(jax.Array, module.apply(params, to_float(x)))
         terms = {"cross_entropy": jnp.mean(losses.softmax_cross_entropy(logits, y))}
         if weight_decay:
             terms["weight_decay"] = weight_decay * losses.l2_weight_decay(params)
-        return sum(terms.values()), terms
+        return cast(jax.Array, sum(terms.values())), terms  # terms is never empty: an array
 
     return loss_fn

@@ -25,7 +25,9 @@ class RateState(NamedTuple):
     """The learning rate of ``scale_by_rate`` (float32, per model when vmapped) and the
     count of updates so far (int32)."""
 
-    count: jax.Array
+    # Named as optax names its states' step counters; a NamedTuple field shadowing
+    # tuple.count is what mypy objects to.
+    count: jax.Array  # type: ignore[assignment]
     learning_rate: jax.Array
 
 
@@ -54,7 +56,9 @@ def scale_by_rate(
 class MomentumState(NamedTuple):
     """The momentum buffer of ``momentum_trace`` and the count of updates so far."""
 
-    count: jax.Array
+    # Named as optax names its states' step counters; a NamedTuple field shadowing
+    # tuple.count is what mypy objects to.
+    count: jax.Array  # type: ignore[assignment]
     trace: Any
 
 

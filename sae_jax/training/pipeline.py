@@ -55,12 +55,12 @@ class PipelineResult:
     def diverged(self) -> list[str | None]:
         """Per model of a sweep: the first stage whose loss became NaN or infinite for
         it (the model stopped there), or None; empty for a single run."""
-        flags = [s for s in self.stages if s.diverged is not None]
+        flags = [(s.name, s.diverged) for s in self.stages if s.diverged is not None]
         if not flags:
             return []
         return [
-            next((s.name for s in flags if s.diverged[m]), None)
-            for m in range(len(flags[0].diverged))
+            next((name for name, diverged in flags if diverged[m]), None)
+            for m in range(len(flags[0][1]))
         ]
 
 
@@ -86,8 +86,8 @@ def _check_split(name: str, split: tuple[jax.Array, jax.Array], config: Config) 
 
 def run_pipeline(
     config: Config | Sequence[Config],
-    train: tuple[jax.Array, jax.Array],
-    test: tuple[jax.Array, jax.Array] | None = None,
+    train: tuple[jax.Array | np.ndarray, jax.Array | np.ndarray],
+    test: tuple[jax.Array | np.ndarray, jax.Array | np.ndarray] | None = None,
     *,
     on_epoch: StageCallback | None = None,
     store: StageStore | None = None,
@@ -95,7 +95,7 @@ def run_pipeline(
     seeds: list[int] | None = None,
     hparams: dict[str, list[float]] | None = None,
     pretrain: bool = True,
-    validation: tuple[jax.Array, jax.Array] | None = None,
+    validation: tuple[jax.Array | np.ndarray, jax.Array | np.ndarray] | None = None,
 ) -> PipelineResult:
     """Greedy layer-wise pretraining, the softmax stage, and end-to-end fine-tuning.
 
@@ -145,6 +145,8 @@ def run_pipeline(
     run = _setting(config, seeds, hparams, store, mesh, on_epoch)
     run = _placed(run, train, test, validation)
     config = run.configs[0]
+    layers: list[FrozenLayer]
+    stages: list[StageRecord]
     layers, head_params, stages = [], None, []
     if pretrain:
         layers, head_params, stages = _pretrain_with_softmax(run)
@@ -203,6 +205,7 @@ class _Run:
         """``params -> accuracy`` of ``module`` on ``inputs`` and the judged labels."""
         if self.judge is None:
             return None
+        assert inputs is not None  # the judged split's images, or their codes
         batch, models = self.configs[0].eval_batch_size, self.models is not None
         y = self.judge[1]
         return lambda p: evaluate(module, p, inputs, y, batch, models, on_host=False)["accuracy"]
@@ -240,7 +243,10 @@ def _placed(run: _Run, train, test, validation) -> _Run:
         if split is not None:
             _check_split(name, split, config)
     mesh = run.common["mesh"]
-    placed = [None if s is None else tuple(place_data(a, mesh) for a in s) for s in splits.values()]
+    placed = [
+        None if s is None else (place_data(s[0], mesh), place_data(s[1], mesh))
+        for s in splits.values()
+    ]
     return replace(run, train=placed[0], test=placed[1], validation=placed[2])
 
 
@@ -249,6 +255,7 @@ def _pretrain_with_softmax(run: _Run) -> tuple[list[FrozenLayer], Params, list[S
     among the models (``_shared_pretraining``) and then handed to every model."""
     shared = _shared_pretraining(run)
     sub = run if shared is None else _subset(run, shared[0])
+    assert sub.train is not None  # placed by _placed
     layers, stages, top_codes = pretrain_layers(
         sub.configs, sub.train[0], sub.keys, sub.hp.layers, sub.common
     )
@@ -313,6 +320,7 @@ def _train_softmax(
         **run.selection(),
     )
     params, softmax_key = split_init(head, run.keys[-2], head.in_features)
+    assert run.train is not None  # placed by _placed
     data, data_axis = (top_codes, run.train[1]), (0, None) if models else None
     return run_stage(stage, params, data, key=softmax_key, data_axis=data_axis, **run.placement)
 
@@ -334,6 +342,7 @@ def _finetune(run: _Run, start: Params) -> tuple[Params, StageRecord]:
         patience=config.finetune_patience if run.validation else None,
         **run.selection(),
     )
+    assert run.train is not None  # placed by _placed
     return run_stage(stage, start, run.train, key=run.keys[-1], **run.placement)
 
 

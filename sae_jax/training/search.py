@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -81,7 +81,9 @@ def search_points(space: Space, points: int | None = None, seed: int = 0) -> lis
         elif not values:
             raise ConfigError(f"{name}: no values to search")
     if points is None:
-        return grid([0], {k: list(v) for k, v in space.items()})[2]
+        # (no Range here: a range without points raised above)
+        lists = {k: list(v) for k, v in space.items() if not isinstance(v, Range)}
+        return grid([0], lists)[2]
     rng = np.random.default_rng(seed)
     draw = lambda v: v.draw(rng) if isinstance(v, Range) else float(v[rng.integers(len(v))])
     return [{name: draw(values) for name, values in space.items()} for _ in range(points)]
@@ -152,7 +154,7 @@ def search(
     pretrain: bool = True,
     on_epoch: StageCallback | None = None,
     on_group: Callable[[dict[str, float], int], None] | None = None,
-    mesh: Mesh | str | None = "all",
+    mesh: Mesh | Literal["all"] | None = "all",
 ) -> SearchResult:
     """Choose a config on ``validation``: every point of ``space`` times ``seeds``.
 
@@ -202,12 +204,14 @@ def search(
         for k, i in enumerate(members):
             rows[i] = _point_row(candidates[i], seeds, result, k)
             if best is None or (-rows[i]["validation_mean"], i) < (-best[0], best[1]):
-                chosen = slice(k * len(seeds), (k + 1) * len(seeds))
-                chosen_params = jax.tree.map(lambda a, m=chosen: a[m], result.params)
+                own = slice(k * len(seeds), (k + 1) * len(seeds))
+                chosen_params = jax.tree.map(lambda a, m=own: a[m], result.params)
                 best = (rows[i]["validation_mean"], i, chosen_params)
         del result
     ranking = sorted(range(len(rows)), key=lambda i: -rows[i]["validation_mean"])
-    chosen, params = ranking[0], best[2]
+    chosen = ranking[0]
+    assert best is not None  # set by the chosen point
+    params = best[2]
     chosen_config = point_config(config, candidates[chosen])
     accuracy: list[float] = []
     if test is not None:  # the only look at the test set
@@ -224,6 +228,8 @@ def _point_row(
     each model's best fine-tuning epoch and its accuracy there (0 with none), the
     epochs it trained, and the stage it diverged in (None: it did not)."""
     finetune = result.stages[-1]
+    # A sweep's record: an epoch and a count per model.
+    assert isinstance(finetune.best_epoch, list) and finetune.epochs_trained is not None
     models = range(k * len(seeds), (k + 1) * len(seeds))
     best_epochs = [int(finetune.best_epoch[m]) for m in models]
     accuracy = [

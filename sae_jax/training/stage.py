@@ -19,7 +19,7 @@ from sae_jax.config import OptimizerConfig
 from sae_jax.training.loop import LossFn, Params, TrainState, fit, init_state
 from sae_jax.training.optim import make_optimizer
 
-History = list[dict[str, float]]
+History = list[dict[str, Any]]  # per epoch: floats, or per-model lists in a sweep
 # on_epoch(stage, epoch, metrics, seconds), with epoch counted from 1.
 StageCallback = Callable[[str, int, dict[str, float], float], None]
 
@@ -234,7 +234,8 @@ def run_stage(
         if best is not None and best_params is not None:  # saved after its best epoch
             best.restore(record, stage.metric, best_params)
     earlier_wall = record.wall_s  # of the runs that worked on the stage before
-    judge = stage.evaluate_fn and (lambda p: {stage.metric: stage.evaluate_fn(p)})
+    evaluate_fn = stage.evaluate_fn
+    judge = evaluate_fn and (lambda p: {stage.metric: evaluate_fn(p)})
     metric = None if judge is None else stage.metric
     after_epoch = _after_epoch(name, record, best, store, key, metric, on_epoch)
     result = fit(
@@ -245,6 +246,7 @@ def run_stage(
     )  # fmt: skip
     record.wall_s = earlier_wall + time.perf_counter() - start
     if models is not None:
+        assert result.diverged is not None  # fit reports it for models
         earlier = np.asarray(record.epochs_trained or np.zeros(models, int))
         record.epochs_trained = (earlier + result.epochs_trained).tolist()
         record.diverged = result.diverged.tolist()
@@ -271,7 +273,10 @@ def _after_epoch(
         metrics["seconds"] = seconds
         record.history.append(metrics)
         record.wall_s = earlier_wall + time.perf_counter() - start
-        verdict = None if best is None else best.update(epoch, metrics[metric], state.params)
+        verdict = None
+        if best is not None:
+            assert metric is not None  # keep_best judges by the stage's evaluate_fn
+            verdict = best.update(epoch, metrics[metric], state.params)
         if best is not None:
             record.best_epoch = best.best_epoch()
         if store is not None:

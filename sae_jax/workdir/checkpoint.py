@@ -90,10 +90,13 @@ MANAGED = (
 )
 
 
-def _record(stage: str, meta: dict[str, Any], history: list | None = None) -> StageRecord:
+def _record(
+    stage: str, meta: dict[str, Any], history: list[dict[str, Any]] | None = None
+) -> StageRecord:
     """The record a checkpoint's ``meta`` describes; ``history`` where the meta does
     not hold it (an epoch checkpoint: see ``workdir.metrics``)."""
-    history = list(meta["history"]) if "history" in meta else history
+    if "history" in meta or history is None:
+        history = list(meta["history"])
     return StageRecord(stage, meta["epochs"], meta["wall_s"], history, meta.get("best_epoch", 0))
 
 

@@ -39,7 +39,9 @@ def mosaic(images: np.ndarray, columns: int, gap: int = 1) -> np.ndarray:
     return out
 
 
-def _show(fig: Figure, rect: Sequence[float], image: np.ndarray, vmin: float) -> Axes:
+def _show(
+    fig: Figure, rect: tuple[float, float, float, float], image: np.ndarray, vmin: float
+) -> Axes:
     """``image`` in gray from ``vmin`` to 1 (NaN white) on axes at ``rect`` of ``fig``."""
     ax = fig.add_axes(rect)
     cmap = colormaps["gray"].with_extremes(bad="white")
@@ -52,7 +54,10 @@ def _show(fig: Figure, rect: Sequence[float], image: np.ndarray, vmin: float) ->
 
 
 def save_filters(
-    kernel: np.ndarray, path: str | os.PathLike[str], count: int = 100, shape=(28, 28)
+    kernel: np.ndarray,
+    path: str | os.PathLike[str],
+    count: int = 100,
+    shape: tuple[int, int] = (28, 28),
 ) -> None:
     """The first ``count`` units' input weights as a grid of ``shape`` tiles (UFLDL style),
     each scaled by its largest magnitude, drawn as one ``mosaic``.
@@ -78,7 +83,7 @@ def save_reconstructions(
     reconstructed: np.ndarray,
     path: str | os.PathLike[str],
     corrupted: np.ndarray | None = None,
-    shape=(28, 28),
+    shape: tuple[int, int] = (28, 28),
 ) -> None:
     """Rows of digits: original, corrupted (when given) and reconstructed, drawn as one
     ``mosaic`` whose rows are labelled.

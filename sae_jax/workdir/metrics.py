@@ -107,9 +107,9 @@ class MetricsLog:
         for s, epoch, entry in self._rows:
             if s == stage:
                 found.setdefault(epoch, entry)
-        history = [found.get(epoch) for epoch in range(1, epochs + 1)]
-        if None in history or _sha256(stage, history).hexdigest() != digest:
-            missing = "lacks some" if None in history else "does not hold those"
+        history = [found[epoch] for epoch in range(1, epochs + 1) if epoch in found]
+        if len(history) < epochs or _sha256(stage, history).hexdigest() != digest:
+            missing = "lacks some" if len(history) < epochs else "does not hold those"
             raise CheckpointError(
                 f"{checkpoint} was saved after {epochs} epochs of {stage}, and {self.path} "
                 f"{missing} epochs' metrics (edited or replaced?); put it back, or "

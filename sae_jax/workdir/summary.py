@@ -39,7 +39,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 def provenance(mnist: Mnist) -> dict[str, Any]:
     """What a run's numbers depend on besides its config: the command line, the
     versions of Python and the libraries, and the data (source and sha256)."""
-    versions = {"python": platform.python_version()}
+    versions: dict[str, str | None] = {"python": platform.python_version()}
     for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
         try:
             versions[package] = importlib.metadata.version(package)
@@ -82,7 +82,11 @@ def run_summary(
 
 
 def write_figures(
-    workdir: Path, config: Config, result: PipelineResult, x, write: bool = True
+    workdir: Path,
+    config: Config,
+    result: PipelineResult,
+    x: np.ndarray | jax.Array,
+    write: bool = True,
 ) -> list[Path]:
     """``curves.png`` in ``workdir`` and, when the inputs are square images,
     ``filters.png`` and ``reconstructions.png`` (of the first 10 of ``x``
@@ -104,11 +108,11 @@ def write_figures(
     kernel = np.asarray(params["params"]["encoder"]["kernel"])
     figures.save_filters(kernel, workdir / "filters.png", shape=(side, side))
     round_trip = _round_trip(first.module, layer.noise)
-    x, corrupted, reconstructed = jax.device_get(
+    original, corrupted, reconstructed = jax.device_get(
         round_trip(params, np.asarray(x[:10]), np.uint32(config.seed), layer.noise_level)
     )
     figures.save_reconstructions(
-        x,
+        original,
         reconstructed,
         workdir / "reconstructions.png",
         corrupted=corrupted if layer.noise != "none" else None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ def check_available() -> None:
 def flatten(tree: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
     """JSON data as dotted keys: ``{"layers": [{"beta": 3}]}`` -> ``{"layers.0.beta": 3}``;
     None becomes ``"None"`` (hparams take numbers, booleans and text only)."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(tree, dict):
         items = tree.items()
     elif isinstance(tree, (list, tuple)):
