@@ -26,6 +26,40 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The test files that take minutes, the longest first (``--durations`` on 2 cores).
+# The test command's workers (``-n 2 --dist loadfile``) take files in this order, then
+# the rest in the order collected, so that the two finish together; by default xdist
+# hands out the files with the most tests first, which leaves these few long ones last.
+LONG_FIRST = [
+    "tests/commands/test_distributed.py",
+    "tests/test_parallel.py",
+    "tests/test_readme.py",
+    "tests/commands/test_ownership.py",
+    "tests/training/test_data_parallel.py",
+    "tests/test_docstrings.py",
+    "tests/commands/test_sweep_equals_runs.py",
+    "tests/test_device_check.py",
+    "tests/commands/test_own_data.py",
+    "tests/test_docs.py",
+    "tests/test_wheel.py",
+]
+
+
+def pytest_configure(config):
+    missing = [path for path in LONG_FIRST if not (REPO / path).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py: LONG_FIRST names no such file: {missing}")
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's --no-loadscope-reorder
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONG_FIRST)}
+    where = lambda item: item.nodeid.split("::")[0]
+    items.sort(key=lambda item: rank.get(where(item), len(rank)))  # stable: the rest in order
+
+
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
