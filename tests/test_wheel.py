@@ -34,7 +34,12 @@ COPY_IGNORE = shutil.ignore_patterns(
 )  # fmt: skip
 
 
-def _run(argv: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+# The environment of a user outside the repository: no PYTHONPATH (a sae_jax found
+# there would make pip take the wheel as installed already), no active venv.
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def _run(argv: list, cwd: Path, env: dict = USER_ENV) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     return proc
@@ -111,7 +116,7 @@ def test_the_wheel_trains_resumes_and_loads_from_an_empty_folder(built, tmp_path
     bin_ = _fresh_venv(tmp_path, wheel)
     user = tmp_path / "user"
     user.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = dict(USER_ENV)
     env["PATH"] = f"{bin_}{os.pathsep}{env['PATH']}"
     where = _run(["python", "-c", "import sae_jax; print(sae_jax.__file__)"], user, env)
     assert Path(where.stdout.strip()).is_relative_to(tmp_path / "venv"), where.stdout
