@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import shlex
 import shutil
 import struct
 import subprocess
@@ -191,7 +192,7 @@ def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.Complet
 
 
 # What a copy of the repository leaves out.
-COPY_IGNORE = shutil.ignore_patterns(
+COPY_LEFT_OUT = (
     ".git",
     ".venv",
     "venv",
@@ -204,6 +205,17 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".mypy_cache",
     "dist",
 )
+COPY_IGNORE = shutil.ignore_patterns(*COPY_LEFT_OUT)
+
+
+def docstring_commands(path: Path) -> list[list[str]]:
+    """The ``sae-jax ...`` and ``python ...`` command lines printed in the docstring of
+    the module at ``path`` (continuations joined, comments dropped)."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    lines = [line.strip() for line in doc.replace("\\\n", " ").splitlines()]
+    return [shlex.split(x, comments=True) for x in lines if x.startswith(("sae-jax ", "python "))]
 
 
 @pytest.fixture

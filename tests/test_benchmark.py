@@ -2,14 +2,13 @@
 made-up record, the derived checks, bad flags, and the commands of its docstring at a
 tiny size."""
 
-import ast
 import json
 import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, SHARED_MNIST, command_argv
+from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands
 
 import sae_jax.cli.benchmark_overhead as bo
 import sae_jax.cli.benchmark_report as br
@@ -141,18 +140,11 @@ def test_a_bad_flag_is_one_line_and_status_2(flags, named):
     assert proc.stdout == ""
 
 
-def docstring_commands() -> list[list[str]]:
-    """The ``sae-jax benchmark`` command lines of its docstring."""
-    doc = ast.get_docstring(ast.parse(MODULE.read_text())).replace("\\\n", " ")
-    lines = [x.strip() for x in doc.splitlines() if x.strip().startswith("sae-jax ")]
-    return [shlex.split(line) for line in lines]
-
-
 # What each docstring command gets appended to run at a tiny size (a later flag wins).
 TINY = ["--repeats=1", "--epochs=2", "--train_examples=160", "--test_examples=50"]
 
 
-@pytest.mark.parametrize("argv", docstring_commands(), ids=shlex.join)
+@pytest.mark.parametrize("argv", docstring_commands(MODULE), ids=shlex.join)
 def test_every_docstring_command_runs_at_a_tiny_size(argv, tmp_path):
     if "--config=seed" in argv:
         pytest.importorskip("torch")

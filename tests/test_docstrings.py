@@ -2,14 +2,13 @@
 the scripts of ``experiments/`` run as written, in a copy of the repository, at a tiny
 size."""
 
-import ast
 import os
 import shlex
 import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_MNIST, command_argv
+from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands
 
 # The commands printed in the docstrings of the subcommands and scripts, in the order
 # they can run (encode reads the run that train leaves in checkpoints/mnist). Not here:
@@ -39,19 +38,12 @@ SHRINK = {
 }
 
 
-def docstring_commands(script: str) -> list[list[str]]:
-    """The ``sae-jax ...`` and ``python ...`` command lines of ``script``'s docstring."""
-    doc = ast.get_docstring(ast.parse((REPO / script).read_text()))
-    lines = [line.strip() for line in doc.replace("\\\n", " ").splitlines()]
-    return [shlex.split(x, comments=True) for x in lines if x.startswith(("sae-jax ", "python "))]
-
-
 def test_every_docstring_command_runs_at_a_tiny_size(clone):
     mnist = np.load(REPO / "sae_jax" / "_data" / "mnist_sample.npz")
     np.savez(clone / "my_data.npz", x=mnist["train_images"], y=mnist["train_labels"])
     ran, skipped = [], []
     for script in SCRIPTS:
-        for argv in docstring_commands(script):
+        for argv in docstring_commands(REPO / script):
             extra = [f for key, flags in SHRINK.items() if key in " ".join(argv) for f in flags]
             shown = shlex.join(argv)
             if "../shared/" in shown and not SHARED_MNIST.is_dir():
@@ -64,7 +56,7 @@ def test_every_docstring_command_runs_at_a_tiny_size(clone):
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
             ran.append(shown)
-    assert len(ran) + len(skipped) == sum(len(docstring_commands(s)) for s in SCRIPTS) >= 12
+    assert len(ran) + len(skipped) == sum(len(docstring_commands(REPO / s)) for s in SCRIPTS) >= 12
     assert (clone / "codes.npy").is_file()
     if skipped:
         pytest.skip(f"{len(ran)} docstring commands ran; skipped: {skipped}")

@@ -23,15 +23,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import COPY_LEFT_OUT, REPO
 from packaging.requirements import Requirement
 
 import sae_jax
 
-COPY_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "__pycache__", "*_cache", "*.egg-info", ".dev", "_build", "dist",
-    "build", "checkpoints",
-)  # fmt: skip
+# and a user's build/ and checkpoints/
+COPY_IGNORE = shutil.ignore_patterns(*COPY_LEFT_OUT, "build", "checkpoints")
 
 
 # The environment of a user outside the repository: no PYTHONPATH (a sae_jax found

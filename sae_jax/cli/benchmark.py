@@ -43,7 +43,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+
+from sae_jax.commands.flags import OneLineParser
 
 CONFIGS = ("tiny", "seed")
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -58,13 +59,8 @@ PRECISION_TEXT = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit status 2
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = p.add_argument

@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line and exit status 2, and which
-    collects ``--config.<dotted.field>=<value>`` overrides (also ``--config.<field>
-    <value>``), in order, into ``config_overrides``: a list of ``(field, value)``."""
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+class Parser(OneLineParser):
+    """A ``OneLineParser`` which collects ``--config.<dotted.field>=<value>`` overrides
+    (also ``--config.<field> <value>``), in order, into ``config_overrides``: a list of
+    ``(field, value)``."""
 
     def parse_args(  # type: ignore[override]  # typeshed overloads it on namespace's type
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
