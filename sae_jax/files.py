@@ -108,6 +108,9 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk fails a write that names no file: name it
+        Path(tmp).unlink(missing_ok=True)
+        raise named(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -116,6 +119,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """``write_bytes_atomic`` of ``text`` in UTF-8."""
     write_bytes_atomic(path, text.encode())
+
+
+def named(e: OSError, path: str | os.PathLike[str]) -> OSError:
+    """``e`` with ``path`` as its file name, where it names none (``write`` and
+    ``fsync`` on a full disk say only "No space left on device")."""
+    if e.filename:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), os.fspath(path))
 
 
 def os_error_line(e: OSError) -> str:
@@ -190,6 +201,16 @@ def check_workdir(path: Path, earlier_run: Callable[[Path], bool] = lambda path:
         )
 
 
+def workdir_gone(path: Path) -> FileNotFoundError:
+    """The error of a run whose workdir ``path`` (or its mark) was removed while it ran."""
+    return FileNotFoundError(
+        errno.ENOENT,
+        "the folder was removed while the run was writing to it; nothing more is written "
+        "there; run the same command again to start over",
+        str(path),
+    )
+
+
 def mark_workdir(path: Path) -> None:
     """Leave the mark that a sae_jax run owns the folder ``path`` (see ``check_workdir``)."""
     if not (path / MARK).is_file():
@@ -225,6 +246,11 @@ class WorkdirLock:
     def __enter__(self) -> WorkdirLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except IsADirectoryError:
+            raise CheckpointError(
+                f"{self.path}: is a folder, not the lock file a run keeps there; "
+                f"move it away or use another --workdir"
+            ) from None
         except OSError as e:
             raise CheckpointError(
                 f"--workdir={self.path.parent}: cannot write in it ({e.strerror or e})"
@@ -236,6 +262,9 @@ class WorkdirLock:
                 self.log(f"{self.path}: taking over the lock of a run that stopped ({holder})")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:  # a full disk: the error names the lock file
+            os.close(fd)
+            raise named(e, self.path) from None
         except BaseException:
             os.close(fd)
             raise

@@ -191,6 +191,37 @@ def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.Complet
     )
 
 
+def run_in_process(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
+    """``sae-jax *argv`` run in this process as the console script runs it
+    (``sae_jax.cli.main.main``), from ``cwd``: its status and what it printed on stdout
+    and stderr. Cheaper than a process (no interpreter to start, no JAX to import, the
+    compiled programs stay in memory); the working directory, SIGTERM's handler and the
+    loggers that a command changes are put back afterwards."""
+    import contextlib
+    import io
+    import logging
+    import signal
+
+    from sae_jax.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler, here = signal.getsignal(signal.SIGTERM), os.getcwd()
+    levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(list(argv))
+            except SystemExit as e:  # argparse: --help, or a bad flag (status 2)
+                status = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        signal.signal(signal.SIGTERM, handler)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    return subprocess.CompletedProcess(["sae-jax", *argv], status, out.getvalue(), err.getvalue())
+
+
 # What a copy of the repository leaves out.
 COPY_LEFT_OUT = (
     ".git",

@@ -129,10 +129,14 @@ def run_command(body: Callable[[], Any]) -> int:
         signum = getattr(e, "signum", signal.SIGINT)
         message = str(e) or f"stopped by SIGINT; {RESUME}"
         status = 128 + signum
+        # A signal that lands while XLA compiles leaves its threads running: the
+        # interpreter's shutdown would crash under them (status 139). What the run saved
+        # is on disk (the stack has unwound through every save and close).
+        leave = True
     print(f"error: {message}", file=sys.stderr)
     if leave:
-        # JAX's shutdown at exit would wait for the lost process, then abort with a
-        # stack trace; what was saved is already on disk.
+        # After a lost process, JAX's shutdown at exit would wait for it, then abort
+        # with a stack trace; what was saved is already on disk.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_jax.errors import CheckpointError
-from sae_jax.files import write_text_atomic
+from sae_jax.files import named, write_text_atomic
 
 METRICS = "metrics.jsonl"
 Entry = dict[str, Any]  # one epoch's metrics: loss, its terms, accuracy, seconds
@@ -84,10 +84,13 @@ class MetricsLog:
             self._rows.append((stage, epoch, entry))
         self._logged[stage] = max(done, len(history))
         if lines and self.write:
-            if self._file is None:
-                self._file = open(self.path, "a")  # noqa: SIM115 (kept open: see close)
-            self._file.write("".join(lines))
-            self._file.flush()  # in the file, whatever happens to this process next
+            try:
+                if self._file is None:
+                    self._file = open(self.path, "a")  # noqa: SIM115 (kept open: see close)
+                self._file.write("".join(lines))
+                self._file.flush()  # in the file, whatever happens to this process next
+            except OSError as e:  # a full disk names no file
+                raise named(e, self.path) from None
 
     def close(self) -> None:
         """Close the file (``log`` opens it again if needed)."""

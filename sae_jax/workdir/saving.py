@@ -29,11 +29,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from sae_jax.files import (
+    MARK,
     failed_writes_quiet,
     file_manifest,
     manifest_path,
     signals_deferred,
     storage_error,
+    workdir_gone,
     write_text_atomic,
 )
 from sae_jax.parallel import is_primary
@@ -67,6 +69,12 @@ class Saver:
     ``durable`` are files that the checkpoints rely on (the metrics log); process 0
     flushes them to disk before writing a manifest. ``committed`` is the folder and
     step of the last step whose manifest is written.
+
+    A workdir that holds the run's mark (``files.MARK``) when the saver starts must
+    keep it: once it is gone (the folder was removed while the run wrote to it), in a
+    run of one process ``check`` raises ``files.workdir_gone`` and nothing more is
+    saved, so that the run does not make the folder again; in any run, a save that
+    fails without the mark is reported so.
     """
 
     PENDING = 2
@@ -81,6 +89,7 @@ class Saver:
         self._jobs: queue.Queue = queue.Queue()
         self._failure: OSError | None = None
         self._thread: threading.Thread | None = None
+        self._mark = workdir / MARK if (workdir / MARK).is_file() else None
 
     def save(self, directory: Path, step: int, tree: Any, meta: dict, keep: int | None) -> None:
         """Save the arrays ``tree`` (which no one may change: see ``copied``) and the
@@ -128,9 +137,16 @@ class Saver:
         self.check()
 
     def check(self) -> None:
-        """Raise the ``OSError`` of a save that failed, without waiting."""
+        """Raise the ``OSError`` of a save that failed, or ``workdir_gone``, without
+        waiting."""
+        if self._failure is None and self._gone() and jax.process_count() == 1:
+            self._failure = workdir_gone(self.workdir)
         if self._failure is not None:
             raise self._failure
+
+    def _gone(self) -> bool:
+        """Whether the workdir has lost the mark it had when the saver started."""
+        return self._mark is not None and not self._mark.is_file()
 
     def _manager(self, directory: Path, keep: int | None) -> ocp.CheckpointManager:
         if directory not in self._managers:
@@ -161,9 +177,14 @@ class Saver:
         try:
             with failed_writes_quiet():
                 for step in steps:
+                    if self._gone() and jax.process_count() == 1:
+                        raise workdir_gone(self.workdir)  # orbax would make it again
                     step()
         except Exception as e:  # orbax and tensorstore raise many kinds
-            self._failure = storage_error(f"cannot save the checkpoint {where}", e)
+            if self._gone():
+                self._failure = workdir_gone(self.workdir)
+            else:
+                self._failure = storage_error(f"cannot save the checkpoint {where}", e)
 
     def _commit(self, manager: ocp.CheckpointManager, step_dir: Path) -> None:
         """Wait for orbax to commit ``step_dir``, then (process 0) write its manifest
@@ -173,6 +194,8 @@ class Saver:
             for path in self.durable:
                 _fsync(path)
             manifest = manifest_path(self.workdir, step_dir)
+            if self._gone():  # mkdir would make the removed workdir again
+                raise workdir_gone(self.workdir)
             manifest.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(manifest, json.dumps(file_manifest(step_dir)))
             kept = {f"{s}.json" for s in manager.all_steps()}

@@ -2,6 +2,7 @@
 disks and file-size limits, unusable workdirs, damaged run files, SIGTERM and Ctrl-C.
 Every one ends with one line on stderr, no traceback, and a run that can go on."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_in_process, run_script
 
 from sae_jax.config import tiny
 from sae_jax.data import load_sample
@@ -21,6 +22,7 @@ from sae_jax.errors import CheckpointError
 from sae_jax.files import WorkdirLock, file_manifest
 from sae_jax.inference import load_model
 from sae_jax.workdir.checkpoint import RunStore
+from sae_jax.workdir.saving import Saver
 
 SCRIPT = str(REPO / "experiments" / "mnist.py")
 TINY = ["--config=tiny", "--epochs=1", "--no_figures", "--checkpoint_every=0"]  # every epoch
@@ -298,3 +300,102 @@ def test_a_nan_loss_ends_in_one_line_with_status_1(tmp_path):
     line = _one_line(_mnist(*flags, f"--workdir={tmp_path}"), 1)
     assert line == "error: stage finetune, epoch 1: the loss became nan"
     assert not (tmp_path / "summary.json").exists()
+
+
+# SIGTERM while XLA compiles: a timer thread sends it 50 ms into the second compilation
+# (of a cold cache), so that the handler runs as the compiler returns, with XLA's
+# threads still at work.
+SIGTERM_IN_COMPILATION = """
+import os, signal, sys, threading
+import jax._src.compiler as compiler
+
+compile_or_get_cached, calls = compiler.compile_or_get_cached, []
+
+
+def compiling(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    return compile_or_get_cached(*args, **kwargs)
+
+
+compiler.compile_or_get_cached = compiling
+from sae_jax.cli.main import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_the_first_compilation_exits_143_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    flags = ["--config=tiny", "--epochs=1", "--no_figures", "--compilation_cache=off"]
+    argv = [sys.executable, "-c", SIGTERM_IN_COMPILATION, "train", *flags]
+    proc = subprocess.run(
+        [*argv, f"--workdir={tmp_path}"], capture_output=True, text=True, env=env, timeout=300
+    )
+    line = _one_line(proc, 128 + signal.SIGTERM)  # not 139: a crash at exit
+    assert line.startswith("error: stopped by SIGTERM ") and line.endswith("again to resume")
+
+
+def _removed_at(monkeypatch, where: str):
+    """Remove the workdir of a run once the second epoch of pretrain_2 is done: from the
+    training thread, after the saves in flight (``where="epoch"``), or in the saver's
+    thread, between orbax's save of that epoch and its manifest (``where="commit"``)."""
+    if where == "epoch":
+        save_epoch = RunStore.save_epoch
+
+        def removing(store, stage, state, key, record, best=None):
+            if (stage, len(record.history)) == ("pretrain_2", 2):
+                store._saver.wait()
+                shutil.rmtree(store.workdir)
+            return save_epoch(store, stage, state, key, record, best)
+
+        monkeypatch.setattr(RunStore, "save_epoch", removing)
+    else:
+        commit = Saver._commit
+
+        def removing(saver, manager, step_dir):
+            if step_dir.parent.name == "pretrain_2" and step_dir.name == "2":
+                manager.wait_until_finished()
+                shutil.rmtree(saver.workdir)
+            return commit(saver, manager, step_dir)
+
+        monkeypatch.setattr(Saver, "_commit", removing)
+
+
+@pytest.mark.parametrize("where", ["epoch", "commit"])
+def test_a_workdir_removed_while_the_run_writes_ends_in_one_line(tmp_path, monkeypatch, where):
+    workdir = tmp_path / "run"
+    flags = ["train", *TINY[:1], "--epochs=3", *TINY[2:], f"--workdir={workdir}"]
+    with monkeypatch.context() as patch:
+        _removed_at(patch, where)
+        proc = run_in_process(flags)
+    line = _one_line(proc, 1)
+    assert line == (
+        f"error: {workdir}: the folder was removed while the run was writing to it; "
+        "nothing more is written there; run the same command again to start over"
+    )
+    assert not workdir.exists()  # the run made nothing there again
+    rerun = run_in_process(flags)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming" not in rerun.stdout and "earlier run" not in rerun.stdout
+
+
+def test_a_disk_full_from_the_start_names_the_file(tmpfs):
+    (tmpfs / "fill").write_bytes(b"")
+    with open(tmpfs / "fill", "wb") as fill, contextlib.suppress(OSError):
+        fill.write(bytes(4 << 20))  # more than the 2 MB disk: it is full
+    proc = run_in_process(["train", *TINY, f"--workdir={tmpfs / 'w'}"])
+    assert _one_line(proc, 1) == f"error: {tmpfs / 'w' / 'run.lock'}: No space left on device"
+
+
+def test_a_lock_that_is_a_folder_is_named(tmp_path):
+    (tmp_path / "run.lock").mkdir()
+    proc = run_in_process(["train", *TINY, f"--workdir={tmp_path}"])
+    assert _one_line(proc, 2) == (
+        f"error: {tmp_path / 'run.lock'}: is a folder, not the lock file a run keeps there; "
+        "move it away or use another --workdir"
+    )
+    assert (tmp_path / "run.lock").is_dir() and sorted(tmp_path.iterdir()) == [
+        tmp_path / "run.lock"
+    ]
