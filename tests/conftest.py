@@ -177,9 +177,28 @@ def command_argv(argv: list[str]) -> list[str]:
     return [program.get(argv[0], argv[0]), *argv[1:]]
 
 
-def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.CompletedProcess:
-    """Run ``experiments/<name>.py`` with ``flags`` as a user would, from ``cwd`` with
-    the environment ``env`` (default: this one); capture its output."""
+# The subcommand that each script of experiments/ runs.
+SCRIPT_COMMANDS = {
+    "mnist": "train",
+    "sweep": "sweep",
+    "search": "search",
+    "encode": "encode",
+    "benchmark": "benchmark",
+}
+
+
+def run_script(
+    name: str, *flags: str, cwd=REPO, env=None, process: bool = False
+) -> subprocess.CompletedProcess:
+    """``python experiments/<name>.py`` with ``flags`` as a user would run it, from ``cwd``;
+    its status and output.
+
+    It runs in this process (``run_in_process`` of the subcommand that the script runs:
+    the same ``main``, flags, defaults and exit statuses; ``tests/commands/test_entry.py``
+    holds the three entries equal), unless ``process`` is set or ``env`` (an
+    environment) is given: then the script itself runs, as a process of its own."""
+    if not process and env is None:
+        return run_in_process([SCRIPT_COMMANDS[name], *flags], cwd=cwd)
     script = REPO / "experiments" / f"{name}.py"
     return subprocess.run(
         [sys.executable, str(script), *flags],
@@ -191,22 +210,33 @@ def run_script(name: str, *flags: str, cwd=REPO, env=None) -> subprocess.Complet
     )
 
 
+# The JAX settings that a command may change (``commands.prepare``).
+JAX_SETTINGS = (
+    "jax_platforms",
+    "jax_compilation_cache_dir",
+    "jax_persistent_cache_min_compile_time_secs",
+)
+
+
 def run_in_process(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
     """``sae-jax *argv`` run in this process as the console script runs it
     (``sae_jax.cli.main.main``), from ``cwd``: its status and what it printed on stdout
     and stderr. Cheaper than a process (no interpreter to start, no JAX to import, the
-    compiled programs stay in memory); the working directory, SIGTERM's handler and the
-    loggers that a command changes are put back afterwards."""
+    compiled programs stay in memory); the working directory, SIGTERM's handler, the
+    loggers and the JAX settings that a command changes are put back afterwards."""
     import contextlib
     import io
     import logging
     import signal
+
+    import jax
 
     from sae_jax.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     handler, here = signal.getsignal(signal.SIGTERM), os.getcwd()
     levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
+    settings = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -219,6 +249,8 @@ def run_in_process(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
         signal.signal(signal.SIGTERM, handler)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        for name, value in settings.items():
+            jax.config.update(name, value)
     return subprocess.CompletedProcess(["sae-jax", *argv], status, out.getvalue(), err.getvalue())
 
 

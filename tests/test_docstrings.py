@@ -1,6 +1,7 @@
 """The commands printed in the docstrings of the subcommands (``sae-jax ...``) and of
 the scripts of ``experiments/`` run as written, in a copy of the repository, at a tiny
-size."""
+size: ``sae-jax ...`` in this process (``conftest.run_in_process``: the console script's
+``main``, from the copy's root), ``python ...`` as a process of its own."""
 
 import os
 import shlex
@@ -8,7 +9,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands
+from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands, run_in_process
 
 # The commands printed in the docstrings of the subcommands and scripts, in the order
 # they can run (encode reads the run that train leaves in checkpoints/mnist). Not here:
@@ -49,10 +50,13 @@ def test_every_docstring_command_runs_at_a_tiny_size(clone):
             if "../shared/" in shown and not SHARED_MNIST.is_dir():
                 skipped.append(shown)
                 continue
-            proc = subprocess.run(
-                [*command_argv(argv), *extra], cwd=clone, capture_output=True, text=True,
-                timeout=600, env=os.environ,
-            )  # fmt: skip
+            if argv[0] == "sae-jax":
+                proc = run_in_process([*argv[1:], *extra], cwd=clone)
+            else:
+                proc = subprocess.run(
+                    [*command_argv(argv), *extra], cwd=clone, capture_output=True, text=True,
+                    timeout=600, env=os.environ,
+                )  # fmt: skip
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
             ran.append(shown)

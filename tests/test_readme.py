@@ -1,7 +1,11 @@
 """The README and the guides run as written: every block marked runnable, in order, from
 the root of a copy of the repository (default flags, relative paths), with ../shared beside
-it."""
+it. The README's blocks run as a user's shell runs them, through the console script and the
+interpreter installed beside this one; the guides' blocks in this process (the console
+script's ``main``, and ``exec`` of the Python), from the same folder."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -10,7 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_MNIST, command_argv
+from conftest import REPO, SHARED_MNIST, command_argv, run_in_process
 
 # The pages with runnable blocks, in an order in which each block finds what the ones
 # before it leave (the README's quick start trains checkpoints/mnist; the guide to data
@@ -44,6 +48,19 @@ def commands(block: str) -> list[list[str]]:
     ]
 
 
+def exec_in_process(code: str, page: str, cwd) -> subprocess.CompletedProcess:
+    """``code`` run in a namespace of its own in this process, from ``cwd``: status 0 and
+    what it printed (an exception fails the test, traceback and all)."""
+    out, here = io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, page, "exec"), {"__name__": "__main__"})
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["python", "-c", code], 0, out.getvalue(), "")
+
+
 def test_commands_parse_as_documented():
     blocks = [body for kind, body, _ in RUNNABLE if kind == "bash"]
     seed = next(c for b in blocks for c in commands(b) if "--config=seed" in c)
@@ -55,17 +72,23 @@ def test_readme_runs_as_written(clone):
     assert sum(page == "README.md" for _, _, page in RUNNABLE) >= 2, "the quick start's"
     assert len(RUNNABLE) >= 6, "the README and the guides lost their runnable markers"
     ran, skipped = [], []
-    for kind, body, _ in RUNNABLE:
+    for kind, body, page in RUNNABLE:
         written = [["python", "-c", body]] if kind == "python" else commands(body)
         for line in written:
-            argv = command_argv(line)
             shown = body if kind == "python" else shlex.join(line)
             if "../shared/" in shown and not SHARED_MNIST.is_dir():
                 skipped.append(shown)
                 continue
-            proc = subprocess.run(
-                argv, cwd=clone, capture_output=True, text=True, timeout=600, env=os.environ
-            )
+            if page == "README.md":
+                proc = subprocess.run(
+                    command_argv(line), cwd=clone, capture_output=True, text=True, timeout=600,
+                    env=os.environ,
+                )  # fmt: skip
+            elif kind == "python":
+                proc = exec_in_process(body, page, cwd=clone)
+            else:
+                assert line[0] == "sae-jax", f"{page}: {shown}"
+                proc = run_in_process(line[1:], cwd=clone)
             output = proc.stdout + proc.stderr
             assert proc.returncode == 0 and "Traceback" not in output, f"{shown}\n{output}"
             ran.append((shown, proc.stdout))

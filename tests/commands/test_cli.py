@@ -296,12 +296,14 @@ def test_sweep_is_a_grid_of_values_and_seeds(tmp_path):
 
 def test_compilation_cache_is_filled_and_can_be_turned_off(tmp_path):
     cache = tmp_path / "jax_cache"
-    proc = _run(
+    proc = run_script(
+        "mnist",
         "--config=tiny",
         "--epochs=1",
         "--no_figures",
         f"--workdir={tmp_path / 'a'}",
         f"--compilation_cache={cache}",
+        process=True,  # a process of its own: this one's cache is set already
     )
     assert proc.returncode == 0, proc.stderr
     assert len(list(cache.iterdir())) > 5  # the stage programs, encoders, evaluations

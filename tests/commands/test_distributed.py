@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, free_port, run_script
 
 import sae_jax
-from sae_jax.files import WorkdirLock
+from sae_jax.files import WorkdirLock, manifest_problem
 
 # tiny's batch of 25 does not divide over 2 devices; 24 does.
 FLAGS = ("--config=tiny", "--config.batch_size=24", "--epochs=4", "--data_source=sample")
@@ -203,32 +203,9 @@ def test_a_workdir_in_use_is_refused_by_every_process(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
-# A stage of no epochs (the seed preset's softmax stage) saves its initial params.
-NO_EPOCHS = """
-import sys
-from sae_jax.commands import exits
-from sae_jax.commands import flags as cli
-from sae_jax.config import LayerConfig, tiny
-from sae_jax.data import DataSpec
-from sae_jax.commands.train import run_mnist
-
-flags = cli.parser(None).parse_args(sys.argv[1:-1])
-cli.start(flags)
-config = tiny().replace(layers=(LayerConfig(features=16, epochs=1),), softmax_epochs=0,
-                        finetune_epochs=1, batch_size=24)
-run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, log=exits.log)
-"""
-
-
-def test_a_stage_of_no_epochs_is_saved_by_two_processes(tmp_path):
-    [(_, out0, _), _] = run(NO_EPOCHS, str(tmp_path))
-    assert "test_accuracy" in out0
-    assert (tmp_path / "frozen" / "softmax" / "0").is_dir()
-    assert json.loads((tmp_path / "summary.json").read_text())["processes"] == 2
-
-
 # Process 1's clock runs a million times too fast: by it alone every epoch would be
-# due. Process 0 decides, for every process, by its own clock.
+# due. Process 0 decides, for every process, by its own clock. The softmax stage has no
+# epochs (as the seed preset's): it saves its initial params.
 SKEWED = """
 import sys, time, types
 from sae_jax.commands import exits
@@ -238,7 +215,7 @@ from sae_jax.commands.train import run_mnist
 from sae_jax.workdir import checkpoint
 
 flags = cli.parser(None).parse_args(sys.argv[1:-1])
-config = cli.start(flags)
+config = cli.start(flags).replace(softmax_epochs=0)
 if flags.process_id == 1:
     clock = time.monotonic
     checkpoint.time = types.SimpleNamespace(monotonic=lambda: clock() * 1e6)
@@ -247,12 +224,15 @@ run_mnist(config, sys.argv[-1], data=DataSpec(source="sample"), figures=False, l
 """
 
 
-def test_every_process_saves_when_process_0_decides(tmp_path):
+def test_every_process_saves_when_process_0_decides_and_a_stage_of_no_epochs(tmp_path):
     [(_, out0, _), _] = run(SKEWED, *FLAGS[:2], "--epochs=2", str(tmp_path))
     assert "test_accuracy" in out0
     assert not (tmp_path / "checkpoints").exists()  # no epoch was due by process 0's clock
     stages = ["finetune", "pretrain_1", "pretrain_2", "softmax"]
     assert sorted(p.name for p in (tmp_path / "frozen").iterdir()) == stages
+    assert (tmp_path / "frozen" / "softmax" / "0").is_dir()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["stages"][2]["epochs"] == 0
 
 
 def test_sigterm_to_one_process_stops_every_process_once_the_epoch_is_saved(tmp_path):
@@ -268,8 +248,10 @@ def test_sigterm_to_one_process_stops_every_process_once_the_epoch_is_saved(tmp_
     assert err0.startswith("error: stopped by SIGTERM during pretrain_1 (epoch "), err0
     saved = int(err0.split("(epoch ")[1].split()[0])
     assert saved >= 2
-    [(_, out0, _), _] = run("mnist", *flags, f"--workdir={tmp_path}")
-    assert f"pretrain_1: resuming after epoch {saved} from" in out0
+    # That epoch is committed, manifest and all (a killed run of two processes resumes
+    # from such a checkpoint: test_a_killed_run_resumes_to_the_params_of_an_uninterrupted_one).
+    step = tmp_path / "checkpoints" / "pretrain_1" / str(saved)
+    assert manifest_problem(tmp_path, step) is None
 
 
 # What the survivor says: process 0 finds process 1 gone in its next collective; process

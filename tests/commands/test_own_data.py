@@ -164,3 +164,75 @@ def test_codes_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         write_codes("c.npy", codes + 1)
     np.testing.assert_array_equal(np.load("c.npy"), codes)  # the old file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy"]
+
+
+class _Crash(Exception):
+    pass
+
+
+# The arrays of an .npz file: the training split alone, with labels, and with a test split.
+NPZ_KINDS = {
+    "images": ("x",),
+    "labelled": ("x", "y"),
+    "with_test": ("x", "y", "x_test", "y_test"),
+}
+# Their digests' names in data.json.
+NPZ_DIGESTS = {
+    "x": "train_images",
+    "y": "train_labels",
+    "x_test": "test_images",
+    "y_test": "test_labels",
+}
+
+
+@pytest.mark.parametrize(
+    "before, after, differ",
+    [
+        ("images", "labelled", "train_labels"),
+        ("labelled", "images", "train_labels"),
+        ("labelled", "with_test", "test_images, test_labels"),
+        ("with_test", "labelled", "test_images, test_labels"),
+    ],
+    ids=["labels_added", "labels_removed", "test_split_added", "test_split_removed"],
+)
+def test_a_resumed_run_refuses_arrays_added_or_removed(
+    tmp_path, monkeypatch, before, after, differ
+):
+    """The same file, the same config, the arrays it had unchanged: only arrays added or
+    removed, which data.json's digests must tell apart as surely as changed ones."""
+    from sae_jax.commands import train
+    from sae_jax.errors import CheckpointError
+
+    x, y = synthetic_digits(40, 1)
+    x_test, y_test = synthetic_digits(20, 2)
+    arrays = {"x": x, "y": y, "x_test": x_test, "y_test": y_test}
+    data = tmp_path / "d.npz"
+    write = lambda kind: np.savez(data, **{k: arrays[k] for k in NPZ_KINDS[kind]})
+    trained = []
+
+    def crash(config, dataset, *args):  # the first run dies before its first epoch
+        trained.append(dataset)
+        raise _Crash
+
+    monkeypatch.setattr(train, "_train", crash)
+    config, spec, workdir = synthetic_config(), DataSpec(path=str(data)), tmp_path / "w"
+    write(before)
+    with pytest.raises(_Crash):
+        run_mnist(config, workdir, data=spec, figures=False, log=_quiet)
+    recorded = json.loads((workdir / "data.json").read_text())["sha256"]
+    assert set(recorded) == {NPZ_DIGESTS[k] for k in NPZ_KINDS[before]}
+    files = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "run.lock"}
+    write(after)
+    message = (
+        f"npz file {data}: not the data that the run in {workdir} started on ({differ} "
+        f"differ from {workdir / 'data.json'}); --restart starts over, or use another --workdir"
+    )
+    with pytest.raises(CheckpointError) as refused:
+        run_mnist(config, workdir, data=spec, figures=False, log=_quiet)
+    assert str(refused.value) == message
+    assert len(trained) == 1  # refused before training
+    assert {p: p.read_bytes() for p in files} == files  # and nothing rewritten
+    write(before)  # the data it started on: resumed
+    with pytest.raises(_Crash):
+        run_mnist(config, workdir, data=spec, figures=False, log=_quiet)
+    assert len(trained) == 2

@@ -13,6 +13,7 @@ from conftest import synthetic_config, synthetic_digits
 from sae_jax.config import LayerConfig, sda3, tiny
 from sae_jax.errors import ConfigError
 from sae_jax.models import autoencoder, init_params
+from sae_jax.training import stage
 from sae_jax.training.hparams import (
     PRETRAINING_NAMES,
     SWEEP_NAMES,
@@ -27,8 +28,10 @@ from sae_jax.training.hparams import (
     with_values,
 )
 from sae_jax.training.objectives import layer_loss
+from sae_jax.training.optim import RateState
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.search import checked_points, point_config
+from sae_jax.training.sweep import sweep
 
 LAYER = LayerConfig(
     features=6, rho=0.1, beta=2.0, l1=0.3, contractive=0.2, weight_decay=0.01,
@@ -85,9 +88,19 @@ def test_the_layer_loss_reads_its_values_from_the_pytree(name):
     assert not np.isclose(mine, want)  # the value does change the loss
 
 
+def _one_step_config():
+    """One denoising layer, one step a stage on ``synthetic_digits(40, 1)``: as good a
+    test of the route as more, and the cheapest programs to compile (the two tests of a
+    single run and of a sweep of three share them)."""
+    layer = LayerConfig(features=12, noise="masking", epochs=1)
+    return synthetic_config(
+        layers=(layer,), batch_size=40, eval_batch_size=40, softmax_epochs=1, finetune_epochs=1
+    )
+
+
 def test_a_single_run_is_a_sweep_of_one_model():
-    config = synthetic_config(batch_size=25, eval_batch_size=50).with_epochs(2)
-    train, test = synthetic_digits(100, 1), synthetic_digits(40, 2)
+    config = _one_step_config()
+    train, test = synthetic_digits(40, 1), synthetic_digits(40, 2)
     alone = run_pipeline(config, train, test)
     one = run_pipeline([config], train, test, mesh=None)
     for a, b in zip(jax.tree.leaves(alone.params), jax.tree.leaves(one.params), strict=True):
@@ -126,3 +139,124 @@ def test_a_noise_level_of_0_is_no_corruption_and_can_be_searched():
         none, _ = layer_loss(module, clean)(params, (x,), key)
         np.testing.assert_allclose(masked, none, rtol=1e-6)
     assert jnp.isfinite(masked)
+
+
+# Three models' values of every name a sweep takes: no two models alike, no two names
+# alike, and no list the same backwards.
+PER_MODEL = {
+    "rho": [0.05, 0.1, 0.2],
+    "beta": [0.5, 1.5, 3.0],
+    "l1": [0.01, 0.02, 0.04],
+    "contractive": [0.03, 0.06, 0.12],
+    "weight_decay": [0.001, 0.004, 0.002],
+    "noise_level": [0.15, 0.35, 0.25],
+    "pretrain_learning_rate": [0.011, 0.033, 0.022],
+    "softmax_learning_rate": [0.021, 0.052, 0.1],
+    "finetune_learning_rate": [0.003, 0.009, 0.006],
+    "input_keep": [0.9, 0.8, 0.7],
+    "hidden_keep": [0.6, 0.75, 0.5],
+}
+
+
+def _by_hand(config, seed, values):
+    """Model ``values``' config written out field by field (no ``SWEEPABLE`` writer)."""
+    rate = lambda opt, name: dataclasses.replace(opt, learning_rate=values[name])
+    layers = tuple(
+        dataclasses.replace(
+            layer,
+            rho=values["rho"],
+            beta=values["beta"],
+            l1=values["l1"],
+            contractive=values["contractive"],
+            weight_decay=values["weight_decay"],
+            noise_level=values["noise_level"],
+            optimizer=rate(layer.optimizer, "pretrain_learning_rate"),
+        )
+        for layer in config.layers
+    )
+    return config.replace(
+        seed=seed,
+        layers=layers,
+        softmax_optimizer=rate(config.softmax_optimizer, "softmax_learning_rate"),
+        finetune_optimizer=rate(config.finetune_optimizer, "finetune_learning_rate"),
+        finetune_input_keep=values["input_keep"],
+        finetune_hidden_keep=values["hidden_keep"],
+    ).validate()
+
+
+def test_each_models_values_are_its_own_leaves_of_the_stacked_pytree():
+    # The pytree that a sweep of 3 models trains with (its validated model configs,
+    # stacked): leaf [i] holds model i's value, read here field by field from the
+    # config written out by hand, in every layer.
+    assert set(PER_MODEL) == set(SWEEP_NAMES)  # a new sweepable name must be added here
+    layer = LayerConfig(features=12, noise="masking", epochs=1)
+    config = synthetic_config(layers=(layer, dataclasses.replace(layer, features=6)))
+    seeds = [3, 4, 5]
+    hp = stack(check_models(config, seeds, PER_MODEL))
+    own = [
+        _by_hand(config, s, {k: v[i] for k, v in PER_MODEL.items()}) for i, s in enumerate(seeds)
+    ]
+    f32 = lambda values: np.asarray(values, np.float32)
+    assert len(hp.layers) == 2
+    for k, leaves in enumerate(hp.layers):
+        for name in LayerHParams._fields[:-1]:
+            want = f32([getattr(c.layers[k], name) for c in own])
+            np.testing.assert_array_equal(getattr(leaves, name), want, err_msg=f"layer {k}: {name}")
+        want = f32([c.layers[k].optimizer.learning_rate for c in own])
+        np.testing.assert_array_equal(leaves.learning_rate, want, err_msg=f"layer {k}: rate")
+    for leaf, want in [
+        (hp.softmax_learning_rate, [c.softmax_optimizer.learning_rate for c in own]),
+        (hp.finetune_learning_rate, [c.finetune_optimizer.learning_rate for c in own]),
+        (hp.input_keep, [c.finetune_input_keep for c in own]),
+        (hp.hidden_keep, [c.finetune_hidden_keep for c in own]),
+    ]:
+        np.testing.assert_array_equal(leaf, f32(want))
+
+
+def test_each_model_of_a_sweep_gets_its_own_values_and_trains_as_its_own_run(monkeypatch):
+    # A sweep of 3 models, each with its own value of every name of SWEEP_NAMES: each
+    # stage's fit gets, as model i's loss values and learning rate, exactly those of
+    # model i's config (written out by hand); and model i of the sweep trains to the
+    # params of a run of that config alone.
+    config = _one_step_config()
+    seeds = [3, 4, 5]
+    own = [
+        _by_hand(config, s, {k: v[i] for k, v in PER_MODEL.items()}) for i, s in enumerate(seeds)
+    ]
+    train = synthetic_digits(40, 1)
+    fits = {}
+    real_fit = stage.fit
+
+    def fit(loss_fn, params, optimizer, data, *, name, state, hparams, **kw):
+        is_rate = lambda node: isinstance(node, RateState)
+        (rate,) = [n for n in jax.tree.leaves(state.opt_state, is_leaf=is_rate) if is_rate(n)]
+        fits[name] = (hparams, np.asarray(rate.learning_rate))
+        return real_fit(
+            loss_fn, params, optimizer, data, name=name, state=state, hparams=hparams, **kw
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage, "fit", fit)
+        swept = sweep(config, train, seeds=seeds, hparams=PER_MODEL, mesh=None)
+    f32 = lambda values: np.asarray(values, np.float32)
+    assert list(fits) == ["pretrain_1", "softmax", "finetune"]
+    hp, rate = fits["pretrain_1"]
+    for name in LayerHParams._fields[:-1]:
+        want = f32([getattr(c.layers[0], name) for c in own])
+        np.testing.assert_array_equal(getattr(hp, name), want, err_msg=name)
+    want = f32([c.layers[0].optimizer.learning_rate for c in own])
+    np.testing.assert_array_equal(rate, want, err_msg="the pretraining optimizer's rate")
+    _, rate = fits["softmax"]
+    np.testing.assert_array_equal(rate, f32([c.softmax_optimizer.learning_rate for c in own]))
+    hp, rate = fits["finetune"]
+    np.testing.assert_array_equal(rate, f32([c.finetune_optimizer.learning_rate for c in own]))
+    np.testing.assert_array_equal(hp["input_keep"], f32([c.finetune_input_keep for c in own]))
+    np.testing.assert_array_equal(hp["hidden_keep"], f32([c.finetune_hidden_keep for c in own]))
+    for i, alone_config in enumerate(own):
+        alone = run_pipeline(alone_config, train)
+        for s, a in zip(swept.stages, alone.stages, strict=True):
+            assert [h["loss"][i] for h in s.history] == pytest.approx(
+                [h["loss"] for h in a.history], rel=1e-4
+            ), (i, s.name)
+        for b, a in zip(jax.tree.leaves(swept.params), jax.tree.leaves(alone.params), strict=True):
+            np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-5, err_msg=f"model {i}")

@@ -91,9 +91,10 @@ def test_every_example_is_used_once_per_epoch():
         np.testing.assert_allclose(h["loss"], 51.0, rtol=1e-6)
 
 
-def _record_steps(key, n=23, batch_size=5, epochs=2):
+def _record_steps(key, n=23, batch_size=5, epochs=2, first_step=0):
     """Run ``fit`` with a loss that records, step by step, the example indices of its
-    minibatch and the PRNG key it was given: ``[(indices, key), ...]`` in step order."""
+    minibatch and the PRNG key it was given: ``[(indices, key), ...]`` in step order.
+    ``first_step``: the step count of the state it starts from."""
     seen = []
 
     def recording(params, batch, key):
@@ -102,8 +103,26 @@ def _record_steps(key, n=23, batch_size=5, epochs=2):
         return 0.0 * params["b"][0], {}
 
     data = (jnp.arange(n, dtype=jnp.int32),)
-    fit(recording, _params(), optax.sgd(0.0), data, batch_size=batch_size, epochs=epochs, key=key)
+    opt = optax.sgd(0.0)
+    state = init_state(_params(), opt)._replace(step=jnp.asarray(first_step, jnp.int32))
+    fit(recording, _params(), opt, data, batch_size=batch_size, epochs=epochs, key=key, state=state)
     return seen
+
+
+def _derived_steps(key, n=23, batch_size=5, epochs=2, first_step=0):
+    """What ``_record_steps`` must see, from ``jax.random`` alone: epoch ``e``'s key
+    ``fold_in(key, e)`` splits into a shuffle key, whose permutation of the examples
+    the minibatches take in order (the remainder last), and a step key, into which
+    every step folds the state's step count."""
+    steps, t = [], first_step
+    for e in range(epochs):
+        shuffle_key, step_key = jax.random.split(jax.random.fold_in(key, e))
+        order = np.asarray(jax.random.permutation(shuffle_key, n)).tolist()
+        for start in range(0, n, batch_size):
+            step = np.asarray(jax.random.fold_in(step_key, t)).tolist()
+            steps.append((order[start : start + batch_size], step))
+            t += 1
+    return steps
 
 
 def test_each_epoch_shuffles_anew_and_each_step_has_its_own_key():
@@ -123,6 +142,24 @@ def test_each_epoch_shuffles_anew_and_each_step_has_its_own_key():
     other = _record_steps(jax.random.PRNGKey(1))
     assert [idx for idx, _ in other] != [idx for idx, _ in seen]
     assert not {tuple(k) for _, k in other} & set(keys)
+
+
+def test_the_shuffle_and_the_step_keys_are_independent_streams_of_the_epoch_key():
+    # Every batch and every step key, exactly as derived in _derived_steps: the step
+    # keys (dropout, corruption) never come from the shuffle key, nor the reverse.
+    seen = _record_steps(KEY)
+    assert seen == _derived_steps(KEY)
+    # A state that has taken 1000 steps: other step keys, the very same shuffle.
+    later = _record_steps(KEY, first_step=1000)
+    assert later == _derived_steps(KEY, first_step=1000)
+    assert [idx for idx, _ in later] == [idx for idx, _ in seen]
+    assert not {tuple(k) for _, k in later} & {tuple(k) for _, k in seen}
+    # One example more (24 = 4 batches of 5 and a remainder of 4): another shuffle,
+    # the very same step keys.
+    more = _record_steps(KEY, n=24)
+    assert more == _derived_steps(KEY, n=24)
+    assert [k for _, k in more] == [k for _, k in seen]
+    assert [idx for idx, _ in more][:4] != [idx for idx, _ in seen][:4]
 
 
 def test_deterministic_for_a_seed():

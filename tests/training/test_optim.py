@@ -9,6 +9,7 @@ import pytest
 from sae_jax.config import OptimizerConfig, tiny
 from sae_jax.errors import ConfigError
 from sae_jax.training.optim import make_optimizer, max_norm, set_learning_rate
+from sae_jax.training.stage import Stage, run_stage
 
 
 def _grad(w):
@@ -73,6 +74,53 @@ def test_momentum_rises_linearly_over_its_epochs():
         m = mu * m + _grad(w)
         w = w - 0.05 * m
     np.testing.assert_allclose(got, w, rtol=1e-5)
+
+
+def _slide(params, batch, key):
+    """``sum(w)``: a gradient of 1 whatever the batch (which is only read)."""
+    return jnp.sum(params["w"]) + 0.0 * jnp.sum(batch[0]), {}
+
+
+@pytest.mark.parametrize(
+    "models, data_axis",
+    [(None, None), (2, 0), (2, (0, None))],
+    ids=["one_model", "own_data", "own_codes_shared_labels"],
+)
+def test_a_stage_schedules_by_the_steps_its_epochs_take_remainder_included(models, data_axis):
+    """10 examples in batches of 4: each epoch takes 3 steps (4, 4 and a remainder of
+    2). sgd on sum(w), whose gradient is 1, with the rate halved after every epoch
+    and the momentum rising from 0 to 0.5 over the first epoch: step t (from 0) has
+    rate r * 0.5 ** (t // 3) and momentum 0.5 * min(t / 3, 1), as written out below.
+    With several models each has its own rate and its own data (``data_axis=0``, as a
+    sweep's second pretraining layer), or its own codes and shared labels (as a
+    sweep's softmax stage)."""
+    n, batch, epochs, steps = 10, 4, 3, 3
+    config = OptimizerConfig(
+        "sgd", learning_rate=0.5, lr_decay=0.5, momentum=0.5, momentum_start=0.0,
+        momentum_epochs=1,
+    )  # fmt: skip
+    rates = [0.5] if models is None else [0.5, 0.25]
+    x = np.arange(n, dtype=np.float32)[:, None]
+    if models is None:
+        data, params, key, rate = (x,), {"w": jnp.zeros(())}, jax.random.PRNGKey(0), None
+    else:
+        data = (np.stack([x, x]),) if data_axis == 0 else (np.stack([x, x]), np.arange(n))
+        params, rate = {"w": jnp.zeros((models,))}, jnp.asarray(rates)
+        key = jax.random.split(jax.random.PRNGKey(0), models)
+    spec = Stage("stage", _slide, config, epochs, batch, learning_rate=rate)
+    got, record = run_stage(spec, params, data, key=key, models=models, data_axis=data_axis)
+    for m, r in enumerate(rates):
+        w, trace, losses = 0.0, 0.0, []
+        for t in range(epochs * steps):
+            losses.append(w)  # the loss before the step: sum(w) = w
+            trace = 1.0 + 0.5 * min(t / steps, 1.0) * trace
+            w -= r * 0.5 ** (t // steps) * trace
+        # An epoch's loss: its steps' losses weighted by their batch sizes, per example.
+        weights = np.array([4, 4, 2] * epochs) / n
+        per_epoch = (np.array(losses) * weights).reshape(epochs, steps).sum(1)
+        mine = lambda v, m=m: v if models is None else v[m]
+        np.testing.assert_allclose(mine(got["w"]), w, rtol=1e-6)
+        np.testing.assert_allclose([mine(h["loss"]) for h in record.history], per_epoch, rtol=1e-6)
 
 
 def test_a_set_learning_rate_reaches_a_scheduled_chain():

@@ -169,3 +169,37 @@ def test_stage_keys_are_each_seeds_own_split_on_the_host():
         own = jax.random.split(jax.random.PRNGKey(s), len(config.layers) + 2)
         np.testing.assert_array_equal(keys[:, i], own)
         np.testing.assert_array_equal(stage_keys([configs[i]], models=False), own)
+
+
+def _assert_same_tree(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_validation_examples_holds_out_the_last_n_training_examples():
+    # The shapes of test_validation_split_keeps_the_best_epoch_and_stops_early (200
+    # training, 80 validation and 80 test examples): its programs serve this test too.
+    config = (
+        synthetic_config(
+            batch_size=25,
+            eval_batch_size=50,
+            finetune_patience=2,
+            finetune_optimizer=dataclasses.replace(ADAM, learning_rate=0.05),
+        )
+        .with_epochs(1)
+        .replace(softmax_epochs=3, finetune_epochs=30)
+    )
+    (x, y), test = synthetic_digits(280, 5), synthetic_digits(80, 3)
+    held = run_pipeline(config.replace(validation_examples=80), (x, y), test)
+    # The reference: the split made by hand, passed as such.
+    by_hand = run_pipeline(config, (x[:200], y[:200]), test, validation=(x[200:], y[200:]))
+    _assert_same_tree(held.params, by_hand.params)
+    for a, b in zip(held.layers, by_hand.layers, strict=True):
+        _assert_same_tree(a.params, b.params)
+    assert [s.name for s in held.stages] == ["pretrain_1", "pretrain_2", "softmax", "finetune"]
+    for a, b in zip(held.stages, by_hand.stages, strict=True):
+        strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+        assert (a.name, a.best_epoch, strip(a.history)) == (b.name, b.best_epoch, strip(b.history))
+    assert "validation_accuracy" in held.stages[-1].history[0]
+    assert held.test == by_hand.test and held.test_before_finetune == by_hand.test_before_finetune
+    assert held.test_before_finetune  # judged on a validation split: the softmax is tested too

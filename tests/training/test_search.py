@@ -12,6 +12,7 @@ from conftest import run_script, synthetic_config, synthetic_digits
 from sae_jax.config.presets import ADAM
 from sae_jax.errors import ConfigError
 from sae_jax.training import search as selection
+from sae_jax.training.hparams import SWEEP_NAMES
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.search import Range, point_config, search, search_points
 from sae_jax.training.sweep import model_config
@@ -175,3 +176,127 @@ def test_search_command_refuses_bad_flags_in_one_line(tmp_path, flags, message):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _close_trees(a, b, m, **tolerance):
+    """Model ``m`` of the sweep's tree ``a`` against the single run's tree ``b``."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x)[m], np.asarray(y), **tolerance)
+
+
+def test_models_that_differ_only_after_pretraining_share_it_and_no_others(monkeypatch):
+    """Equal seeds and equal pretraining values (the layers' and the softmax stage's:
+    ``HParams.pretraining``): one pretraining and softmax stage, handed to each of
+    those models; a seed or the softmax stage's rate apart: their own. Every model is
+    the model that its config trains alone, pretrained layers and stages included."""
+    from sae_jax.training import pipeline
+
+    # The shapes of test_search_ranks_on_validation_and_tests_the_chosen_point_once's
+    # second group (features 24, 4 models): its programs serve here too.
+    config = point_config(_noisy_config(softmax_epochs=2, finetune_epochs=6), {"features": 24})
+    train, validation, _ = _splits()
+    # 0: the base; 1: another seed; 2: only fine-tuning's rate apart: it shares model
+    # 0's pretraining; 3: the softmax stage's rate apart: its own. (Which values are
+    # fine-tuning's alone, dropout's included: the test below, without training.)
+    seeds = [0, 1, 0, 0]
+    hparams = {
+        "finetune_learning_rate": [0.05, 0.05, 0.2, 0.05],
+        "softmax_learning_rate": [1e-3, 1e-3, 1e-3, 1e-2],
+    }
+    pretrained, pretrain_layers = [], pipeline.pretrain_layers
+
+    def spy(configs, *args, **kwargs):
+        pretrained.append(sorted((c.seed, c.softmax_optimizer.learning_rate) for c in configs))
+        return pretrain_layers(configs, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "pretrain_layers", spy)
+    swept = run_pipeline(config, train, validation=validation, seeds=seeds, hparams=hparams)
+    assert pretrained == [[(0, 1e-3), (0, 1e-2), (1, 1e-3)]]  # one for models 0 and 2
+    assert [s.name for s in swept.stages] == ["pretrain_1", "softmax", "finetune"]
+    shared = [swept.layers[0].params, [s.history for s in swept.stages[:2]]]
+    for x in jax.tree.leaves(shared):
+        if np.ndim(x):  # model 2 has model 0's pretraining and softmax stage, bit for bit
+            np.testing.assert_array_equal(np.asarray(x)[2], np.asarray(x)[0])
+    for i in range(len(seeds)):
+        alone = run_pipeline(model_config(config, seeds, hparams, i), train, validation=validation)
+        _close_trees(swept.layers[0].params, alone.layers[0].params, i, rtol=1e-5, atol=1e-6)
+        for s, a in zip(swept.stages, alone.stages, strict=True):
+            losses = [h["loss"][i] for h in s.history[: len(a.history)]]
+            assert losses == pytest.approx([h["loss"] for h in a.history], rel=1e-5), (i, s.name)
+        assert swept.stages[-1].best_epoch[i] == alone.stages[-1].best_epoch
+        _close_trees(swept.params, alone.params, i, rtol=1e-3, atol=1e-3)  # float rounding
+
+
+# Two values of every name a sweep may vary; fine-tuning's alone are FINETUNE_ONLY.
+TWO_VALUES = {
+    "rho": [0.1, 0.2],
+    "beta": [3.0, 1.0],
+    "l1": [0.0, 0.1],
+    "contractive": [0.0, 0.1],
+    "weight_decay": [1e-4, 1e-3],
+    "noise_level": [0.1, 0.2],
+    "pretrain_learning_rate": [1e-3, 1e-2],
+    "softmax_learning_rate": [1e-3, 1e-2],
+    "finetune_learning_rate": [3e-3, 3e-2],
+    "input_keep": [1.0, 0.8],
+    "hidden_keep": [1.0, 0.8],
+}
+FINETUNE_ONLY = {"finetune_learning_rate", "input_keep", "hidden_keep"}
+
+
+@pytest.mark.parametrize("name", SWEEP_NAMES)
+def test_two_models_of_one_seed_share_a_pretraining_iff_only_fine_tuning_differs(name):
+    """Which models of a sweep train one pretraining (and softmax stage) together,
+    without training any: those of one seed whose values differ in fine-tuning only."""
+    from sae_jax.training import pipeline
+
+    config = synthetic_config()
+    layers = tuple(dataclasses.replace(la, noise="masking") for la in config.layers)
+    config = config.replace(layers=layers)  # so that noise_level acts
+    assert set(TWO_VALUES) == set(SWEEP_NAMES)
+    run = pipeline._setting(config, [4, 4], {name: TWO_VALUES[name]}, None, None, None)
+    assert run.configs[0] != run.configs[1]
+    shared = pipeline._shared_pretraining(run)
+    if name in FINETUNE_ONLY:
+        assert shared is not None
+        np.testing.assert_array_equal(shared[0], [0])  # model 0 pretrains, for both
+        np.testing.assert_array_equal(shared[1], [0, 0])
+    else:
+        assert shared is None  # each its own
+    # Seeds apart: never shared, whatever the values.
+    other = pipeline._setting(config, [4, 5], {name: TWO_VALUES[name][:1] * 2}, None, None, None)
+    assert pipeline._shared_pretraining(other) is None
+
+
+def test_a_chosen_point_not_first_in_its_group_keeps_its_models_best_epochs():
+    """The chosen point is the second of its group (one sweep): its params are its own
+    models', each at its best fine-tuning epoch, as its runs alone return them; and a
+    model that trained past its best epoch to worse ones reports that epoch, and keeps
+    its params."""
+    from sae_jax.models import classifier
+    from sae_jax.training.evaluate import evaluate
+
+    config = _noisy_config(finetune_epochs=6)
+    train, (x, y), test = _splits()
+    # A validation split with a quarter of its pixels flipped: accuracy swings from epoch
+    # to epoch (it would stay at 1.0 on the others).
+    flips = np.random.default_rng(7).random(x.shape) < 0.25
+    validation = (x ^ (flips * 255).astype(np.uint8), y)
+    # One group (test_search_ranks_on_validation_and_tests_the_chosen_point_once's second
+    # shape: its programs serve here too), whose first point learns too slowly to win.
+    space = {"finetune_learning_rate": [0.0005, 0.05], "features": [24]}
+    result = search(config, train, validation, test, space, seeds=[0, 1])
+    assert result.ranking == [1, 0] and result.chosen == 1  # not the first of its group
+    chosen, row = point_config(config, search_points(space)[1]), result.points[1]
+    assert result.config == chosen
+    again = evaluate(classifier(chosen), result.params, *validation, 50, models=True)["accuracy"]
+    for s, seed in enumerate([0, 1]):
+        alone = run_pipeline(chosen.replace(seed=seed), train, test, validation=validation)
+        record = alone.stages[-1]
+        best, accs = record.best_epoch, [h["validation_accuracy"] for h in record.history]
+        assert accs[-1] < accs[best - 1]  # it went on past its best epoch, to a worse one
+        assert row["best_epoch"][s] == best and row["epochs_trained"][s] == len(accs)
+        assert row["validation_accuracy"][s] == pytest.approx(accs[best - 1], abs=1e-6)
+        assert again[s] == pytest.approx(accs[best - 1], abs=1e-6)  # the best epoch's params
+        _close_trees(result.params, alone.params, s, rtol=1e-3, atol=1e-3)
+        assert result.test_accuracy[s] == pytest.approx(alone.test["accuracy"])

@@ -338,3 +338,54 @@ def test_a_keep_best_stage_of_several_models_resumes_as_if_never_stopped():
         [h["loss"] for h in again.history], [h["loss"] for h in record.history]
     )
     np.testing.assert_allclose(params["w"], whole["w"], rtol=1e-6)  # its own rates, resumed
+
+
+def test_a_model_that_diverges_in_a_keep_best_stage_stops_there_and_keeps_its_best():
+    # Three models slide down sum(w) (gradient 1) at their own rates, 2 steps an epoch
+    # (8 examples in batches of 4): after epoch e, model m's w is -2 * rates[m] * e,
+    # exactly. Model 1's loss is sum(w) * inf once w < -1.1 (its limit): at its 6th
+    # step, in epoch 3, where its w becomes -inf. The scores (the stage's metric) make
+    # model 0 best at epoch 4, model 1 at epoch 2 and model 2 at epoch 1; with a
+    # patience of 3, model 2 stops after epoch 4 and model 0 trains all 6 epochs.
+    x, y = _regression()
+    rates, limits = np.array([0.125, 0.25, 0.0625]), np.array([1e9, 1.1, 1e9])
+    scores = [[0.1, 0.5, 0.4, 0.6, 0.2, 0.1], [0.2, 0.6, 0.7, 0.8, 0.9, 1.0],
+              [0.9, 0.1, 0.3, 0.2, 0.5, 0.5]]  # fmt: skip
+
+    def slide(params, batch, key, hparams):
+        w = jnp.sum(params["w"])
+        return w * jnp.where(w < -hparams["limit"], jnp.inf, 1.0), {}
+
+    def evaluate_fn(params):  # a non-finite w (a diverged model) scores NaN
+        w = np.asarray(params["w"])[:, 0]
+        epochs = -w / (2 * rates)
+        return [
+            scores[m][round(float(e)) - 1] if np.isfinite(e) else np.nan
+            for m, e in enumerate(epochs)
+        ]
+
+    spec = stage.Stage(
+        "stage", slide, OptimizerConfig("sgd", learning_rate=1.0), 6, 4,
+        hparams={"limit": jnp.asarray(limits, jnp.float32)},
+        learning_rate=jnp.asarray(rates, jnp.float32), evaluate_fn=evaluate_fn,
+        metric="metric", keep_best=True, patience=3,
+    )  # fmt: skip
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    params, record = stage.run_stage(spec, {"w": jnp.zeros((3, 1))}, (x, y), key=keys, models=3)
+    assert record.diverged == [False, True, False]
+    assert record.epochs_trained == [6, 3, 4]  # model 1 stopped in the epoch it diverged
+    assert record.best_epoch == [4, 2, 1]
+    assert len(record.history) == 6
+    np.testing.assert_array_equal(params["w"][:, 0], -2 * rates * [4, 2, 1])  # best epochs'
+    losses = np.array([h["loss"] for h in record.history])  # [epochs, models]
+    assert np.isfinite(losses[:2, 1]).all() and not np.isfinite(losses[2, 1])
+    metric = np.array([h["metric"] for h in record.history])
+    np.testing.assert_array_equal(metric[:2, 1], [0.2, 0.6])
+    assert np.isnan(metric[2:, 1]).all()  # its scores stop with it, and never improve
+    # The others are unaffected: each epoch's loss is the mean of its two steps'
+    # sum(w), -rate * (2e - 2) and -rate * (2e - 1), for every epoch each trained.
+    e = np.arange(1, 7)
+    np.testing.assert_array_equal(losses[:, 0], -rates[0] * (2 * e - 1.5))
+    np.testing.assert_array_equal(losses[:4, 2], -rates[2] * (2 * e[:4] - 1.5))
+    np.testing.assert_array_equal(metric[:, 0], scores[0])
+    np.testing.assert_array_equal(metric[:, 2], scores[2][:4] + [scores[2][3]] * 2)

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import threading
-import time
 from types import SimpleNamespace
 
 import jax
@@ -22,7 +21,7 @@ from sae_jax.errors import Stopped
 from sae_jax.files import file_manifest, manifest_path, manifest_problem
 from sae_jax.training.loop import init_state
 from sae_jax.training.stage import StageRecord
-from sae_jax.workdir import checkpoint
+from sae_jax.workdir import checkpoint, saving
 from sae_jax.workdir.checkpoint import RunStore
 
 
@@ -71,26 +70,50 @@ def test_an_epoch_is_saved_when_checkpoint_every_seconds_have_passed(tmp_path, m
 def test_a_manifest_is_written_only_once_its_checkpoint_is_committed(tmp_path, monkeypatch):
     """Inside ``with`` the save returns at once; until orbax has finished saving the
     checkpoint (in its own thread) there is no manifest, and so nothing a rerun would
-    trust."""
-    entered, release = threading.Event(), threading.Event()
+    trust.
+
+    No sleep: orbax's end of the save is held, and the test goes on only once the
+    saver thread, after orbax's ``save`` returned, has either begun waiting for the
+    commit (as it must) or written a manifest (too early), whichever it does."""
+    entered, release, settled = threading.Event(), threading.Event(), threading.Event()
     finalize = ocp.CheckpointManager._finalize  # the end of orbax's save
+    save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+    write, saver = saving.write_text_atomic, threading.local()
 
     def held(self, *args, **kw):
         entered.set()
         release.wait(60)
         return finalize(self, *args, **kw)
 
+    def save_then_mark(self, *args, **kw):
+        started = save(self, *args, **kw)
+        saver.returned = True  # in this thread, orbax's save has handed over
+        return started
+
+    def waiting(self, *args, **kw):
+        if getattr(saver, "returned", False):  # the saver thread, after the save
+            settled.set()
+        return wait(self, *args, **kw)
+
+    def write_then_mark(*args, **kw):
+        write(*args, **kw)
+        settled.set()
+
     monkeypatch.setattr(ocp.CheckpointManager, "_finalize", held)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_then_mark)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", waiting)
+    monkeypatch.setattr(saving, "write_text_atomic", write_then_mark)
     step = tmp_path / "checkpoints" / "pretrain_1" / "1"
     manifest = manifest_path(tmp_path, step)
     with RunStore(tmp_path, synthetic_config(), log=print, checkpoint_every=0) as store:
-        store.resume("pretrain_1", _state(0.0))
-        _epochs(store, "pretrain_1", [1.0])  # returns while the save is in flight
-        assert entered.wait(60)
-        time.sleep(0.5)  # time enough to write a manifest too early
-        assert not manifest.exists()
-        assert "no epoch of it is saved yet" in store.where()
-        release.set()
+        try:
+            store.resume("pretrain_1", _state(0.0))
+            _epochs(store, "pretrain_1", [1.0])  # returns while the save is in flight
+            assert entered.wait(60) and settled.wait(60)
+            assert not manifest.exists()
+            assert "no epoch of it is saved yet" in store.where()
+        finally:
+            release.set()  # a failure above does not leave orbax waiting for a minute
     assert "epoch 1 is saved" in store.where()
     written = json.loads(manifest.read_text())
     assert written == file_manifest(step) and len(written) > 3
@@ -175,22 +198,41 @@ def test_a_signal_after_a_stages_last_epoch_stops_once_its_end_is_saved(tmp_path
 
 
 def test_a_background_save_that_fails_is_reported_by_the_next_call(tmp_path, monkeypatch):
-    save = ocp.CheckpointManager.save
+    """Epoch 2's save fails in the saver thread, held until epoch 3's save is queued
+    behind it: epoch 3 is not written after the failure, and the first call once the
+    failure is known reports it. Events order the threads; nothing depends on how
+    fast either is."""
+    save, run = ocp.CheckpointManager.save, saving.Saver._run
+    queued, noted = threading.Event(), threading.Event()
 
     def full(self, step, *args, **kw):
         if step == 2:
+            assert queued.wait(60)
             raise OSError(errno.ENOSPC, "No space left on device")
         return save(self, step, *args, **kw)
 
+    def run_then_tell(self, *args, **kw):
+        run(self, *args, **kw)
+        if self._failure is not None:
+            noted.set()
+
     monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    monkeypatch.setattr(saving.Saver, "_run", run_then_tell)
     step_dir = tmp_path / "checkpoints" / "pretrain_1" / "2"
     store = RunStore(tmp_path, synthetic_config(), log=print, checkpoint_every=0)
     with pytest.raises(OSError) as failed, store:
-        store.resume("pretrain_1", _state(0.0))
-        _epochs(store, "pretrain_1", [1, 2, 3, 4])
+        try:
+            store.resume("pretrain_1", _state(0.0))
+            record = _epochs(store, "pretrain_1", [1, 2, 3])  # 2 held, 3 queued behind it
+        finally:
+            queued.set()
+        assert noted.wait(60)  # the saver thread has failed epoch 2
+        _epochs(store, "pretrain_1", [4], record)  # the next call: it raises
+        pytest.fail("epoch 4 went on after the failure was known")
     assert failed.value.errno == errno.ENOSPC
     assert (
         failed.value.strerror == f"cannot save the checkpoint {step_dir}: No space left on device"
     )
-    assert _saved(tmp_path, "pretrain_1") == [1]  # nothing after the failure
+    assert "save_epoch" in {entry.name for entry in failed.traceback}  # not at the block's end
+    assert _saved(tmp_path, "pretrain_1") == [1]  # nothing after the failure, 3 included
     assert manifest_problem(tmp_path, tmp_path / "checkpoints" / "pretrain_1" / "1") is None
