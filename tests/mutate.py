@@ -84,6 +84,46 @@ TESTS = {
     "training/hparams": ["training/test_hparams.py", "test_parallel.py", "commands/test_cli.py"],
     "training/sweep": ["training/test_search.py", "test_parallel.py"],
     "training/search": ["training/test_search.py", "test_parallel.py"],
+    "training/epochs": [
+        "training/test_loop.py",
+        "training/test_stage.py",
+        "training/test_search.py",
+    ],
+    "workdir/restore": ["workdir/test_checkpoint.py", "commands/test_faults.py"],
+    "workdir/saving": [
+        "workdir/test_saving.py",
+        "workdir/test_checkpoint.py",
+        "commands/test_faults.py",
+    ],
+    "workdir/metrics": ["workdir/test_metrics.py", "workdir/test_checkpoint.py"],
+    "workdir/figures": ["workdir/test_checkpoint.py", "workdir/test_tensorboard.py"],
+    "workdir/summary": ["workdir/test_checkpoint.py", "commands/test_cli.py"],
+    "workdir/tensorboard": ["workdir/test_tensorboard.py"],
+    "commands/exits": ["commands/test_faults.py", "commands/test_cli.py", "commands/test_entry.py"],
+    "commands/flags": [
+        "commands/test_cli.py",
+        "commands/test_entry.py",
+        "config/test_config_files.py",
+    ],
+    "commands/prepare": [
+        "commands/test_cli.py",
+        "commands/test_ownership.py",
+        "commands/test_own_data.py",
+    ],
+    "commands/progress": ["workdir/test_checkpoint.py", "commands/test_cli.py"],
+    "commands/train": [
+        "commands/test_cli.py",
+        "commands/test_faults.py",
+        "commands/test_ownership.py",
+    ],
+    "commands/saved": [
+        "commands/test_own_data.py",
+        "commands/test_ownership.py",
+        "commands/test_faults.py",
+    ],
+    "commands/sweep": ["commands/test_cli.py", "commands/test_sweep_equals_runs.py"],
+    "commands/search": ["training/test_search.py", "commands/test_cli.py"],
+    "cli/main": ["commands/test_entry.py"],
 }
 COPIED = ["sae_jax", "tests", "experiments", "docs", "README.md", "pyproject.toml"]
 
@@ -440,6 +480,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tests", nargs="+", help="test files (default: TESTS of each module)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
     parser.add_argument("--lines", help="only mutants on lines A-B, e.g. 120-180")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        help="only this many mutants of each module, drawn at random (--seed): an "
+        "estimate of its kill rate for less time (default: every mutant)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the draw of --sample (default 0)")
     parser.add_argument("--json", type=Path, help="write every mutant and its outcome here")
     parser.add_argument(
         "--max-seconds",
@@ -470,6 +517,18 @@ def _chosen(found: list[Mutant], lines: str | None, retry: Path | None) -> list[
                   if m["outcome"].startswith("killed")}  # fmt: skip
         found = [m for m in found if (m.module, m.line, m.before, m.text) in again]
     return found
+
+
+def sampled(found: list[Mutant], n: int, seed: int) -> list[Mutant]:
+    """At most ``n`` of each module's mutants, drawn at random by ``seed``, in their order."""
+    import random
+
+    draw = random.Random(seed)
+    chosen: set[int] = set()
+    for module in dict.fromkeys(m.module for m in found):
+        ours = [i for i, m in enumerate(found) if m.module == module]
+        chosen.update(draw.sample(ours, min(n, len(ours))))
+    return [m for i, m in enumerate(found) if i in chosen]
 
 
 def _line_map(args: argparse.Namespace, modules: list[str], tests: list[str], repo: Path) -> dict:
@@ -506,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     tests = [t if t.startswith("tests/") else f"tests/{t}" for t in files]
     found = [mut for m in modules for mut in mutants(REPO / "sae_jax" / f"{m}.py")]
     found = _chosen(found, args.lines, args.retry)
+    if args.sample is not None:
+        found = sampled(found, args.sample, args.seed)
     with tempfile.TemporaryDirectory(prefix="sae_jax_mutate_") as tmp:
         copies = [_copy_repo(Path(tmp) / f"w{i}") for i in range(args.jobs)]
         start = time.perf_counter()

@@ -51,3 +51,28 @@ def test_mutants_apply_at_the_right_place_after_non_ascii_text(tmp_path):
         old, new = SOURCE.splitlines(), changed.splitlines()
         assert [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a != b] == [m.line - 1]
         assert new[m.line - 1].replace(m.text, m.before, 1) == old[m.line - 1]
+
+
+def test_every_module_of_the_layers_that_change_most_has_its_tests():
+    repo = mutate.REPO
+    for folder in ("training", "workdir", "commands"):
+        for path in sorted((repo / "sae_jax" / folder).glob("[!_]*.py")):
+            module = mutate.module_name(path)
+            assert module in mutate.TESTS, f"tests/mutate.py: TESTS has no entry for {module}"
+    assert "cli/main" in mutate.TESTS
+    for module, files in mutate.TESTS.items():
+        assert (repo / "sae_jax" / f"{module}.py").is_file(), module
+        for name in files:
+            assert (repo / "tests" / name).is_file(), f"{module}: no tests/{name}"
+
+
+def test_a_sample_draws_as_many_of_each_module_reproducibly(tmp_path):
+    found = _mutants(tmp_path)
+    other = [mutate.Mutant(**{**vars(m), "module": "other"}) for m in found]
+    both = found + other
+    picked = mutate.sampled(both, 4, seed=1)
+    modules = [m.module for m in picked]
+    assert modules.count(found[0].module) == 4 == modules.count("other")
+    assert picked == mutate.sampled(both, 4, seed=1) != mutate.sampled(both, 4, seed=2)
+    assert [m for m in picked if m in found] == [m for m in found if m in picked]  # in order
+    assert mutate.sampled(found, 100, seed=0) == found

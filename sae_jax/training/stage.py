@@ -276,7 +276,11 @@ def _after_epoch(
         verdict = None
         if best is not None:
             assert metric is not None  # keep_best judges by the stage's evaluate_fn
-            verdict = best.update(epoch, metrics[metric], state.params)
+            value = metrics[metric]
+            if best.models is not None:  # a model whose loss is not finite diverged:
+                finite = np.isfinite(np.asarray(metrics["loss"], np.float64))
+                value = np.where(finite, np.asarray(value, np.float64), np.nan)  # never best
+            verdict = best.update(epoch, value, state.params)
         if best is not None:
             record.best_epoch = best.best_epoch()
         if store is not None:
