@@ -32,7 +32,8 @@ SWEEP = Path(__file__).resolve().parent / "sweep.py"
 def sweep_seconds(models: int, devices: int, flags: list[str], workdir: Path) -> float:
     """The sweep's wall seconds of ``models`` models in a child process with ``devices``
     CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    xla = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = {**os.environ, "XLA_FLAGS": xla.strip()}  # the caller's XLA flags, and the devices
     command = [sys.executable, str(SWEEP), "--platform=cpu", f"--seeds={models}"]
     command += ["--compilation_cache=off", f"--workdir={workdir}", *flags]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)

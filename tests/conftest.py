@@ -26,6 +26,20 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# XLA's CPU backend compiles the tests' programs without its LLVM optimisations: the
+# programs compute the same, and the suite's many small programs compile in about 3/4
+# of the time (a run as users start it, and the benchmarks, compile as usual). The
+# scripts the tests start inherit it; several fake CPU devices come on top (xla_flags).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a process of the tests with ``devices`` fake CPU devices."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The test files that take minutes, the longest first (``--durations`` on 2 cores).
@@ -222,8 +236,10 @@ def run_in_process(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
     """``sae-jax *argv`` run in this process as the console script runs it
     (``sae_jax.cli.main.main``), from ``cwd``: its status and what it printed on stdout
     and stderr. Cheaper than a process (no interpreter to start, no JAX to import, the
-    compiled programs stay in memory); the working directory, SIGTERM's handler, the
-    loggers and the JAX settings that a command changes are put back afterwards."""
+    compiled programs stay in memory). Its stderr holds what the command printed and
+    what the libraries wrote on the process's stderr meanwhile; the working directory,
+    SIGTERM's handler, the loggers and the JAX settings that a command changes are put
+    back afterwards."""
     import contextlib
     import io
     import logging
@@ -237,14 +253,22 @@ def run_in_process(argv: list[str], cwd=REPO) -> subprocess.CompletedProcess:
     handler, here = signal.getsignal(signal.SIGTERM), os.getcwd()
     levels = {name: logging.getLogger(name).level for name in ("absl", "asyncio")}
     settings = {name: getattr(jax.config, name) for name in JAX_SETTINGS}
+    native = tempfile.TemporaryFile()  # noqa: SIM115 (closed below): C++ writes on fd 2
+    fd2 = os.dup(2)
     try:
         os.chdir(cwd)
+        os.dup2(native.fileno(), 2)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 status = main(list(argv))
             except SystemExit as e:  # argparse: --help, or a bad flag (status 2)
                 status = e.code if isinstance(e.code, int) else 1
     finally:
+        os.dup2(fd2, 2)
+        os.close(fd2)
+        native.seek(0)
+        err.write(native.read().decode(errors="replace"))
+        native.close()
         os.chdir(here)
         signal.signal(signal.SIGTERM, handler)
         for name, level in levels.items():

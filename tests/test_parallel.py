@@ -19,7 +19,7 @@ from sae_jax.training.sweep import grid, model_config
 
 SHARDED = textwrap.dedent(r"""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
     import re
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
@@ -86,7 +86,7 @@ def test_sharded_epochs_match_single_device():
 
 SWEEP_SHARDED = textwrap.dedent(r"""
     import os, re, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
     sys.path.insert(0, "tests")
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P

@@ -1,8 +1,10 @@
 """The README and the guides run as written: every block marked runnable, in order, from
 the root of a copy of the repository (default flags, relative paths), with ../shared beside
-it. The README's blocks run as a user's shell runs them, through the console script and the
-interpreter installed beside this one; the guides' blocks in this process (the console
-script's ``main``, and ``exec`` of the Python), from the same folder."""
+it. The blocks run in this process, from that folder: ``sae-jax ...`` through the console
+script's ``main`` (``conftest.run_in_process``), Python blocks by ``exec``; a run of the
+seed preset on real MNIST through the console script, in a process compiled as users
+compile (``conftest.TEST_XLA_FLAGS`` aside). The quick start through the console script
+of an installed wheel, in processes of their own, is ``tests/test_wheel.py``'s."""
 
 import contextlib
 import io
@@ -14,7 +16,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, SHARED_MNIST, command_argv, run_in_process
+from conftest import REPO, SHARED_MNIST, TEST_XLA_FLAGS, command_argv, run_in_process
 
 # The pages with runnable blocks, in an order in which each block finds what the ones
 # before it leave (the README's quick start trains checkpoints/mnist; the guide to data
@@ -79,13 +81,17 @@ def test_readme_runs_as_written(clone):
             if "../shared/" in shown and not SHARED_MNIST.is_dir():
                 skipped.append(shown)
                 continue
-            if page == "README.md":
+            if kind == "python":
+                proc = exec_in_process(body, page, cwd=clone)
+            elif "--config=seed" in line:  # 60,000 examples: compiled as users compile
+                env = {
+                    **os.environ,
+                    "XLA_FLAGS": os.environ["XLA_FLAGS"].replace(TEST_XLA_FLAGS, ""),
+                }
                 proc = subprocess.run(
                     command_argv(line), cwd=clone, capture_output=True, text=True, timeout=600,
-                    env=os.environ,
+                    env=env,
                 )  # fmt: skip
-            elif kind == "python":
-                proc = exec_in_process(body, page, cwd=clone)
             else:
                 assert line[0] == "sae-jax", f"{page}: {shown}"
                 proc = run_in_process(line[1:], cwd=clone)

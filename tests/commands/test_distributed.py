@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, free_port, run_script
+from conftest import REPO, free_port, run_script, xla_flags
 
 import sae_jax
 from sae_jax.files import WorkdirLock, manifest_problem
@@ -31,7 +31,7 @@ def launch(script: str, *flags: str, processes: int = 2, devices: int = 1) -> li
     processes joined on a free local port, each with ``devices`` CPU devices; stdout
     and stderr are piped."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     program = ["-c", script] if "\n" in script else [str(REPO / "experiments" / f"{script}.py")]
     command = [sys.executable, *program, "--platform=cpu"]
     command += [

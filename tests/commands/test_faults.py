@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_in_process, run_script
+from conftest import REPO, TEST_XLA_FLAGS, run_in_process, run_script
 
 from sae_jax.config import tiny
 from sae_jax.data import load_sample
@@ -28,8 +28,11 @@ SCRIPT = str(REPO / "experiments" / "mnist.py")
 TINY = ["--config=tiny", "--epochs=1", "--no_figures", "--checkpoint_every=0"]  # every epoch
 
 
-def _mnist(*flags, cwd=REPO, env=None, shell_prefix=""):
-    """Run experiments/mnist.py; ``shell_prefix`` (e.g. a ulimit) runs in bash first."""
+def _mnist(*flags, cwd=REPO, env=None, shell_prefix="", process=False):
+    """Run experiments/mnist.py (in this process unless ``process``, see ``run_script``);
+    ``shell_prefix`` (e.g. a ulimit) runs in bash first, in a process of its own."""
+    if not shell_prefix:
+        return run_script("mnist", *flags, cwd=cwd, env=env, process=process)
     argv = [sys.executable, SCRIPT, *flags]
     if shell_prefix:
         argv = ["bash", "-c", f'{shell_prefix} && exec "$0" "$@"', *argv]
@@ -47,7 +50,7 @@ def _one_line(proc, status: int) -> str:
 def finished(tmp_path_factory):
     """A finished tiny run (1 epoch a stage, relative --workdir from its parent folder)."""
     top = tmp_path_factory.mktemp("finished")
-    proc = _mnist(*TINY, "--workdir=run", cwd=top)
+    proc = _mnist(*TINY, "--workdir=run", cwd=top, process=True)  # its command line
     assert proc.returncode == 0, proc.stderr
     return top / "run"
 
@@ -61,7 +64,7 @@ def run_copy(finished, tmp_path):
 
 def test_relative_and_home_paths_work_and_resume(finished, tmp_path):
     # The fixture ran with --workdir=run from its folder; a rerun from there resumes.
-    rerun = _mnist(*TINY, "--workdir=run", cwd=finished.parent)
+    rerun = _mnist(*TINY, "--workdir=run", cwd=finished.parent, process=True)  # summary.json
     assert rerun.returncode == 0, rerun.stderr
     assert "finetune: finished in an earlier run" in rerun.stdout
     assert "damaged" not in rerun.stdout and not (finished / "damaged").exists()
@@ -327,7 +330,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_sigterm_during_the_first_compilation_exits_143_in_one_line(tmp_path):
+    # A cold cache and XLA's usual optimisations: compiling takes long enough for the
+    # signal to land in it.
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAGS, "")
     flags = ["--config=tiny", "--epochs=1", "--no_figures", "--compilation_cache=off"]
     argv = [sys.executable, "-c", SIGTERM_IN_COMPILATION, "train", *flags]
     proc = subprocess.run(

@@ -11,7 +11,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_script
+from conftest import REPO, run_script, xla_flags
 
 from sae_jax.parallel import device_memory, epoch_order, fits_on_device, shard_layout
 
@@ -20,7 +20,7 @@ from sae_jax.parallel import device_memory, epoch_order, fits_on_device, shard_l
 # transposed) or a metric's (a scalar, or one per model).
 PRELUDE = textwrap.dedent(r"""
     import os, re, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
     sys.path.insert(0, "tests")
     import jax, numpy as np
     from conftest import synthetic_config, synthetic_digits
@@ -205,7 +205,7 @@ def test_the_commands_refuse_a_batch_size_the_devices_do_not_divide(
     tmp_path, script, flags, devices
 ):
     # 4 devices: a run splits its batches over all 4, a sweep of 2 models over 2 each.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=4)}
     proc = run_script(
         script,
         "--config=tiny",  # batch_size=25
