@@ -48,16 +48,27 @@ REPO = Path(__file__).resolve().parents[1]
 # hands out the files with the most tests first, which leaves these few long ones last.
 LONG_FIRST = [
     "tests/commands/test_distributed.py",
-    "tests/test_parallel.py",
     "tests/test_readme.py",
-    "tests/commands/test_ownership.py",
-    "tests/training/test_data_parallel.py",
     "tests/test_docstrings.py",
+    "tests/test_parallel.py",
+    "tests/workdir/test_checkpoint.py",
+    "tests/training/test_search.py",
+    "tests/commands/test_faults.py",
     "tests/commands/test_sweep_equals_runs.py",
-    "tests/test_device_check.py",
-    "tests/commands/test_own_data.py",
+    "tests/training/test_data_parallel.py",
+    "tests/commands/test_cli.py",
     "tests/test_docs.py",
+    "tests/test_device_check.py",
+    "tests/training/test_stage.py",
+    "tests/training/test_loop.py",
+    "tests/training/test_compiles.py",
+    "tests/training/test_hparams.py",
+    "tests/commands/test_own_data.py",
+    "tests/test_benchmark.py",
     "tests/test_wheel.py",
+    "tests/training/test_pipeline.py",
+    "tests/test_types.py",
+    "tests/test_models.py",
 ]
 
 

@@ -13,6 +13,8 @@ from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands
 import sae_jax.cli.benchmark_overhead as bo
 import sae_jax.cli.benchmark_report as br
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 SCRIPT = REPO / "experiments" / "benchmark.py"
 MODULE = REPO / "sae_jax" / "cli" / "benchmark.py"
 

@@ -13,6 +13,8 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import benchmark_device as bd
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 SCRIPT = REPO / "experiments" / "device_check.sh"
 
 

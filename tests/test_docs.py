@@ -15,6 +15,8 @@ from conftest import REPO
 import sae_jax
 from sae_jax import corruption, losses
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 pytest.importorskip("sphinx")
 pytest.importorskip("myst_nb")
 pytest.importorskip("sphinx_book_theme")

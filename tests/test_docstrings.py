@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO, SHARED_MNIST, command_argv, docstring_commands, run_in_process
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 # The commands printed in the docstrings of the subcommands and scripts, in the order
 # they can run (encode reads the run that train leaves in checkpoints/mnist). Not here:
 # the benchmark, whose commands tests/test_benchmark.py runs at a tiny size.

@@ -10,6 +10,8 @@ import os
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 NOTEBOOK = REPO / "experiments" / "colab_mnist.ipynb"
 
 FAKE_PIP = """\
@@ -26,6 +28,7 @@ import sys as _sys
 import sae_jax.commands.train as _experiment
 from sae_jax.config.files import config_to_json as _to_json
 from sae_jax.config import tiny as _tiny
+
 
 _run_mnist = _experiment.run_mnist
 

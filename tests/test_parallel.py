@@ -17,6 +17,8 @@ from sae_jax.training.hparams import SWEEP_NAMES
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.sweep import grid, model_config
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 SHARDED = textwrap.dedent(r"""
     import os
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"

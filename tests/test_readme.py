@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from conftest import REPO, SHARED_MNIST, TEST_XLA_FLAGS, command_argv, run_in_process
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 # The pages with runnable blocks, in an order in which each block finds what the ones
 # before it leave (the README's quick start trains checkpoints/mnist; the guide to data
 # writes my_digits.npz, trains checkpoints/own and then encodes it); any other page of

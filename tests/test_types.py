@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

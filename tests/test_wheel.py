@@ -28,6 +28,8 @@ from packaging.requirements import Requirement
 
 import sae_jax
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 # and a user's build/ and checkpoints/
 COPY_IGNORE = shutil.ignore_patterns(*COPY_LEFT_OUT, "build", "checkpoints")
 

@@ -240,6 +240,7 @@ def test_sweep_user_mistakes(flags, message, tmp_path):
     assert "MNIST:" not in proc.stdout  # refused before any data was looked for
 
 
+@pytest.mark.slow
 def test_sweep_study_writes_a_table(tmp_path):
     proc = run_script(
         "sweep",
@@ -262,6 +263,7 @@ def _row_cells(line):
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_sweep_is_a_grid_of_values_and_seeds(tmp_path):
     proc = run_script(
         "sweep",
@@ -294,6 +296,7 @@ def test_sweep_is_a_grid_of_values_and_seeds(tmp_path):
         assert row[3] == " ".join(f"{e:.4f}" for e in errors)
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_filled_and_can_be_turned_off(tmp_path):
     cache = tmp_path / "jax_cache"
     proc = run_script(

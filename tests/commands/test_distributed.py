@@ -21,6 +21,8 @@ from conftest import REPO, free_port, run_script, xla_flags
 import sae_jax
 from sae_jax.files import WorkdirLock, manifest_problem
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 # tiny's batch of 25 does not divide over 2 devices; 24 does.
 FLAGS = ("--config=tiny", "--config.batch_size=24", "--epochs=4", "--data_source=sample")
 KILL_AT = "pretrain_2 epoch   2/4"
@@ -213,6 +215,7 @@ from sae_jax.commands import flags as cli
 from sae_jax.data import DataSpec
 from sae_jax.commands.train import run_mnist
 from sae_jax.workdir import checkpoint
+
 
 flags = cli.parser(None).parse_args(sys.argv[1:-1])
 config = cli.start(flags).replace(softmax_epochs=0)

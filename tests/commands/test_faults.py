@@ -62,6 +62,7 @@ def run_copy(finished, tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow
 def test_relative_and_home_paths_work_and_resume(finished, tmp_path):
     # The fixture ran with --workdir=run from its folder; a rerun from there resumes.
     rerun = _mnist(*TINY, "--workdir=run", cwd=finished.parent, process=True)  # summary.json
@@ -146,6 +147,7 @@ def test_a_workdir_that_cannot_be_a_folder_is_a_user_mistake(tmp_path, where):
     assert line == f"error: --workdir={workdir}: cannot create it ({reason})"
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_ends_in_one_line_and_the_run_goes_on(tmp_path):
     flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={tmp_path}"]
     flags.append("--checkpoint_every=0")  # every epoch: with the optimizer state, > 300 kB
@@ -169,6 +171,7 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_and_keeps_what_was_saved(tmpfs):
     flags = ["--config=tiny", "--epochs=2", "--no_figures", f"--workdir={tmpfs / 'w'}"]
     flags.append("--checkpoint_every=0")  # every epoch, to fill the disk

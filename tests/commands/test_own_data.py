@@ -31,6 +31,7 @@ def _start(*argv: str):
     return cli.start(flags), cli.data_spec(flags)
 
 
+@pytest.mark.slow
 def test_labelled_npz_with_overrides_and_its_config_json_replayed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the paths below are relative, as a user gives them
     x, y = synthetic_digits(400, 1)
@@ -107,6 +108,7 @@ def test_images_without_labels_are_pretrained_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", "w", "x.npy"]
 
 
+@pytest.mark.slow
 def test_standardized_csv_saves_its_statistics_and_the_model_applies_them(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 240)

@@ -19,6 +19,8 @@ from sae_jax.data import DataSpec
 from sae_jax.training.hparams import model_config
 from sae_jax.training.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 OVERRIDES = [
     ("validation_examples", "200"),
     ("finetune_patience", "2"),

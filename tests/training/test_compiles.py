@@ -8,6 +8,7 @@ import dataclasses
 import logging
 
 import jax
+import pytest
 from conftest import synthetic_config, synthetic_digits
 
 from sae_jax.training.pipeline import run_pipeline
@@ -65,6 +66,7 @@ def _own_shapes(features: int, units: tuple[int, int], **kwargs):
     return config, train, synthetic_digits(40, 2, features=features)
 
 
+@pytest.mark.slow
 def test_a_pipeline_compiles_its_stages_programs_and_nothing_else():
     # The tiny pipeline's shape: two layers, softmax, fine-tuning, a test split. Its
     # 18 programs: one for the stage keys; per stage one to initialise the params
@@ -84,6 +86,7 @@ def test_a_pipeline_compiles_its_stages_programs_and_nothing_else():
     assert sum(names.values()) == 18
 
 
+@pytest.mark.slow
 def test_a_second_identical_pipeline_compiles_nothing_new():
     config, train, test = _own_shapes(37, (11, 7), validation_examples=20)
     with lowered() as first:
@@ -93,6 +96,7 @@ def test_a_second_identical_pipeline_compiles_nothing_new():
     assert first[0] > 10 and second[0] == 0, (first, second)
 
 
+@pytest.mark.slow
 def test_a_searchs_groups_of_one_shape_share_their_programs():
     # pretrain_epochs makes two groups whose models have the same shapes: the second
     # group (other epochs, other values of the first model's layer) compiles nothing.

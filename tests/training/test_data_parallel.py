@@ -15,6 +15,8 @@ from conftest import REPO, run_script, xla_flags
 
 from sae_jax.parallel import device_memory, epoch_order, fits_on_device, shard_layout
 
+pytestmark = pytest.mark.slow  # see the slow marker in pyproject.toml
+
 # Collects the compiled text of every epoch program that ``fit`` runs, with the shapes
 # that its collectives may have: a parameter's (whole, or one model's of a sweep, or
 # transposed) or a metric's (a scalar, or one per model).

@@ -14,6 +14,7 @@ from sae_jax.training.evaluate import encode_dataset, evaluate
 from sae_jax.training.pipeline import run_pipeline
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_learns():
     layer = LayerConfig(
         features=24,

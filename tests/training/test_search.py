@@ -34,6 +34,7 @@ def _splits():
     return synthetic_digits(120, 1), synthetic_digits(60, 2), synthetic_digits(60, 3)
 
 
+@pytest.mark.slow
 def test_sweep_models_keep_their_own_best_epoch_and_stop_on_their_own():
     config = _noisy_config()
     train, validation, _ = _splits()
@@ -56,6 +57,7 @@ def test_sweep_models_keep_their_own_best_epoch_and_stop_on_their_own():
     assert len(history) == max(lengths)  # the program stops when every model has
 
 
+@pytest.mark.slow
 def test_search_ranks_on_validation_and_tests_the_chosen_point_once(monkeypatch):
     config = _noisy_config(finetune_epochs=6)
     train, validation, test = _splits()
@@ -134,6 +136,7 @@ def test_a_search_point_that_does_not_validate_is_named_before_training():
         search(config, train, validation, test, {"input_keep": [1.5]}, seeds=[0])
 
 
+@pytest.mark.slow
 def test_search_command_writes_its_table(tmp_path):
     work = tmp_path / "search"
     proc = run_script(

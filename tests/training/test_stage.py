@@ -246,6 +246,7 @@ def test_model_config_is_the_config_of_one_model_of_a_sweep():
     )
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_in_order_on_the_codes_of_the_layers_below(monkeypatch):
     layer = dataclasses.replace(synthetic_config().layers[0], epochs=2)
     layers = tuple(dataclasses.replace(layer, features=f) for f in (48, 40, 32))

@@ -121,6 +121,7 @@ def _assert_same_run(uninterrupted: Path, workdir: Path) -> None:
 
 
 @pytest.mark.parametrize("kill_at", ["pretrain_2 epoch   2/3", "finetune   epoch   3/4"])
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
     """Killed once the epoch's checkpoint is committed: it resumes from that epoch."""
     out = _killed_then_resumed(tmp_path, "saved", kill_at)
@@ -148,6 +149,7 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted, tmp_path, kill_at):
         ("now", "finetune   epoch   2/4", ["pretrain_1: finished in an earlier run"]),
     ],
 )
+@pytest.mark.slow
 def test_sigkill_with_saves_in_flight_then_resume_is_bit_identical(
     uninterrupted, tmp_path, how, kill_at, said
 ):

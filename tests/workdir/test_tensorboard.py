@@ -71,6 +71,7 @@ def _events(folder):
     return events
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_epochs_hparams_and_figures(tmp_path):
     pytest.importorskip("tensorboardX")
     x, y = synthetic_digits(100, 1, features=64)
