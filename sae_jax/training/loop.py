@@ -127,11 +127,13 @@ def make_epoch(
     """One jitted epoch ``(state, data, key, active=None, epoch=None) -> (state, mean
     metrics)``.
 
-    ``data`` is a tuple of arrays ``[num_examples, ...]``. The key (``fold_in(key,
-    epoch)`` when ``epoch``, an int, is given) shuffles the data; step ``t`` gets
-    ``fold_in(key, t)``. Nothing is donated: the state before the epoch stays valid
-    while the epoch runs, so the host can look at it one epoch late (``fit``); the
-    epoch's output buffers are new. Metrics are per example:
+    ``data`` is a tuple of arrays ``[num_examples, ...]``. The epoch's key
+    (``fold_in(key, epoch)`` when ``epoch``, an int, is given) splits into a shuffle key,
+    which orders the data, and a step key: step ``t`` (the state's step count) gets
+    ``fold_in(step_key, t)``, so the two streams are independent. Nothing is donated:
+    the state before the epoch stays valid while the epoch runs, so the host can look
+    at it one epoch late (``fit``); the epoch's output buffers are new. Metrics are per
+    example:
     with ``reduction="mean"`` (each step's value a mean over its batch) the mean of the
     steps' values weighted by their batch sizes; with ``"sum"`` (each a sum over its
     batch) the steps' values summed, over the number of examples.
