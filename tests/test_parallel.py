@@ -46,6 +46,11 @@ SHARDED = textwrap.dedent(r"""
     placed = place_data(x, mesh, shard=True)
     assert placed.sharding.spec == P("data"), placed.sharding
     assert {s.data.shape for s in placed.addressable_shards} == {(50, 64)}
+    # [models, n, ...]: split over the models axis where the count divides it
+    xs = np.stack([x] * 4)
+    assert place_data(xs, make_mesh(models=4), models=True).sharding.spec == P("models", None)
+    assert place_data(xs[:3], make_mesh(models=2), models=True).sharding.spec == P(None, None)
+    assert place_data(xs, mesh, models=True).sharding.spec == P(None, None)  # no models axis
 
     def compare(loss, params, opt, data):
         kw = dict(batch_size=40, epochs=1, key=key)

@@ -240,6 +240,24 @@ def test_sweep_user_mistakes(flags, message, tmp_path):
     assert "MNIST:" not in proc.stdout  # refused before any data was looked for
 
 
+def test_run_sweep_checks_every_model_before_it_touches_the_workdir(tmp_path):
+    """Called from Python, as the command does after its own checks: a value that
+    changes nothing is refused before the workdir is made or any data looked for."""
+    from sae_jax.commands.sweep import run_sweep
+    from sae_jax.config import ConfigError, tiny
+
+    logs = []
+    with pytest.raises(ConfigError, match="noise_level changes nothing here"):
+        run_sweep(
+            tiny(),
+            tmp_path / "w",
+            seeds=[0, 0],
+            hparams={"noise_level": [0.1, 0.5]},
+            log=logs.append,
+        )
+    assert logs == [] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_sweep_study_writes_a_table(tmp_path):
     proc = run_script(
@@ -276,6 +294,7 @@ def test_sweep_is_a_grid_of_values_and_seeds(tmp_path):
         f"--workdir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
+    assert "tiny: 4 models at once (2 grid points x 2 seeds), " in proc.stdout
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["seeds"] == [5, 6] and summary["hparams"] == {"beta": [0.5, 2.0]}
     assert summary["model_seeds"] == [5, 6, 5, 6]  # value-major: both seeds of beta 0.5 first

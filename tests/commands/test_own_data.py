@@ -62,8 +62,13 @@ def test_images_without_labels_are_pretrained_only(tmp_path):
     x, _ = synthetic_digits(200, 1)
     np.save(tmp_path / "x.npy", x)
     config = synthetic_config().with_epochs(1)
-    workdir = tmp_path / "w"
-    summary = run_mnist(config, workdir, data=DataSpec(path=str(tmp_path / "x.npy")), log=_quiet)
+    workdir, logs = tmp_path / "w", []
+    summary = run_mnist(
+        config, workdir, data=DataSpec(path=str(tmp_path / "x.npy")), log=logs.append
+    )
+    assert logs[1].startswith(
+        "tiny: 200 training / 0 validation / 0 test examples without labels (pretraining only)"
+    )
     assert [s["name"] for s in summary["stages"]] == ["pretrain_1", "pretrain_2"]
     assert summary["test_accuracy"] is None and summary["classifier"] is False
     assert sorted(p.name for p in workdir.glob("*.png")) == [

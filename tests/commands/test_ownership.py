@@ -70,6 +70,35 @@ def test_a_run_left_by_a_version_without_the_mark_is_still_its_own(tmp_path):
     assert (run / ".sae_jax").is_file()
 
 
+def test_an_earlier_run_is_known_by_a_valid_config_in_its_config_sweep_or_search_json(
+    tmp_path,
+):
+    """What a version without the mark left: a folder with ``config.json``, or a
+    ``sweep.json`` or ``search.json`` that holds a config; nothing else counts."""
+    from sae_jax.commands.prepare import earlier_run
+    from sae_jax.config import tiny
+    from sae_jax.config.files import config_to_json
+
+    config = config_to_json(tiny())
+    bad = {**config, "batch_size": 0}
+    for name, content, theirs in [
+        ("config.json", config, True),
+        ("sweep.json", {"config": config, "runs": []}, True),
+        ("search.json", {"config": config}, True),
+        ("config.json", bad, False),
+        ("sweep.json", {"config": bad}, False),
+        ("search.json", {"runs": []}, False),
+        ("summary.json", {"config": config}, False),
+    ]:
+        folder = tmp_path / f"{name}-{theirs}-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(content))
+        assert earlier_run(folder) is theirs, (name, content)
+    (tmp_path / "not_json").mkdir()
+    (tmp_path / "not_json" / "search.json").write_text("{")
+    assert earlier_run(tmp_path / "not_json") is False
+
+
 def test_a_resumed_run_refuses_data_that_changed(tmp_path):
     sample = load_sample()
     data = tmp_path / "digits.npz"

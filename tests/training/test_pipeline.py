@@ -156,6 +156,25 @@ def test_pipeline_refuses_bad_splits_before_training(split, case):
     assert seen == []  # refused before any stage ran
 
 
+def test_pretrain_stack_is_the_pipelines_pretraining_on_images_alone():
+    from sae_jax.training.layerwise import pretrain_stack
+
+    config = synthetic_config(batch_size=10).with_epochs(1).replace(finetune_epochs=0)
+    train, test = synthetic_digits(20, 1), synthetic_digits(20, 2)  # BAD_SPLITS' shapes
+    pipeline = run_pipeline(config, train, test)
+    layers, stages = pretrain_stack(config, train[0])
+    assert [s.name for s in stages] == ["pretrain_1", "pretrain_2"]
+    for ours, theirs in zip(stages, pipeline.stages[:2], strict=True):
+        drop = lambda history: [{k: v for k, v in m.items() if k != "seconds"} for m in history]
+        assert drop(ours.history) == drop(theirs.history)
+    for a, b in zip(layers, pipeline.layers, strict=True):
+        _assert_same_tree(a.params, b.params)
+    for case in ("wrong_features", "empty"):
+        spoil, match = BAD_SPLITS[case]
+        with pytest.raises(ValueError, match=f"^train {match}$"):
+            pretrain_stack(config, spoil(*train)[0])
+
+
 def test_stage_keys_are_each_seeds_own_split_on_the_host():
     # One compiled program makes every model's keys; each is jax.random.split of its
     # seed's key, as a run of that seed alone would make them, over the whole seed range.

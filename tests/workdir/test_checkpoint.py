@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, run_script, synthetic_config, synthetic_digits
 
@@ -157,6 +158,38 @@ def test_sigkill_with_saves_in_flight_then_resume_is_bit_identical(
     for line in said:
         assert line in out, out
     _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_restore_latest_passes_every_damaged_step_and_its_manager_forgets_them(tmp_path):
+    """Steps 3 and 2 fail their manifest check: both are moved aside, step 1 is
+    restored, and the manager the caller goes on with lists only what is on disk."""
+    from sae_jax.files import file_manifest, manifest_path, write_text_atomic
+    from sae_jax.workdir.restore import checkpoint_manager, restore_latest
+
+    directory = tmp_path / "checkpoints" / "s"
+    manager = checkpoint_manager(directory, None)
+    for step in (1, 2, 3):
+        tree = {"w": np.full(3, step, np.float32)}
+        args = ocp.args.Composite(tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave({}))
+        manager.save(step, args=args)
+        manager.wait_until_finished()
+        manifest = manifest_path(tmp_path, directory / str(step))
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(manifest, json.dumps(file_manifest(directory / str(step))))
+    for step in (2, 3):
+        manifest_path(tmp_path, directory / str(step)).unlink()
+    logs = []
+    step_dir, tree, _ = restore_latest(
+        manager, directory, {"w": np.zeros(3, np.float32)}, tmp_path, logs.append
+    )
+    assert step_dir == directory / "1" and tree["w"].tolist() == [1.0, 1.0, 1.0]
+    assert [line.split(" is damaged")[0] for line in logs] == [
+        f"checkpoint {directory / '3'}",
+        f"checkpoint {directory / '2'}",
+    ]
+    assert len(list((tmp_path / "damaged").iterdir())) == 2
+    assert manager.all_steps() == [1] and manager.latest_step() == 1
+    manager.close()
 
 
 def _biggest_file(directory: Path) -> Path:
@@ -347,6 +380,21 @@ def test_denoising_reconstructions_show_the_corrupted_row(tmp_path, drawn):
     np.testing.assert_array_equal(images, expected.reshape(18, 28, 28))
 
 
+def test_only_curves_are_drawn_for_inputs_that_are_not_square_images(tmp_path):
+    """Filters and reconstructions are drawn as square tiles: with 784 (28 x 28) or 64
+    inputs they are, with 10 inputs only ``curves.png`` is."""
+    from sae_jax.workdir.summary import write_figures
+
+    def names(features: int) -> list[str]:
+        config = tiny().replace(input_features=features)
+        return [p.name for p in write_figures(tmp_path, config, None, None, write=False)]
+
+    every = ["curves.png", "filters.png", "reconstructions.png"]
+    assert sorted(names(784)) == sorted(names(64)) == every
+    assert names(10) == names(63) == ["curves.png"]
+    assert list(tmp_path.iterdir()) == []  # write=False draws nothing
+
+
 def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
     from sae_jax.models import FrozenLayer, autoencoder
     from sae_jax.training.pipeline import PipelineResult
@@ -408,12 +456,20 @@ def test_progress_bar_on_a_terminal():
     import io
 
     stream = io.StringIO()
-    progress = Progress(tiny(), print, stream)
-    for epoch in (1, 2, 3):
-        progress("pretrain_1", epoch, {"loss": 10.0 / epoch}, 1.0)
+    progress = Progress(tiny().with_epochs(4), print, stream)
+    # The ETA is the epochs left times the mean time of an epoch, the first epoch
+    # (compilation) left out once there are others.
+    for epoch, seconds in zip((1, 2, 3, 4), (9.0, 2.0, 4.0, 3.0), strict=True):
+        progress("pretrain_1", epoch, {"loss": 10.0 / epoch}, seconds)
     out = stream.getvalue()
-    assert out.count("\r") == 3 and out.endswith("\n")
-    assert "pretrain_1 [######" in out and "1/3 loss 10 ETA 2s" in out and "3/3" in out
+    assert out.count("\r") == 4 and out.endswith("\n")
+    lines = [line.rstrip() for line in out.split("\r")[1:]]
+    assert lines == [
+        "pretrain_1 [#####...............] 1/4 loss 10 ETA 27s",  # 3 x 9
+        "pretrain_1 [##########..........] 2/4 loss 5 ETA 4s",  # 2 x 2
+        "pretrain_1 [###############.....] 3/4 loss 3.3333 ETA 3s",  # 1 x (2 + 4) / 2
+        "pretrain_1 [####################] 4/4 loss 2.5 ETA 0s",
+    ]
     assert os.linesep not in out[:-1]
 
 

@@ -236,3 +236,26 @@ def test_a_background_save_that_fails_is_reported_by_the_next_call(tmp_path, mon
     assert "save_epoch" in {entry.name for entry in failed.traceback}  # not at the block's end
     assert _saved(tmp_path, "pretrain_1") == [1]  # nothing after the failure, 3 included
     assert manifest_problem(tmp_path, tmp_path / "checkpoints" / "pretrain_1" / "1") is None
+
+
+def test_a_background_save_that_fails_last_is_reported_when_the_store_closes(tmp_path, monkeypatch):
+    """The save of a stage's last epoch fails in the saver thread and no call follows
+    it: leaving ``with`` waits for the save and raises its error, so that no run ends
+    as if its last checkpoint were on disk."""
+    save = ocp.CheckpointManager.save
+
+    def full(self, step, *args, **kw):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, step, *args, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+    store = RunStore(tmp_path, synthetic_config(), log=print, checkpoint_every=0)
+    with pytest.raises(OSError) as failed, store:
+        store.resume("pretrain_1", _state(0.0))
+        _epochs(store, "pretrain_1", [1, 2])
+    step_dir = tmp_path / "checkpoints" / "pretrain_1" / "2"
+    assert failed.value.errno == errno.ENOSPC
+    assert str(step_dir) in failed.value.strerror
+    assert "close" in {entry.name for entry in failed.traceback}  # raised by the wait
+    assert _saved(tmp_path, "pretrain_1") == [1]
