@@ -1,7 +1,9 @@
 """Input corruption for denoising autoencoders (Vincent et al., 2010).
 
 Pure functions of an explicit PRNG key and an array; this module imports only
-``jax``. Each returns an array of ``x``'s shape and dtype.
+``jax``. Each returns an array of ``x``'s shape and dtype. In bfloat16 and float16
+the result is the float32 one rounded to ``x``'s dtype: the same entries are
+destroyed, and noise and scales are drawn and applied in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ __all__ = [
     "masking_noise",
     "salt_and_pepper",
 ]
+
+
+def _floating(x: ArrayLike, name: str) -> jax.Array:
+    """``x`` as an array, refused (``ValueError``) unless its dtype is floating point."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: x must have a floating-point dtype (float32, bfloat16, float16, ...), "
+            f"got {x.dtype}; scale integer images to [0, 1] first"
+        )
+    return x
 
 
 def masking_noise(key: jax.Array, x: ArrayLike, rate: ArrayLike) -> jax.Array:
@@ -49,15 +62,16 @@ def dropout(key: jax.Array, x: ArrayLike, keep: ArrayLike) -> jax.Array:
 
     Args:
       key: a PRNG key.
-      x: ``[..., features]``.
+      x: ``[..., features]``, floating point.
       keep: probability in ``(0, 1]`` (may be traced); 1 returns ``x`` unchanged.
 
     Returns:
       ``[..., features]``.
     """
-    x = jnp.asarray(x)
+    x = _floating(x, "dropout")
     kept = jax.random.uniform(key, x.shape) < keep
-    return jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.where(kept, wide / keep, jnp.zeros((), wide.dtype)).astype(x.dtype)
 
 
 def gaussian_noise(key: jax.Array, x: ArrayLike, stddev: ArrayLike) -> jax.Array:
@@ -71,8 +85,10 @@ def gaussian_noise(key: jax.Array, x: ArrayLike, stddev: ArrayLike) -> jax.Array
     Returns:
       ``[..., features]``, the corrupted copy.
     """
-    x = jnp.asarray(x)
-    return x + jnp.asarray(stddev, x.dtype) * jax.random.normal(key, x.shape, x.dtype)
+    x = _floating(x, "gaussian_noise")
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    noise = jnp.asarray(stddev, wide) * jax.random.normal(key, x.shape, wide)
+    return (x.astype(wide) + noise).astype(x.dtype)
 
 
 def salt_and_pepper(

@@ -5,10 +5,16 @@ Flax, Orbax or any data code. Every function is a pure function of arrays, safe
 under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
 Per-example losses return ``[batch]``; reduce them (sum or mean) in the caller.
+
+Any float precision goes in: bfloat16 and float16 inputs (and integers) are widened
+to float32 before anything is summed, averaged or passed to a logarithm, so values
+are float32 (float64 stays float64) and finite where float32's are; gradients come
+back in the input's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -27,8 +33,15 @@ __all__ = [
 ]
 
 # Mean activations are clipped to [_EPS, 1 - _EPS] before the logarithms of the KL
-# term, so a unit saturated at exactly 0 or 1 gives a finite value and gradient.
+# term, so a unit saturated at exactly 0 or 1 gives a finite value and gradient. (In
+# float32: 1 - 1e-6 rounds to 1 in bfloat16 and float16.)
 _EPS = 1e-6
+
+
+def _wide(x: ArrayLike) -> jax.Array:
+    """``x`` as an array of at least float32: bfloat16, float16 and integers widened."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def squared_error(reconstruction: ArrayLike, target: ArrayLike) -> jax.Array:
@@ -43,7 +56,7 @@ def squared_error(reconstruction: ArrayLike, target: ArrayLike) -> jax.Array:
     Returns:
       ``[...]``: one value per example.
     """
-    diff = jnp.asarray(reconstruction) - jnp.asarray(target)
+    diff = _wide(reconstruction) - _wide(target)
     return jnp.sum(jnp.square(diff), axis=-1)
 
 
@@ -62,8 +75,8 @@ def bernoulli_cross_entropy(logits: ArrayLike, target: ArrayLike) -> jax.Array:
     Returns:
       ``[...]``: one value per example.
     """
-    z = jnp.asarray(logits)
-    t = jnp.asarray(target)
+    z = _wide(logits)
+    t = _wide(target)
     per_feature = jnp.logaddexp(z, 0.0) - z * t
     return jnp.sum(per_feature, axis=-1)
 
@@ -81,28 +94,39 @@ def kl_divergence_bernoulli(rho: ArrayLike, rho_hat: ArrayLike) -> jax.Array:
     Returns:
       Array of ``rho_hat``'s (broadcast) shape.
     """
-    rho = jnp.asarray(rho)
-    rho_hat = jnp.clip(jnp.asarray(rho_hat), _EPS, 1.0 - _EPS)
+    rho = _wide(rho)
+    rho_hat = jnp.clip(_wide(rho_hat), _EPS, 1.0 - _EPS)
     return rho * (jnp.log(rho) - jnp.log(rho_hat)) + (1.0 - rho) * (
         jnp.log1p(-rho) - jnp.log1p(-rho_hat)
     )
 
 
-def kl_sparsity(activations: ArrayLike, rho: ArrayLike) -> jax.Array:
+def kl_sparsity(
+    activations: ArrayLike, rho: ArrayLike, axis_name: Hashable | None = None
+) -> jax.Array:
     """Sparsity penalty ``sum_j KL(rho || rho_hat_j)`` of the UFLDL tutorial.
 
     ``rho_hat_j`` is the mean activation of hidden unit ``j`` over the batch, so the
     penalty is one number for the whole batch. Finite, with finite gradients, even
-    when a unit is saturated at 0 or 1.
+    when a unit is saturated at 0 or 1, at every float precision.
+
+    The batch mean is a statistic of the whole batch. Under ``jax.jit`` with sharded
+    arrays XLA computes it over every shard by itself; inside ``shard_map`` or
+    ``pmap`` each device sees only its own rows, so pass the mapped axis as
+    ``axis_name``: the per-device means are averaged over it (``lax.pmean``; the
+    devices hold equal shares of the batch) and every device gets the global penalty.
 
     Args:
       activations: ``[batch, units]``, values in ``[0, 1]`` (sigmoid units).
       rho: scalar in ``(0, 1)``, the target mean activation.
+      axis_name: the name of the mapped axis the batch is split over, if any.
 
     Returns:
       ``[]``: a scalar.
     """
-    rho_hat = jnp.mean(jnp.asarray(activations), axis=0)
+    rho_hat = jnp.mean(_wide(activations), axis=0)
+    if axis_name is not None:
+        rho_hat = jax.lax.pmean(rho_hat, axis_name)
     return jnp.sum(kl_divergence_bernoulli(rho, rho_hat))
 
 
@@ -115,7 +139,7 @@ def l1_activity(activations: ArrayLike) -> jax.Array:
     Returns:
       ``[...]``: one value per example.
     """
-    return jnp.sum(jnp.abs(jnp.asarray(activations)), axis=-1)
+    return jnp.sum(jnp.abs(_wide(activations)), axis=-1)
 
 
 def l2_weight_decay(params: Any) -> jax.Array:
@@ -130,7 +154,7 @@ def l2_weight_decay(params: Any) -> jax.Array:
     Returns:
       ``[]``: a scalar (0.0 when the tree has no matrix).
     """
-    leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(params)]
+    leaves = [_wide(leaf) for leaf in jax.tree.leaves(params)]
     total = jnp.zeros((), dtype=jnp.float32)
     for leaf in leaves:
         if leaf.ndim >= 2:
@@ -151,8 +175,8 @@ def contractive_penalty(hidden: ArrayLike, kernel: ArrayLike) -> jax.Array:
     Returns:
       ``[...]``: one value per example.
     """
-    h = jnp.asarray(hidden)
-    w = jnp.asarray(kernel)
+    h = _wide(hidden)
+    w = _wide(kernel)
     return jnp.sum(jnp.square(h * (1.0 - h)) * jnp.sum(jnp.square(w), axis=0), axis=-1)
 
 
@@ -168,7 +192,7 @@ def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
     Returns:
       ``[...]``: one value per example.
     """
-    z = jnp.asarray(logits)
+    z = _wide(logits)
     y = jnp.asarray(labels).astype(jnp.int32)
     log_probs = jax.nn.log_softmax(z, axis=-1)
     return -jnp.take_along_axis(log_probs, y[..., None], axis=-1)[..., 0]

@@ -150,3 +150,38 @@ def test_classifier_dropout_logits_match_a_numpy_forward_pass_and_eval_has_none(
     keep = {"input_keep": jnp.float32(0.8), "hidden_keep": jnp.float32(0.5)}
     swept = classifier_loss(model, dropout=True)(params, batch, key, hparams=keep)
     np.testing.assert_allclose(swept[0], dropped(params, batch, key)[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------- every float precision
+
+LOW = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BY_NAME = {
+    "masking": lambda k, x: corruption.masking_noise(k, x, 0.3),
+    "gaussian": lambda k, x: corruption.gaussian_noise(k, x, 0.3),
+    "salt_and_pepper": lambda k, x: corruption.salt_and_pepper(k, x, 0.3),
+    "dropout": lambda k, x: corruption.dropout(k, x, 0.7),
+}
+
+
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("kind", BY_NAME)
+def test_low_precision_corruption_is_the_float32_one_rounded(kind, dtype):
+    """The same entries destroyed, the same noise and scales as in float32, then one
+    rounding to the input's dtype; gradients finite, in that dtype."""
+    low = X[:40].astype(dtype)
+    fn = jax.jit(BY_NAME[kind])
+    got, want = fn(KEY, low), fn(KEY, low.astype(jnp.float32))
+    assert got.dtype == dtype and got.shape == low.shape
+    got, want = np.asarray(got, np.float32), np.asarray(want.astype(dtype), np.float32)
+    if kind == "gaussian":  # x + stddev * noise may be fused (one rounding) in either
+        np.testing.assert_allclose(got, want, rtol=float(jnp.finfo(dtype).eps), atol=0)
+    else:
+        np.testing.assert_array_equal(got, want)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(BY_NAME[kind](KEY, x).astype(jnp.float32))))(low)
+    assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad, np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "dropout"])
+def test_noise_that_scales_or_adds_refuses_integer_images(kind):
+    with pytest.raises(ValueError, match=r"x must have a floating-point dtype .* got uint8"):
+        BY_NAME[kind](KEY, np.zeros((2, 3), np.uint8))

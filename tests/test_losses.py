@@ -1,9 +1,15 @@
 """sae_jax.losses against numpy formulas written here and against finite differences."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from sae_jax import losses
 
@@ -209,3 +215,120 @@ def test_l2_weight_decay_counts_matrices_not_biases():
 def test_softmax_cross_entropy_extreme_logits():
     z = jnp.array([[1000.0, 0.0], [0.0, 1000.0]])
     np.testing.assert_allclose(losses.softmax_cross_entropy(z, jnp.array([0, 0])), [0.0, 1000.0])
+
+
+# ------------------------------------------------------------- every float precision
+
+LOW = [jnp.bfloat16, jnp.float16]
+
+
+def _np_contractive_of_h(h, w):
+    """||J||_F^2 per example from the Jacobian ``h_j (1 - h_j) W_ij`` built explicitly."""
+    jac = (h * (1 - h))[:, :, None] * w.T[None]  # [batch, units, in]
+    return (jac**2).sum((1, 2))
+
+
+# The losses as functions of their own inputs (the activations given, not computed).
+DIRECT = {
+    **{k: v for k, v in CASES.items() if k != "contractive_penalty"},
+    "contractive_penalty": (
+        losses.contractive_penalty,
+        _np_contractive_of_h,
+        (_unit((4, 5)), RNG.normal(size=(3, 5))),
+    ),
+    "l2_weight_decay": (
+        lambda w, b: losses.l2_weight_decay({"kernel": w, "bias": b}),
+        lambda w, b: 0.5 * (w**2).sum(),
+        (RNG.normal(size=(3, 5)), RNG.normal(size=(5,))),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", sorted(DIRECT))
+def test_low_precision_inputs_are_computed_in_float32(name, dtype):
+    """bfloat16 and float16 inputs give float32 values: numpy's on the rounded inputs
+    to float32's precision, and on the exact inputs to the rounding's; gradients in
+    the input's dtype, equal to float32's on the rounded inputs."""
+    fn, ref, args = DIRECT[name]
+    low = [jnp.asarray(a, dtype) for a in args]
+    rounded = [np.asarray(a.astype(jnp.float32), np.float64) for a in low]
+    got = jax.jit(fn)(*low)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, ref(*rounded), rtol=2e-5, atol=1e-5)
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(got, ref(*args), rtol=40 * eps, atol=40 * eps)
+    total = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a))))
+    grad, wide = total(*low), total(*[jnp.asarray(a, jnp.float32) for a in rounded])
+    assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad, np.float32)))
+    np.testing.assert_array_equal(grad, wide.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, *LOW], ids=["float32", "bfloat16", "float16"])
+def test_saturated_inputs_give_finite_values_and_gradients_at_every_precision(dtype):
+    """A sigmoid unit driven to exactly 1 (pre-activation 9, 20 or 1e4; 7 already
+    rounds to 1 in bfloat16), logits near the dtype's largest value, and sums that
+    overflow the dtype itself: values and gradients stay finite."""
+    big = float(jnp.finfo(dtype).max) / 2
+    pre = jnp.asarray([[9.0, 20.0, 1e4, -1e4, 0.0]] * 3, dtype)  # [batch 3, units 5]
+    h = jax.nn.sigmoid(pre)
+    assert h.dtype == dtype and float(h[0, 2]) == 1.0 and float(h[0, 3]) == 0.0
+    logits = jnp.asarray([[big, -big, 0.0]], dtype)
+    wide = jnp.full((1, 784), 200.0, dtype)  # 784 * 200**2: past float16's 65504
+    checks = {
+        "kl_sparsity": (lambda p: losses.kl_sparsity(jax.nn.sigmoid(p), 0.05), pre),
+        "contractive": (lambda p: losses.contractive_penalty(jax.nn.sigmoid(p), p), pre),
+        "bernoulli": (lambda z: losses.bernoulli_cross_entropy(z, jnp.ones_like(z)), logits),
+        "softmax": (lambda z: losses.softmax_cross_entropy(z, jnp.array([1])), logits),
+        "squared": (lambda x: losses.squared_error(x, -x), wide),
+        "l1": (losses.l1_activity, wide),
+        "l2": (lambda x: losses.l2_weight_decay({"kernel": x}), wide),
+    }
+    for name, (fn, x) in checks.items():
+        value, grad = jax.jit(jax.value_and_grad(lambda a: jnp.sum(fn(a))))(x)  # noqa: B023
+        assert np.isfinite(float(value)), (name, value)
+        assert grad.dtype == dtype, name
+        assert np.all(np.isfinite(np.asarray(grad, np.float32))), (name, grad)
+    sq = float(losses.squared_error(wide, -wide)[0])
+    assert sq == pytest.approx(784 * 400.0**2, rel=1e-6)
+
+
+# ------------------------------------------------------------------ across devices
+
+SHARDED_KL = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from sae_jax import losses
+from test_losses import _np_kl_sparsity
+
+assert jax.device_count() == 4
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+a = np.random.default_rng(0).uniform(0.05, 0.95, (16, 5))
+a[:4] *= 0.1  # the first device's rows far from the others'
+rho = 0.2
+
+
+def on_each_device(fn, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P("batch"), out_specs=out_specs))
+
+
+x = jnp.asarray(a, jnp.float32)
+loss = lambda x: losses.kl_sparsity(x, rho, axis_name="batch")
+value, grad = on_each_device(jax.value_and_grad(loss), (P(), P("batch")))(x)
+np.testing.assert_allclose(value, _np_kl_sparsity(a, rho), rtol=1e-5)
+whole = jax.jit(jax.grad(lambda x: losses.kl_sparsity(x, rho)))(x)
+np.testing.assert_allclose(grad, whole, rtol=1e-5)
+# Without axis_name each device has its own rows' penalty: the check above is not vacuous.
+apart = on_each_device(lambda x: losses.kl_sparsity(x, rho)[None], P("batch"))(x)
+assert not np.allclose(apart, value, rtol=1e-2), (apart, value)
+print("kl_sparsity over 4 devices: the global value and gradient")
+"""
+
+
+def test_kl_sparsity_with_axis_name_is_the_global_penalty_under_shard_map():
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED_KL], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the global value and gradient" in proc.stdout
