@@ -64,7 +64,11 @@ def parser(description: str | None, training: bool = True, prog: str | None = No
     p = Parser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--platform", default="cpu", help="cpu, gpu or tpu (default: cpu)")
+    p.add_argument(
+        "--platform",
+        default="auto",
+        help="auto, cpu, gpu or tpu (default: auto, the first of tpu, gpu and cpu that JAX finds)",
+    )
     if training:
         _config_flags(p)
     _data_flags(p)

@@ -30,20 +30,22 @@ from sae_jax.files import (
 )
 from sae_jax.parallel import broadcast_int, initialize_distributed, is_primary
 
-PLATFORMS = ("cpu", "gpu", "tpu")
+PLATFORMS = ("auto", "cpu", "gpu", "tpu")
 
 
 def select_platform(platform: str, distributed: dict[str, Any] | None = None) -> None:
-    """Make ``platform`` (cpu, gpu or tpu) JAX's backend; call before any computation.
+    """Make ``platform`` (auto, cpu, gpu or tpu) JAX's backend; call before any
+    computation.
 
-    ``cpu`` and ``tpu`` restrict JAX to that backend; ``gpu`` lets JAX pick its GPU
-    plugin (CUDA or ROCm) and checks that it became the default backend. With
-    ``distributed`` (arguments of ``parallel.initialize_distributed``, possibly
-    empty), this process first joins a multi-host run.
+    ``auto`` takes the backend JAX finds first (TPU, else GPU, else CPU; or what
+    ``JAX_PLATFORMS`` says). ``cpu`` and ``tpu`` restrict JAX to that backend; ``gpu``
+    lets JAX pick its GPU plugin (CUDA or ROCm) and checks that it became the default
+    backend. With ``distributed`` (arguments of ``parallel.initialize_distributed``,
+    possibly empty), this process first joins a multi-host run.
     """
     if platform not in PLATFORMS:
         raise UserError(f"--platform={platform}: choose from {', '.join(PLATFORMS)}")
-    if platform != "gpu":
+    if platform in ("cpu", "tpu"):
         jax.config.update("jax_platforms", platform)
     try:
         if distributed is not None:
@@ -54,9 +56,9 @@ def select_platform(platform: str, distributed: dict[str, Any] | None = None) ->
         if distributed is not None:
             what = "cannot join the multi-host run"
         else:
-            what = f"no {platform} backend here"
+            what = "no backend here" if platform == "auto" else f"no {platform} backend here"
         raise UserError(f"--platform={platform}: {what} ({reason})") from None
-    if backend != platform:
+    if platform != "auto" and backend != platform:
         raise UserError(f"--platform={platform}: no {platform} backend here (found {backend})")
 
 

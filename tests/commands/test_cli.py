@@ -9,6 +9,21 @@ import pytest
 from conftest import run_script
 
 
+def test_the_platform_is_the_backend_jax_finds_unless_one_is_named(monkeypatch):
+    """By default (``auto``) JAX is not pinned to a platform: on a GPU or TPU host the
+    run trains there. A named platform pins it."""
+    from sae_jax.commands import prepare
+    from sae_jax.commands.flags import parser
+
+    assert parser(None).parse_args([]).platform == "auto"
+    pinned = []
+    monkeypatch.setattr(prepare.jax.config, "update", lambda *setting: pinned.append(setting))
+    prepare.select_platform("auto")
+    assert pinned == []
+    prepare.select_platform("cpu")
+    assert pinned == [("jax_platforms", "cpu")]
+
+
 def _run(*flags):
     return run_script("mnist", *flags)
 
@@ -78,7 +93,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
         (["--data=/nonexistent/d.npz"], "/nonexistent/d.npz: file not found"),
         (["--dataset=emnist"], "--dataset=emnist: choose from mnist, fashion_mnist, kmnist"),
         (["--platform=tpu"], "--platform=tpu: no tpu backend here"),
-        (["--platform=quantum"], "--platform=quantum: choose from cpu, gpu, tpu"),
+        (["--platform=quantum"], "--platform=quantum: choose from auto, cpu, gpu, tpu"),
         (
             ["--data_source=idx", "--data_dir=/nonexistent/mnist"],
             "/nonexistent/mnist: data directory not found",
@@ -94,7 +109,7 @@ def test_tiny_run_writes_summary(mnist_dir, tmp_path):
             ["--checkpoint_every=nan"],
             "argument --checkpoint_every: must be a number of seconds >= 0, not 'nan'",
         ),
-        (["--distributed"], "--platform=cpu: cannot join the multi-host run"),
+        (["--distributed"], "--platform=auto: cannot join the multi-host run"),
         (["--distributed", "--distributed_timeout=0"], "--distributed_timeout=0: must be >= 1"),
     ],
 )
