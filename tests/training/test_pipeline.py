@@ -162,6 +162,7 @@ def test_pretrain_stack_is_the_pipelines_pretraining_on_images_alone():
     config = synthetic_config(batch_size=10).with_epochs(1).replace(finetune_epochs=0)
     train, test = synthetic_digits(20, 1), synthetic_digits(20, 2)  # BAD_SPLITS' shapes
     pipeline = run_pipeline(config, train, test)
+    assert pipeline.test and pipeline.test_before_finetune == {}  # no validation split
     layers, stages = pretrain_stack(config, train[0])
     assert [s.name for s in stages] == ["pretrain_1", "pretrain_2"]
     for ours, theirs in zip(stages, pipeline.stages[:2], strict=True):

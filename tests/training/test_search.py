@@ -96,6 +96,19 @@ def test_search_ranks_on_validation_and_tests_the_chosen_point_once(monkeypatch)
     assert result.test_accuracy[1] == pytest.approx(alone.test["accuracy"])
 
 
+@pytest.mark.slow
+def test_a_point_whose_models_diverge_at_once_scores_0_and_ranks_last():
+    config = _noisy_config(finetune_epochs=3)
+    train, validation, _ = _splits()
+    space = {"finetune_learning_rate": [0.05, 1e37]}  # logits past float32 at once
+    result = search(config, train, validation, None, space, seeds=[0, 1])
+    good, bad = result.points
+    assert bad["diverged"] == ["finetune"] * 2 and bad["best_epoch"] == [0, 0]
+    assert bad["validation_accuracy"] == [0.0, 0.0] and bad["validation_mean"] == 0.0
+    assert good["diverged"] == [None] * 2 and min(good["validation_accuracy"]) > 0.25
+    assert result.ranking == [0, 1] and result.chosen == 0 and result.test_accuracy == []
+
+
 def test_search_points_grid_and_random_draws():
     import sae_jax
 
