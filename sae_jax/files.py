@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sae_jax.errors import CheckpointError, Stopped
+from sae_jax.errors import CheckpointError, Stopped, UserError
 
 LOCK_NAME = "run.lock"
 # Seconds between epoch checkpoints by default (see workdir.checkpoint.RunStore and
@@ -81,12 +81,29 @@ def manifest_problem(workdir: Path, step_dir: Path) -> str | None:
     return None
 
 
-def user_path(path: str | os.PathLike[str]) -> Path:
+# A URL's scheme, as a str or as pathlib leaves it ("gs://b/r" -> "gs:/b/r"); two
+# letters at least, so that a Windows drive ("C:/") is not one.
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
+
+def user_path(path: str | os.PathLike[str], flag: str | None = None) -> Path:
     """A path as the user gave it, made absolute: ``~`` expanded, relative to the
     current directory, ``..`` folded (symbolic links are kept). Orbax refuses relative
     paths, so every path a user gives goes through here once, where it enters the
-    library."""
-    return Path(os.path.abspath(Path(path).expanduser()))
+    library.
+
+    Raises:
+      UserError: for a URL (``gs://``, ``s3://``, ...), which would otherwise become
+        a local folder named after its scheme; the message names ``flag`` if given.
+    """
+    text = os.fspath(path)
+    if url := _URL.match(text):
+        raise UserError(
+            f"{f'{flag}={text}' if flag else text}: a {url.group(1)}:// URL; sae_jax reads "
+            f"and writes local paths only: mount the bucket (gcsfuse, s3fs) and give its "
+            f"local path"
+        )
+    return Path(os.path.abspath(Path(text).expanduser()))
 
 
 def _umask() -> int:

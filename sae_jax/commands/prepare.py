@@ -137,7 +137,7 @@ def prepare(
         )
     if not str(workdir):
         raise UserError("--workdir is empty: name a folder")
-    workdir = user_path(workdir)
+    workdir = user_path(workdir, "--workdir")
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir={workdir}: exists and is not a directory")
     config, dataset = load_data(config, data, log)

@@ -37,7 +37,7 @@ def evaluate_saved(
 ) -> dict[str, float]:
     """The test accuracy and loss of the model saved in ``workdir`` (on its own data,
     which ``saved_data`` finds, when the run had its own)."""
-    workdir = user_path(workdir)
+    workdir = user_path(workdir, "--workdir")
     model = load_model(workdir)
     config = model.config
     data = saved_data(workdir, data)
@@ -94,7 +94,7 @@ def encode_saved(
     """
     if split not in SPLITS:
         raise UserError(f"--split={split}: choose from {', '.join(SPLITS)}")
-    workdir = user_path(workdir)
+    workdir = user_path(workdir, "--workdir")
     model = load_model(workdir)
     data = saved_data(workdir, data)
     _, dataset = load_data(model.config, data, log)
@@ -126,7 +126,7 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOT
 def write_codes(path: str | os.PathLike[str], codes: np.ndarray) -> Path:
     """Write ``codes`` as an ``.npy`` file, atomically (no half-written file is left);
     ``UserError`` naming ``--out`` when it cannot be a new ``.npy`` file there."""
-    out = user_path(path)
+    out = user_path(path, "--out")
     if out.suffix != ".npy":
         raise UserError(f"--out={path}: name a .npy file")
     if not out.parent.is_dir():

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_script
+from conftest import run_in_process, run_script
 
 
 def test_the_platform_is_the_backend_jax_finds_unless_one_is_named(monkeypatch):
@@ -120,6 +120,33 @@ def test_user_mistakes_exit_2_with_one_line(flags, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "search", "encode"])
+def test_a_url_as_workdir_is_refused_and_no_folder_named_after_its_scheme_is_made(
+    command, tmp_path
+):
+    extra = {
+        "sweep": ["--seeds=2"],
+        "search": ["--space=beta=1,2", "--config.validation_examples=100"],
+    }
+    flags = ["--config=tiny", *extra.get(command, [])] if command != "encode" else []
+    proc = run_in_process([command, *flags, "--workdir=gs://bucket/run"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(
+        "error: --workdir=gs://bucket/run: a gs:// URL; sae_jax reads and writes local paths "
+        "only: mount the bucket"
+    ), proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_url_given_to_the_library_is_refused():
+    from sae_jax import load_mnist, load_model
+
+    with pytest.raises(ValueError, match=r"^s3://b/run: a s3:// URL; sae_jax reads and writes"):
+        load_model("s3://b/run")
+    with pytest.raises(ValueError, match=r"^gs://b/mnist: a gs:// URL"):
+        load_mnist(data_dir="gs://b/mnist", source="idx")
 
 
 def test_damaged_file_is_named(tmp_path):
