@@ -139,6 +139,8 @@ def test_classifier_dropout_logits_match_a_numpy_forward_pass_and_eval_has_none(
         h = np.where(mask(keys[i + 1], h.shape, 0.5), h / 0.5, 0.0)
     expected = h @ p["head"]["kernel"] + p["head"]["bias"]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    typed = model.apply(params, x, jax.random.key(3), 0.8, 0.5, method="dropout_logits")
+    np.testing.assert_allclose(typed, expected, rtol=1e-5, atol=1e-6)  # the same bits
     # Evaluation runs the whole network; keep = 1 is that network, whatever the key.
     whole = model.apply(params, x)
     same = model.apply(params, x, key, 1.0, 1.0, method="dropout_logits")
@@ -185,3 +187,9 @@ def test_low_precision_corruption_is_the_float32_one_rounded(kind, dtype):
 def test_noise_that_scales_or_adds_refuses_integer_images(kind):
     with pytest.raises(ValueError, match=r"x must have a floating-point dtype .* got uint8"):
         BY_NAME[kind](KEY, np.zeros((2, 3), np.uint8))
+
+
+@pytest.mark.parametrize("kind", BY_NAME)
+def test_typed_keys_draw_what_legacy_keys_of_the_same_seed_draw(kind):
+    fn = jax.jit(BY_NAME[kind])
+    np.testing.assert_array_equal(fn(jax.random.key(7), X[:20]), fn(KEY, X[:20]))

@@ -23,7 +23,7 @@ from sae_jax.models import (
 )
 from sae_jax.training.evaluate import _model_axis, encode_dataset
 from sae_jax.training.hparams import LayerHParams, active_terms, hparams_of, layer_hparams
-from sae_jax.training.loop import Params, place_data
+from sae_jax.training.loop import Params, legacy_key, place_data
 from sae_jax.training.objectives import layer_loss
 from sae_jax.training.stage import Stage, StageCallback, StageRecord, StageStore, run_stage
 
@@ -82,7 +82,7 @@ def pretrain_layer(
     """
     module = autoencoder(layer, in_features, bias_init)
     hparams = layer_hparams(layer) if hparams is None else hparams
-    params, fit_key = split_init(module, key, in_features)
+    params, fit_key = split_init(module, legacy_key(key), in_features)
     stage = Stage(
         name,
         layer_loss(module, layer, terms, shared=True),  # the values come from hparams

@@ -65,6 +65,32 @@ class FitResult(NamedTuple):
     diverged: np.ndarray | None = None
 
 
+def legacy_key(key: jax.Array | np.ndarray) -> jax.Array:
+    """``key`` as a legacy raw key, ``uint32 [..., 2]``, the form the training loop
+    splits, shards and checkpoints: a typed key (``jax.random.key``, threefry2x32, JAX's
+    default) gives its data, unchanged in value (``jax.random.key(s)`` and
+    ``jax.random.PRNGKey(s)`` train alike); a raw key is returned as it is.
+
+    Raises:
+      ValueError: for a typed key of another implementation, or an array that is not
+        ``uint32 [..., 2]``.
+    """
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        data = jax.random.key_data(key)
+        if data.shape[-1:] != (2,) or data.dtype != jnp.uint32:
+            raise ValueError(
+                f"key: a typed key of {jax.random.key_impl(key)}; pass a threefry2x32 key "
+                f"(jax.random.key's default) or a legacy uint32 [2] one (jax.random.PRNGKey)"
+            )
+        return data
+    if key.shape[-1:] != (2,) or key.dtype != np.uint32:
+        raise ValueError(
+            f"key: expected a jax.random.key or a legacy uint32 [..., 2] key, got "
+            f"{key.dtype} {list(key.shape)}"
+        )
+    return key
+
+
 def init_state(
     params: Params,
     optimizer: optax.GradientTransformation,
@@ -260,7 +286,8 @@ def fit(
       batch_size: examples per step (the global batch, whatever the devices); a
         smaller last step takes the remainder.
       epochs: number of passes over the data (0 returns the initial state).
-      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)``.
+      key: PRNG key, typed (``jax.random.key``) or legacy (see ``legacy_key``);
+        epoch ``e`` uses ``fold_in(key, e)``.
       name: the stage's name, used in error messages.
       on_epoch: called as ``on_epoch(epoch, state, metrics, seconds)`` for every
         epoch (``epoch`` counts from 0), once the next epoch is queued on the device
@@ -302,6 +329,7 @@ def fit(
         to shard does not divide over it.
     """
     parallel.check_batch_split(batch_size, mesh)
+    key = legacy_key(key)
     data, num_examples, sharded = _placed(data, mesh, models, data_axis, name, shard_data)
     if not 0 < batch_size <= num_examples:
         raise ValueError(f"{name}: batch_size={batch_size} must be in [1, {num_examples}]")

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sae_jax.config import OptimizerConfig
-from sae_jax.training.loop import LossFn, Params, TrainState, fit, init_state
+from sae_jax.training.loop import LossFn, Params, TrainState, fit, init_state, legacy_key
 from sae_jax.training.optim import make_optimizer
 
 History = list[dict[str, Any]]  # per epoch: floats, or per-model lists in a sweep
@@ -216,7 +216,7 @@ def run_stage(
     Returns:
       The final params and the stage's ``StageRecord``.
     """
-    name = stage.name
+    name, key = stage.name, legacy_key(key)  # the form checkpoints keep
     if store is not None and (done := store.finished(name, params)) is not None:
         return done
     start = time.perf_counter()

@@ -65,7 +65,7 @@ from sae_jax.files import (
     write_text_atomic,
 )
 from sae_jax.parallel import barrier, broadcast_int, is_primary, replicated
-from sae_jax.training.loop import Params, TrainState
+from sae_jax.training.loop import Params, TrainState, legacy_key
 from sae_jax.training.stage import StageRecord
 from sae_jax.workdir.metrics import METRICS, MetricsLog
 from sae_jax.workdir.restore import checkpoint_manager, restore_latest
@@ -326,7 +326,8 @@ class RunStore:
         )
         if due or signum:
             epoch = len(record.history)
-            tree = {"state": state, "key": key, **({"best": best} if best is not None else {})}
+            tree = {"state": state, "key": legacy_key(key)}
+            tree |= {"best": best} if best is not None else {}
             tree = copied(replicated(tree))  # a checkpoint of several processes holds global arrays
             meta = _meta(
                 record, stage=stage, epoch=epoch, config=self._config,

@@ -1,5 +1,6 @@
 """The one training engine: compile once, deterministic, no example dropped, exact metrics."""
 
+import dataclasses
 import time
 
 import jax
@@ -39,6 +40,40 @@ def test_fit_learns_a_linear_map():
     result = fit(_mse, _params(), optax.adam(0.05), (x, y), batch_size=10, epochs=60, key=KEY)
     assert result.history[-1]["loss"] < 1e-3 * result.history[0]["loss"]
     np.testing.assert_allclose(result.state.params["w"], w_true, atol=2e-2)
+
+
+def test_typed_and_legacy_keys_train_alike():
+    """``jax.random.key(s)`` and ``jax.random.PRNGKey(s)`` hold the same bits: ``fit``
+    and ``pretrain_layer`` give the same params with either (the shuffle and the
+    corruption draw on the key); other keys are refused, named."""
+    from conftest import synthetic_config, synthetic_digits
+
+    from sae_jax.training.layerwise import pretrain_layer
+
+    x, y, _ = _regression()
+    run = lambda key: fit(_mse, _params(), optax.adam(0.05), (x, y), batch_size=10, epochs=2,
+                          key=key).state.params  # fmt: skip
+    typed, legacy, other = run(jax.random.key(3)), run(jax.random.PRNGKey(3)), run(KEY)
+    for a, b in zip(jax.tree.leaves(typed), jax.tree.leaves(legacy), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(typed["w"], other["w"])  # the key matters to this run
+    layer = dataclasses.replace(
+        synthetic_config().layers[0], epochs=1, noise="masking", noise_level=0.3
+    )
+    images, _ = synthetic_digits(40, 1)
+    frozen = [
+        pretrain_layer(layer, 64, images, key=key, batch_size=10)[0].params
+        for key in (jax.random.key(5), jax.random.PRNGKey(5))
+    ]
+    for a, b in zip(*map(jax.tree.leaves, frozen), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for key, message in [
+        (jax.random.key(3, impl="rbg"), r"^key: a typed key of rbg; pass a threefry2x32 key"),
+        (jnp.zeros(2), r"^key: expected a jax.random.key or a legacy uint32 \[..., 2\] key, "
+                       r"got float32 \[2\]$"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            run(key)
 
 
 def test_full_batch_sgd_matches_numpy_gradient_descent():
