@@ -35,6 +35,12 @@ def test_learning_rate_decays_by_epoch():
     for t in range(6):
         w = w - 0.1 * 0.5 ** (t // 2) * _grad(w)
     np.testing.assert_allclose(got, w, rtol=1e-5)
+    # By default an epoch is one update.
+    got, _ = _run(make_optimizer(config), W0, 3)
+    w = W0.astype(np.float64)
+    for t in range(3):
+        w = w - 0.1 * 0.5**t * _grad(w)
+    np.testing.assert_allclose(got, w, rtol=1e-5)
 
 
 @pytest.mark.parametrize("momentum_start", [None, 0.2])
