@@ -60,9 +60,40 @@ def make_mesh(num_devices: int | None = None, models: int | None = None) -> Mesh
     return Mesh(np.array(devices[:n]).reshape(m, n // m), (MODEL_AXIS, DATA_AXIS))
 
 
-def default_mesh(force: bool = False, models: int | None = None) -> Mesh | None:
-    """A mesh over all devices when there are several (or when ``force``), else None."""
-    return make_mesh(models=models) if force or jax.device_count() > 1 else None
+def mesh_devices(batch_size: int | None = None, models: int | None = None) -> int:
+    """How many devices ``default_mesh`` spans: all of them; in a run of one process, the
+    most whose data axis (see ``make_mesh``) ``batch_size`` divides over (a batch of
+    25 on 8 devices: 5, on 4: 1). A run of several processes spans all its devices,
+    and a batch that does not divide is refused (``check_batch_split``)."""
+    n = jax.device_count()
+    if batch_size is None or jax.process_count() > 1:
+        return n
+    return next(k for k in range(n, 0, -1) if batch_size % _data_size(k, models) == 0)
+
+
+def _data_size(devices: int, models: int | None) -> int:
+    """The size of the data axis of ``make_mesh(devices, models)``."""
+    return devices if models is None else devices // math.gcd(models, devices)
+
+
+def default_mesh(
+    force: bool = False, models: int | None = None, batch_size: int | None = None
+) -> Mesh | None:
+    """A mesh over ``mesh_devices(batch_size, models)`` devices when that is several
+    (or when ``force``), else None."""
+    devices = mesh_devices(batch_size, models)
+    return make_mesh(devices, models=models) if force or devices > 1 else None
+
+
+def unused_devices_line(batch_size: int, mesh: Mesh | None) -> str | None:
+    """What ``default_mesh`` left out for ``batch_size``, in words (None: nothing)."""
+    used, n = 1 if mesh is None else mesh.size, jax.device_count()
+    if used == n:
+        return None
+    return (
+        f"batch_size={batch_size} does not divide over the {n} devices: training on {used} "
+        f"of them (a batch size that {n} divides uses them all)"
+    )
 
 
 def axis_size(mesh: Mesh, axis: str) -> int:
@@ -70,11 +101,10 @@ def axis_size(mesh: Mesh, axis: str) -> int:
     return dict(mesh.shape).get(axis, 1)
 
 
-def data_axis_devices(models: int | None = None) -> int:
-    """The size of the ``"data"`` axis of ``default_mesh(models=models)`` (1 with one
-    device), known before any mesh is built."""
-    n = jax.device_count()
-    return n if models is None else n // math.gcd(models, n)
+def data_axis_devices(models: int | None = None, batch_size: int | None = None) -> int:
+    """The size of the ``"data"`` axis of ``default_mesh(models=models,
+    batch_size=batch_size)`` (1 with one device), known before any mesh is built."""
+    return _data_size(mesh_devices(batch_size, models), models)
 
 
 def check_batch_split(batch_size: int, mesh: Mesh | None) -> None:

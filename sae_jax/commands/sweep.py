@@ -21,7 +21,7 @@ from sae_jax.config.files import config_to_json
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.errors import UserError
 from sae_jax.files import stopped
-from sae_jax.parallel import data_axis_devices, default_mesh, is_primary
+from sae_jax.parallel import data_axis_devices, default_mesh, is_primary, unused_devices_line
 from sae_jax.training.hparams import check_models
 from sae_jax.training.pipeline import run_pipeline
 from sae_jax.training.stage import StageRecord
@@ -110,7 +110,8 @@ def run_sweep(
         raise UserError(f"--study={study}: the only study is 'pretraining'")
     model_seeds, model_hparams, points = grid(seeds, hparams)
     check_models(config, model_seeds, model_hparams)
-    ready = prepare(config, workdir, data, log, data_axis_devices(len(model_seeds)))
+    devices = data_axis_devices(len(model_seeds), config.batch_size)
+    ready = prepare(config, workdir, data, log, devices)
     workdir, config, mnist = ready.workdir, ready.config, ready.data
     if mnist.train_labels is None or mnist.test_labels is None or mnist.test_images is None:
         raise UserError(
@@ -180,7 +181,9 @@ def _train_grid(
         log(f"{line} {seconds:.2f}s")
 
     start = time.perf_counter()
-    mesh = default_mesh(models=len(model_seeds))
+    mesh = default_mesh(models=len(model_seeds), batch_size=config.batch_size)
+    if (unused := unused_devices_line(config.batch_size, mesh)) is not None:
+        log(unused)
     if mesh is not None:
         shape = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
         log(f"{len(model_seeds)} models over {mesh.size} devices ({shape})")

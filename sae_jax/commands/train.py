@@ -22,7 +22,13 @@ from sae_jax.config import Config
 from sae_jax.data import DEFAULT_DATA, DataSpec, Mnist
 from sae_jax.errors import UserError
 from sae_jax.files import CHECKPOINT_EVERY, stopped, write_bytes_atomic
-from sae_jax.parallel import data_axis_devices, default_mesh, is_primary, layout_line
+from sae_jax.parallel import (
+    data_axis_devices,
+    default_mesh,
+    is_primary,
+    layout_line,
+    unused_devices_line,
+)
 from sae_jax.training.layerwise import pretrain_stack
 from sae_jax.training.pipeline import PipelineResult, run_pipeline
 from sae_jax.training.stage import StageCallback
@@ -86,7 +92,9 @@ def run_mnist(
     start = time.perf_counter()
     if tensorboard:
         check_available()  # a user mistake, found before anything is written
-    ready = prepare(config, workdir, data, log, data_devices=data_axis_devices())
+    ready = prepare(
+        config, workdir, data, log, data_devices=data_axis_devices(batch_size=config.batch_size)
+    )
     workdir, config, dataset = ready.workdir, ready.config, ready.data
     with hold_workdir(workdir, wait=wait, log=log):
         options: dict[str, Any] = {"pretrain": False} if not pretrain else {}
@@ -157,13 +165,15 @@ def _train(
     x, y = dataset.train_images, dataset.train_labels
     n_train = len(x) - n_val
     n_test = 0 if dataset.test_images is None else len(dataset.test_images)
-    mesh = default_mesh(force=data_parallel)
+    mesh = default_mesh(force=data_parallel, batch_size=config.batch_size)
     log(
         f"{config.name}: {n_train} training / {n_val} validation / {n_test} test examples"
         f"{'' if y is not None else ' without labels (pretraining only)'}, layers "
         f"{config.layer_sizes}, {jax.default_backend()} x{mesh.size if mesh else 1}"
         f"{' (data parallel)' if mesh else ''}{_processes()}, workdir {store.workdir}"
     )
+    if (unused := unused_devices_line(config.batch_size, mesh)) is not None:
+        log(unused)
     if mesh is not None:
         log(layout_line(x.nbytes + (0 if y is None else y.nbytes), mesh))
     if y is None:

@@ -196,7 +196,8 @@ def search(
                 k: candidates[members[0]][k] for k in SHAPE_NAMES if k in candidates[members[0]]
             }
             on_group(shape, len(models))
-        group_mesh = default_mesh(models=len(models)) if mesh == "all" else mesh
+        batch = models[0].batch_size
+        group_mesh = default_mesh(models=len(models), batch_size=batch) if mesh == "all" else mesh
         result = run_pipeline(
             models, train, validation=validation, pretrain=pretrain, on_epoch=on_epoch,
             mesh=group_mesh,

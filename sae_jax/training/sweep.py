@@ -40,8 +40,8 @@ def sweep(
     validation split when ``config.validation_examples`` holds one out, its own best
     epoch and patience. Metrics and test results are lists with one value per model.
 
-    ``mesh`` (default ``"all"``: ``parallel.make_mesh(models=len(seeds))`` over every
-    device of every process when there are several, else None) spreads the models
+    ``mesh`` (default ``"all"``: ``parallel.default_mesh``, over every device of every
+    process when there are several and the batch divides over them, else None) spreads the models
     over its ``"models"`` axis, each device training its share without talking to
     the others, and splits every minibatch over its ``"data"`` axis.
 
@@ -52,7 +52,7 @@ def sweep(
     if isinstance(mesh, str):
         if mesh != "all":
             raise ValueError(f"mesh={mesh!r}: pass a Mesh, None or 'all'")
-        mesh = default_mesh(models=len(seeds))
+        mesh = default_mesh(models=len(seeds), batch_size=config.batch_size)
     models = check_models(config, list(seeds), hparams)
     return run_pipeline(models, train, test, pretrain=pretrain, on_epoch=on_epoch, mesh=mesh)
 

@@ -1,9 +1,9 @@
 """Data parallelism that moves only gradients: on 4 fake CPU devices the compiled epoch
 programs have no collective on a minibatch or on indices, only the gradients' and the
 metrics' all-reduce; data too large for a device is sharded, each device drawing from
-its own shard; a batch size that the data axis does not divide is refused."""
+its own shard; a batch size that the data axis does not divide trains on the devices
+it divides over in one process, and is refused in several."""
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +11,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_script, xla_flags
+from conftest import REPO
 
 from sae_jax.parallel import device_memory, epoch_order, fits_on_device, shard_layout
 
@@ -199,31 +199,38 @@ def test_epoch_order_permutes_each_shard_apart():
     assert not np.array_equal(batches[:, 0], batches[:, 1])  # each shard its own order
 
 
-@pytest.mark.parametrize(
-    ("script", "flags", "devices"),
-    [("mnist", ("--config.batch_size=30",), 4), ("sweep", ("--seeds=2",), 2)],
-)
-def test_the_commands_refuse_a_batch_size_the_devices_do_not_divide(
-    tmp_path, script, flags, devices
-):
-    # 4 devices: a run splits its batches over all 4, a sweep of 2 models over 2 each.
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=4)}
-    proc = run_script(
-        script,
-        "--config=tiny",  # batch_size=25
-        *flags,
-        "--data_source=idx",
-        f"--data_dir={tmp_path}",  # no files: refused before the data is looked for
-        f"--workdir={tmp_path / 'run'}",
-        env=env,
-    )
-    batch = 30 if script == "mnist" else 25
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == (
-        f"error: --config.batch_size={batch} does not divide over the {devices} devices of the "
-        f"mesh's data axis: use a multiple of {devices}\n"
-    )
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_batch_size_the_devices_do_not_divide_trains_on_those_it_does(monkeypatch, processes):
+    """One process: as many devices as the batch (over the data axis) divides, so the
+    quick start's batch of 25 runs on 1, 2, 4 and 8 devices (5 of 8). Several processes:
+    every device, and a batch that does not divide is refused by the commands."""
+    from sae_jax import parallel
+
+    monkeypatch.setattr(parallel.jax, "process_count", lambda: processes)
+    used = {}
+    for devices in (1, 2, 4, 8):
+        monkeypatch.setattr(parallel.jax, "device_count", lambda d=devices: d)
+        used[devices] = [
+            parallel.mesh_devices(25),
+            parallel.mesh_devices(24),
+            parallel.mesh_devices(25, models=2),  # models 1 x data 5 on 5 of 8
+            parallel.data_axis_devices(2, 100),  # of models 2 x data 4 on 8
+        ]
+    if processes == 1:
+        assert used == {1: [1, 1, 1, 1], 2: [1, 2, 2, 1], 4: [1, 4, 2, 2], 8: [5, 8, 5, 4]}
+    else:
+        assert used == {d: [d, d, d, max(d // 2, 1)] for d in (1, 2, 4, 8)}
+        from sae_jax.commands.prepare import prepare
+        from sae_jax.config import tiny
+        from sae_jax.data import DataSpec
+        from sae_jax.errors import UserError
+
+        with pytest.raises(
+            UserError,
+            match=r"^--config.batch_size=25 does not divide over the "
+            r"8 devices of the mesh's data axis: use a multiple",
+        ):
+            prepare(tiny(), "unused", DataSpec(), print, parallel.data_axis_devices(None, 25))
 
 
 class _Device:
