@@ -27,6 +27,7 @@ from sae_jax.models import (
     Params,
     autoencoder,
     classifier,
+    config_numerics,
     init_params,
     to_float,
 )
@@ -232,7 +233,7 @@ def load_model(workdir: str | os.PathLike[str]) -> TrainedModel:
     for i, layer in enumerate(config.layers):
         if not (workdir / "frozen" / f"pretrain_{i + 1}").exists():
             break
-        module = autoencoder(layer, in_features, config.bias_init)
+        module = autoencoder(layer, in_features, config.bias_init, **config_numerics(config))
         pretrained.append(
             FrozenLayer(module, _load_frozen(workdir, f"pretrain_{i + 1}", module, in_features))
         )

@@ -23,6 +23,13 @@ from flax import linen as nn
 from sae_jax.config import Config, LayerConfig
 from sae_jax.corruption import dropout
 
+# XLA's matmul precision by the name of ``Config.matmul_precision``.
+PRECISIONS = {
+    "default": None,
+    "high": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST,
+}
+
 # A variables pytree as ``Module.init`` returns it: a dict, or a ``FrozenDict`` when
 # Flax is configured to return those.
 Params = Mapping[str, Any]
@@ -81,7 +88,9 @@ def keep_top_k(h: jax.Array, k: int) -> jax.Array:
 class Encoder(nn.Module):
     """``h = act(x W + b)``, optionally keeping only the top ``k`` units.
 
-    Input ``[batch, in_features]``, output ``[batch, features]``.
+    Input ``[batch, in_features]``, output ``[batch, features]``. As Flax's ``Dense``:
+    computed in ``dtype`` (None: the inputs' and params' promoted dtype) with the
+    params stored in ``param_dtype``, the matmul at ``precision``.
     """
 
     in_features: int
@@ -89,19 +98,27 @@ class Encoder(nn.Module):
     activation: str = "sigmoid"
     top_k: int | None = None
     bias_init: str = "uniform"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
 
     def setup(self) -> None:
         self.kernel = self.param(
             "kernel",
             uniform_init(self.in_features, self.features),
             (self.in_features, self.features),
+            self.param_dtype,
         )
         self.bias = self.param(
-            "bias", _bias_init(self.bias_init, self.in_features, self.features), (self.features,)
+            "bias",
+            _bias_init(self.bias_init, self.in_features, self.features),
+            (self.features,),
+            self.param_dtype,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = activation_fn(self.activation)(x @ self.kernel + self.bias)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, self.kernel, self.bias, dtype=self.dtype)
+        h = activation_fn(self.activation)(jnp.dot(x, kernel, precision=self.precision) + bias)
         if self.top_k is not None:
             h = keep_top_k(h, self.top_k)
         return h
@@ -112,7 +129,8 @@ class Autoencoder(nn.Module):
 
     ``__call__(x)`` returns ``(h, z)``: the code ``[batch, features]`` and the decoder's
     pre-activation ``[batch, in_features]``; apply ``decoder_activation`` (or use a
-    loss on logits) to get the reconstruction.
+    loss on logits) to get the reconstruction. ``dtype``, ``param_dtype`` and
+    ``precision`` as for ``Encoder``.
     """
 
     in_features: int
@@ -122,21 +140,27 @@ class Autoencoder(nn.Module):
     tied: bool = False
     top_k: int | None = None
     bias_init: str = "uniform"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
 
     def setup(self) -> None:
         self.encoder = Encoder(
-            self.in_features, self.features, self.activation, self.top_k, self.bias_init
-        )
+            self.in_features, self.features, self.activation, self.top_k, self.bias_init,
+            self.dtype, self.param_dtype, self.precision,
+        )  # fmt: skip
         if not self.tied:
             self.decoder_kernel = self.param(
                 "decoder_kernel",
                 uniform_init(self.features, self.in_features),
                 (self.features, self.in_features),
+                self.param_dtype,
             )
         self.decoder_bias = self.param(
             "decoder_bias",
             _bias_init(self.bias_init, self.features, self.in_features),
             (self.in_features,),
+            self.param_dtype,
         )
 
     def encode(self, x: jax.Array) -> jax.Array:
@@ -146,7 +170,8 @@ class Autoencoder(nn.Module):
     def decode_logits(self, h: jax.Array) -> jax.Array:
         """Decoder pre-activation, ``[batch, features] -> [batch, in_features]``."""
         kernel = self.encoder.kernel.T if self.tied else self.decoder_kernel
-        return h @ kernel + self.decoder_bias
+        h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, self.decoder_bias, dtype=self.dtype)
+        return jnp.dot(h, kernel, precision=self.precision) + bias
 
     def decode(self, h: jax.Array) -> jax.Array:
         """Reconstruction, ``[batch, features] -> [batch, in_features]``."""
@@ -158,7 +183,8 @@ class Autoencoder(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Stacked encoders plus a softmax head: ``[batch, in] -> logits [batch, classes]``."""
+    """Stacked encoders plus a softmax head: ``[batch, in] -> logits [batch, classes]``;
+    ``dtype``, ``param_dtype`` and ``precision`` as for ``Encoder``."""
 
     in_features: int
     layer_features: tuple[int, ...]
@@ -166,14 +192,16 @@ class Classifier(nn.Module):
     top_ks: tuple[int | None, ...]
     num_classes: int
     bias_init: str = "uniform"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
 
     def setup(self) -> None:
         sizes = (self.in_features, *self.layer_features)
-        self.encoders = [
-            Encoder(sizes[i], sizes[i + 1], self.activations[i], self.top_ks[i], self.bias_init)
-            for i in range(len(self.layer_features))
-        ]
-        self.head = Encoder(sizes[-1], self.num_classes, "linear", None, self.bias_init)
+        numerics = (self.bias_init, self.dtype, self.param_dtype, self.precision)
+        layers = zip(sizes[:-1], sizes[1:], self.activations, self.top_ks, strict=True)
+        self.encoders = [Encoder(*layer, *numerics) for layer in layers]
+        self.head = Encoder(sizes[-1], self.num_classes, "linear", None, *numerics)
 
     def encode(self, x: jax.Array, depth: int | None = None) -> jax.Array:
         """The code of the first ``depth`` encoders (all of them by default)."""
@@ -197,8 +225,20 @@ class Classifier(nn.Module):
         return self.head(x)
 
 
-def autoencoder(layer: LayerConfig, in_features: int, bias_init: str) -> Autoencoder:
-    """The ``Autoencoder`` module for one configured layer."""
+def config_numerics(config: Config) -> dict[str, Any]:
+    """The ``dtype``, ``param_dtype`` and ``precision`` of ``config``'s modules."""
+    return {
+        "dtype": jnp.dtype(config.dtype),
+        "param_dtype": jnp.dtype(config.param_dtype),
+        "precision": PRECISIONS[config.matmul_precision],
+    }
+
+
+def autoencoder(
+    layer: LayerConfig, in_features: int, bias_init: str, **numerics: Any
+) -> Autoencoder:
+    """The ``Autoencoder`` module for one configured layer; ``numerics``: its
+    ``dtype``, ``param_dtype`` and ``precision`` (see ``config_numerics``)."""
     return Autoencoder(
         in_features=in_features,
         features=layer.features,
@@ -207,6 +247,7 @@ def autoencoder(layer: LayerConfig, in_features: int, bias_init: str) -> Autoenc
         tied=layer.tied,
         top_k=layer.top_k,
         bias_init=bias_init,
+        **numerics,
     )
 
 
@@ -219,12 +260,16 @@ def classifier(config: Config) -> Classifier:
         top_ks=tuple(layer.top_k for layer in config.layers),
         num_classes=config.num_classes,
         bias_init=config.bias_init,
+        **config_numerics(config),
     )
 
 
 def softmax_head(config: Config) -> Encoder:
     """The linear softmax head alone, ``[batch, top features] -> [batch, classes]``."""
-    return Encoder(config.layers[-1].features, config.num_classes, "linear", None, config.bias_init)
+    top = config.layers[-1].features
+    return Encoder(
+        top, config.num_classes, "linear", None, config.bias_init, **config_numerics(config)
+    )
 
 
 def init_params(module: nn.Module, key: jax.Array, in_features: int) -> Params:

@@ -326,3 +326,73 @@ def test_trained_model_takes_uint8_and_float_images_flat_or_square():
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     for images in (_PIXELS.reshape(3, 784), _PIXELS.astype(np.float32) / 255, jnp.asarray(_PIXELS)):
         np.testing.assert_allclose(model.predict(images), logits, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_modules_compute_in_dtype_on_float32_params(dtype):
+    """``Config.dtype``: the matmuls and activations in that dtype, the params (and so
+    the optimizer state) in float32; the codes, reconstructions and logits agree with
+    float32's to the dtype's precision, and the gradients are float32 and finite."""
+    from sae_jax import losses
+    from sae_jax.models import config_numerics
+
+    config = tiny().replace(dtype=dtype)
+    wide = tiny()
+    low_ae = autoencoder(config.layers[0], 784, "uniform", **config_numerics(config))
+    ae = autoencoder(wide.layers[0], 784, "uniform", **config_numerics(wide))
+    params = init_params(low_ae, jax.random.PRNGKey(0), 784)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16, 784))
+    (h, z), (h32, z32) = low_ae.apply(params, x), ae.apply(params, x)
+    assert h.dtype == z.dtype == jnp.dtype(dtype)
+    tolerance = 8 * float(jnp.finfo(dtype).eps)  # a few roundings of a 784-term sum
+    np.testing.assert_allclose(np.float32(h), h32, atol=tolerance)
+    np.testing.assert_allclose(np.float32(z), z32, atol=tolerance * np.abs(z32).max())
+
+    def loss(module, p):
+        h, z = module.apply(p, x)
+        return losses.bernoulli_cross_entropy(z, x).mean() + losses.kl_sparsity(h, 0.05)
+
+    grads = jax.jit(jax.grad(lambda p: loss(low_ae, p)))(params)
+    grads32 = jax.jit(jax.grad(lambda p: loss(ae, p)))(params)
+    for g, g32 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads32), strict=True):
+        assert g.dtype == jnp.float32 and np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, g32, atol=0.05 * np.abs(g32).max())
+    model = classifier(config)
+    clf_params = init_params(model, jax.random.PRNGKey(2), 784)
+    assert {leaf.dtype for leaf in jax.tree.leaves(clf_params)} == {jnp.dtype("float32")}
+    assert model.apply(clf_params, x).dtype == jnp.dtype(dtype)
+    stored = init_params(classifier(config.replace(param_dtype=dtype)), jax.random.PRNGKey(2), 784)
+    assert {leaf.dtype for leaf in jax.tree.leaves(stored)} == {jnp.dtype(dtype)}
+
+
+def test_matmul_precision_reaches_every_matmul():
+    x = jnp.ones((2, 784))
+    for name, shown in [("highest", "HIGHEST"), ("high", "HIGH"), ("default", None)]:
+        model = classifier(tiny().replace(matmul_precision=name))
+        params = init_params(model, jax.random.PRNGKey(0), 784)
+        program = str(jax.make_jaxpr(model.apply)(params, x))
+        dots = program.count("dot_general")
+        assert dots == 3  # two encoders and the head
+        if shown is None:
+            assert "Precision." not in program
+        else:
+            assert program.count(f"Precision.{shown}") >= dots, program
+
+
+@pytest.mark.parametrize(
+    "field, value, choices",
+    [
+        ("dtype", "float64", "float32, bfloat16, float16"),
+        ("param_dtype", "int8", "float32, bfloat16, float16"),
+        ("matmul_precision", "tf32", "default, high, highest"),
+    ],
+)
+def test_precision_fields_refuse_other_values_naming_the_choices(field, value, choices):
+    from sae_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{field} must be one of {choices}; got '{value}'$"):
+        tiny().replace(**{field: value}).validate()

@@ -198,6 +198,13 @@ def apply_overrides(config: Config, overrides: Sequence[tuple[str, str]]) -> Con
         raise ConfigError(f"{flags}: {e}") from None
 
 
+def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config's JSON with the fields added to ``Config`` since it was written at their
+    defaults, its run options (``RUN_KEY``) kept; ``ConfigError`` if it is no config."""
+    config = config_to_json(config_from_json(data))
+    return config | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON of a run's ``config.json``, checked to be a valid config;
     ``CheckpointError`` naming the file if it is not. Fields added to ``Config``

@@ -21,6 +21,8 @@ REDUCTIONS = ("sum", "mean")
 NOISES = ("none", "masking", "gaussian", "salt_and_pepper")
 OPTIMIZERS = ("adam", "rmsprop", "sgd")
 BIAS_INITS = ("uniform", "zeros")
+DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,14 @@ class Config:
     ``finetune_input_keep`` / ``finetune_hidden_keep`` below 1 fine-tune with dropout
     (Srivastava et al., 2014): each input / hidden unit is kept with that probability
     and scaled by its inverse during training, and the whole network is evaluated.
+
+    Precision, as Flax modules take it: ``dtype`` is the computation's (the matmuls
+    and activations; bfloat16 suits TPUs and recent GPUs), ``param_dtype`` the
+    params' and so the optimizer state's (float32: a full-precision master copy that
+    every update is applied to), and ``matmul_precision`` XLA's precision of the
+    matmuls (``default``: the backend's fastest, bfloat16 passes on a TPU, TF32 on
+    an NVIDIA GPU; ``high``; ``highest``: full float32). The losses sum and average
+    in float32 whatever ``dtype`` is (see ``sae_jax.losses``).
     """
 
     name: str
@@ -111,6 +121,9 @@ class Config:
     validation_examples: int = 0
     finetune_patience: int | None = None
     seed: int = 0
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    matmul_precision: str = "default"
 
     @property
     def layer_sizes(self) -> list[int]:
@@ -160,6 +173,9 @@ class Config:
             if value > 1.0:
                 raise ConfigError(f"{name} is a probability and must be in (0, 1], got {value!r}")
         _choice("bias_init", self.bias_init, BIAS_INITS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("param_dtype", self.param_dtype, DTYPES)
+        _choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         for name in ("train_examples", "test_examples"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))

@@ -6,7 +6,7 @@ layers 1..k-1 (``pretrain_layers``, ``pretrain_stack``); each layer is one stage
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -16,11 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from sae_jax.config import Config, LayerConfig
-from sae_jax.models import (
-    FrozenLayer,
-    autoencoder,
-    init_params,
-)
+from sae_jax.models import FrozenLayer, autoencoder, config_numerics, init_params
 from sae_jax.training.evaluate import _model_axis, encode_dataset
 from sae_jax.training.hparams import LayerHParams, active_terms, hparams_of, layer_hparams
 from sae_jax.training.loop import Params, legacy_key, place_data
@@ -71,6 +67,7 @@ def pretrain_layer(
     models: int | None = None,
     hparams: LayerHParams | None = None,
     terms: Sequence[str] | None = None,
+    numerics: Mapping[str, Any] | None = None,
 ) -> tuple[FrozenLayer, StageRecord]:
     """Train one autoencoder layer on ``x`` ``[n, in_features]`` and freeze it.
 
@@ -79,8 +76,10 @@ def pretrain_layer(
     loss computes (see ``layer_loss``). With ``models``, ``key`` is ``[models, 2]``,
     every ``hparams`` leaf ``[models]``, ``x`` is shared ``[n, in]`` or per model
     ``[models, n, in]``, and the frozen params carry a leading model axis.
+    ``numerics``: the module's ``dtype``, ``param_dtype`` and ``precision``
+    (``models.config_numerics`` of a config; by default float32 throughout).
     """
-    module = autoencoder(layer, in_features, bias_init)
+    module = autoencoder(layer, in_features, bias_init, **(numerics or {}))
     hparams = layer_hparams(layer) if hparams is None else hparams
     params, fit_key = split_init(module, legacy_key(key), in_features)
     stage = Stage(
@@ -152,6 +151,7 @@ def pretrain_layers(
             codes,
             key=keys[i],
             bias_init=config.bias_init,
+            numerics=config_numerics(config),
             name=f"pretrain_{i + 1}",
             hparams=hparams[i],
             terms=active_terms([c.layers[i] for c in configs]),

@@ -53,8 +53,9 @@ from sae_jax.config.files import (
     config_differences,
     config_to_json,
     read_config,
+    with_defaults,
 )
-from sae_jax.errors import CheckpointError, Stopped
+from sae_jax.errors import CheckpointError, ConfigError, Stopped
 from sae_jax.files import (
     CHECKPOINT_EVERY,
     RESUME,
@@ -376,8 +377,12 @@ class RunStore:
         raise Stopped(f"stopped by {name} {self.where()}; {RESUME}", signum)
 
     def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
-        """Refuse a checkpoint saved under another config (config.json replaced)."""
-        diffs = config_differences(meta.get("config", self._config), self._config)
+        """Refuse a checkpoint saved under another config (config.json replaced); the
+        fields added to ``Config`` since it was saved count at their defaults."""
+        saved = meta.get("config", self._config)
+        with contextlib.suppress(ConfigError):
+            saved = with_defaults(saved)
+        diffs = config_differences(saved, self._config)
         if diffs:
             raise CheckpointError(
                 f"{step_dir} was saved by a run with another config ({'; '.join(diffs)}); "

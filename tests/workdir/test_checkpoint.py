@@ -192,6 +192,20 @@ def test_restore_latest_passes_every_damaged_step_and_its_manager_forgets_them(t
     manager.close()
 
 
+def test_a_checkpoint_saved_before_a_field_was_added_resumes_at_its_default(tmp_path):
+    """A checkpoint of an earlier version holds a config without the fields added since
+    (here ``dtype``, ``param_dtype`` and ``matmul_precision``): they count at their
+    defaults, so the run resumes; a field that differs is still refused."""
+    config = synthetic_config()
+    store = RunStore(tmp_path, config, log=print)
+    earlier = config_to_json(config)
+    for name in ("dtype", "param_dtype", "matmul_precision"):
+        del earlier[name]
+    store._check_saved_config({"config": earlier}, tmp_path / "step")
+    with pytest.raises(CheckpointError, match=r"another config \(batch_size: 7 -> "):
+        store._check_saved_config({"config": {**earlier, "batch_size": 7}}, tmp_path / "step")
+
+
 def _biggest_file(directory: Path) -> Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
