@@ -316,6 +316,17 @@ def test_run_sweep_checks_every_model_before_it_touches_the_workdir(tmp_path):
     assert logs == [] and list(tmp_path.iterdir()) == []
 
 
+def test_run_mnist_refuses_an_invalid_config_before_it_looks_for_the_data(tmp_path):
+    from sae_jax.commands.train import run_mnist
+    from sae_jax.config import ConfigError, tiny
+    from sae_jax.data import DataSpec
+
+    missing = DataSpec(path=str(tmp_path / "missing.npz"))
+    with pytest.raises(ConfigError, match=r"^batch_size must be a positive integer, got 0$"):
+        run_mnist(tiny().replace(batch_size=0), tmp_path / "w", data=missing, log=print)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_sweep_study_writes_a_table(tmp_path):
     proc = run_script(

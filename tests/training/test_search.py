@@ -168,9 +168,30 @@ def test_search_command_writes_its_table(tmp_path):
     with_, without = summary["runs"]
     assert [len(with_["points"]), len(without["points"])] == [2, 2]
     assert len(with_["test_accuracy"]) == 1 and not without["pretrain"]
+    assert with_["test_error_mean"] == pytest.approx(1 - with_["test_accuracy"][0])
     table = (work / "search.md").read_text()
     assert table.count("| yes |") == 2 and table.count("| no |") == 2
     assert "with pretraining, chosen" in table and "without pretraining, chosen" in table
+
+
+@pytest.mark.parametrize(
+    "command, flags, needs",
+    [
+        (
+            "search",
+            ["--space=beta=1,2", "--config.validation_examples=50"],
+            "labels and a test split",
+        ),
+        ("sweep", ["--seeds=2"], "labels and a test split (y, x_test and y_test)"),
+    ],
+)
+def test_search_and_sweep_refuse_data_without_a_test_split(tmp_path, command, flags, needs):
+    x, y = synthetic_digits(200, 1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)  # labels, but no x_test and y_test
+    proc = run_script(command, "--config=tiny", "--data=d.npz", *flags, "--workdir=w", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: d.npz: a ") and needs in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]  # no workdir made
 
 
 @pytest.mark.parametrize(

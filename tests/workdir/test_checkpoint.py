@@ -409,6 +409,28 @@ def test_only_curves_are_drawn_for_inputs_that_are_not_square_images(tmp_path):
     assert list(tmp_path.iterdir()) == []  # write=False draws nothing
 
 
+def test_reconstructions_show_the_corruption_of_the_first_layer_only(tmp_path, drawn):
+    """The figure reconstructs through the first layer, so its noise (not a higher
+    layer's) decides whether a corrupted row is drawn."""
+    from sae_jax.models import FrozenLayer, autoencoder
+    from sae_jax.training.pipeline import PipelineResult
+    from sae_jax.training.stage import StageRecord
+    from sae_jax.workdir.summary import write_figures
+
+    x = np.random.default_rng(2).integers(0, 256, (10, 784)).astype(np.uint8)
+    stages = [StageRecord("pretrain_1", 1, history=[{"loss": 1.0}])]
+    for noisy, rows in [(0, ["original", "corrupted", "reconstructed"]), (1, ["original",
+                        "reconstructed"])]:  # fmt: skip
+        layers = [dataclasses.replace(layer, noise="none") for layer in tiny().layers]
+        layers[noisy] = dataclasses.replace(layers[noisy], noise="masking", noise_level=0.5)
+        config = tiny().replace(layers=tuple(layers))
+        module = autoencoder(config.layers[0], 784, config.bias_init)
+        first = FrozenLayer(module, init_params(module, jax.random.PRNGKey(0), 784))
+        write_figures(tmp_path, config, PipelineResult([first], None, {}, stages), x)
+        labels = drawn["reconstructions.png"].axes[0].get_yticklabels()
+        assert [label.get_text() for label in labels] == rows
+
+
 def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, drawn):
     from sae_jax.models import FrozenLayer, autoencoder
     from sae_jax.training.pipeline import PipelineResult
@@ -464,6 +486,16 @@ def test_figures_show_the_first_layer_reconstructions_and_histories(tmp_path, dr
     assert [line.get_label() for line in last.lines] == ["softmax (test)", "finetune (test)"]
     for line, values in zip(last.lines, accuracy.values(), strict=True):
         np.testing.assert_array_equal(line.get_xydata(), np.c_[1 : len(values) + 1, values])
+
+
+def test_an_epoch_line_shows_the_loss_its_terms_and_the_accuracies_once():
+    from sae_jax.commands.progress import format_epoch
+
+    metrics = {"loss": 3.25, "reconstruction": 3.0, "sparsity": 0.25, "test_accuracy": 0.875}
+    assert format_epoch("pretrain_1", 3, 10, metrics, 1.5) == (
+        "pretrain_1 epoch   3/10 loss 3.25 (reconstruction 3 sparsity 0.25) "
+        "test_accuracy 0.8750 1.50s"
+    )
 
 
 def test_progress_bar_on_a_terminal():
