@@ -66,29 +66,23 @@ class FitResult(NamedTuple):
 
 
 def legacy_key(key: jax.Array | np.ndarray) -> jax.Array:
-    """``key`` as a legacy raw key, ``uint32 [..., 2]``, the form the training loop
-    splits, shards and checkpoints: a typed key (``jax.random.key``, threefry2x32, JAX's
-    default) gives its data, unchanged in value (``jax.random.key(s)`` and
-    ``jax.random.PRNGKey(s)`` train alike); a raw key is returned as it is.
-
-    Raises:
-      ValueError: for a typed key of another implementation, or an array that is not
-        ``uint32 [..., 2]``.
-    """
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        data = jax.random.key_data(key)
-        if data.shape[-1:] != (2,) or data.dtype != jnp.uint32:
-            raise ValueError(
-                f"key: a typed key of {jax.random.key_impl(key)}; pass a threefry2x32 key "
-                f"(jax.random.key's default) or a legacy uint32 [2] one (jax.random.PRNGKey)"
-            )
-        return data
-    if key.shape[-1:] != (2,) or key.dtype != np.uint32:
-        raise ValueError(
-            f"key: expected a jax.random.key or a legacy uint32 [..., 2] key, got "
-            f"{key.dtype} {list(key.shape)}"
+    """``key`` as the legacy raw key (``uint32 [..., 2]``) that the loop splits, shards
+    and checkpoints: a typed threefry2x32 key (``jax.random.key``, JAX's default) gives
+    its data, the bits ``jax.random.PRNGKey`` of the same seed holds; a raw key is
+    returned as it is. ``ValueError`` for a key of another implementation or shape."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = jax.random.key_data(key) if typed else key
+    if raw.shape[-1:] != (2,) or raw.dtype != np.uint32:
+        got = (
+            f"a typed key of {jax.random.key_impl(key)}"
+            if typed
+            else f"{key.dtype} {list(key.shape)}"
         )
-    return key
+        raise ValueError(
+            f"key: expected a jax.random.key (threefry2x32) or a legacy uint32 [..., 2] key "
+            f"(jax.random.PRNGKey), got {got}"
+        )
+    return raw
 
 
 def init_state(

@@ -377,8 +377,7 @@ class RunStore:
         raise Stopped(f"stopped by {name} {self.where()}; {RESUME}", signum)
 
     def _check_saved_config(self, meta: dict[str, Any], step_dir: Path) -> None:
-        """Refuse a checkpoint saved under another config (config.json replaced); the
-        fields added to ``Config`` since it was saved count at their defaults."""
+        """Refuse a checkpoint of another config (fields added since: their defaults)."""
         saved = meta.get("config", self._config)
         with contextlib.suppress(ConfigError):
             saved = with_defaults(saved)
