@@ -126,7 +126,7 @@ def kl_sparsity(
     """
     rho_hat = jnp.mean(_wide(activations), axis=0)
     if axis_name is not None:
-        rho_hat = jax.lax.pmean(rho_hat, axis_name)
+        rho_hat = jax.lax.pmean(rho_hat, axis_name)  # type: ignore[no-untyped-call]
     return jnp.sum(kl_divergence_bernoulli(rho, rho_hat))
 
 

@@ -171,7 +171,7 @@ class Autoencoder(nn.Module):
         """Decoder pre-activation, ``[batch, features] -> [batch, in_features]``."""
         kernel = self.encoder.kernel.T if self.tied else self.decoder_kernel
         h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, self.decoder_bias, dtype=self.dtype)
-        return jnp.dot(h, kernel, precision=self.precision) + bias
+        return cast(jax.Array, jnp.dot(h, kernel, precision=self.precision) + bias)
 
     def decode(self, h: jax.Array) -> jax.Array:
         """Reconstruction, ``[batch, features] -> [batch, in_features]``."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,7 @@ def legacy_key(key: jax.Array | np.ndarray) -> jax.Array:
             f"key: expected a jax.random.key (threefry2x32) or a legacy uint32 [..., 2] key "
             f"(jax.random.PRNGKey), got {got}"
         )
-    return raw
+    return cast(jax.Array, raw)  # a host array stays one (put places it)
 
 
 def init_state(
