@@ -4,7 +4,8 @@
   python experiments/benchmark_device.py table OUT_DIR  # OUT_DIR/device_check.md
 
 ``table`` gathers every figure that the check's parts left in ``OUT_DIR`` (``status.tsv``,
-``env.json``, ``bench-*.json``, ``tests-*.xml``, ``sweep/sweep.json``) into one markdown
+``env.json``, ``bench-*.json``, ``tests-*.xml``, ``sweep/sweep.json``, the training runs'
+``summary.json`` and ``metrics.jsonl``) into one markdown
 table: part, figure, value, target (and whether it is met) and the file and key it came
 from. A part that did not run or left nothing says so in its status rows.
 """
@@ -12,7 +13,10 @@ from. A part that did not run or left nothing says so in its status rows.
 from __future__ import annotations
 
 import json
+import math
 import platform
+import re
+import statistics
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,7 +26,13 @@ from typing import Any
 # The per-step budget on a GPU, for the seed benchmark: (temperature or stage figure) ->
 # bound. total_wall_s is the training command's main (see benchmark_overhead).
 GPU_TARGETS = {"cold total wall_s": 8.0, "warm total wall_s": 2.5, "us_per_step": 50.0}
-STATUS = {"0": "exit 0", "124": "timed out", "137": "killed after its time", "skip": "not run"}
+STATUS = {
+    "0": "exit 0",
+    "124": "timed out",
+    "137": "killed after its time",
+    "skip": "not run",
+    "one device": "not run: one device",
+}
 
 Row = tuple[str, str, str, str, str]  # part, figure, value, target, source
 
@@ -187,12 +197,67 @@ def sweep_rows(out: Path) -> list[Row]:
     return rows
 
 
+# The training runs of the check: float32 against bfloat16, one device against all.
+TRAINED = ("seed-float32", "seed-bfloat16", "one-device", "all-devices")
+
+
+def _steady(metrics: Path) -> dict[str, float]:
+    """Each stage's median epoch seconds after its first epoch (compilation), from a
+    run's ``metrics.jsonl`` (stages of one epoch left out)."""
+    seconds: dict[str, list[float]] = {}
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        m = json.loads(line)
+        if m["epoch"] > 1:
+            seconds.setdefault(m["stage"], []).append(m["seconds"])
+    return {stage: statistics.median(s) for stage, s in seconds.items()}
+
+
+def train_rows(out: Path) -> list[Row]:
+    """Each training run's test accuracy, wall seconds and devices (``summary.json``),
+    each stage's steady epoch and step (over the training examples its log's first
+    line counts), and bfloat16's test accuracy against float32's."""
+    rows: list[Row] = []
+    accuracy = {}
+    for name in TRAINED:
+        path = out / name / "summary.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        accuracy[name] = summary["test_accuracy"]
+        for k in ("test_accuracy", "total_wall_s", "devices"):
+            rows.append((name, k, _fmt(summary[k]), "", f"{name}/summary.json: {k}"))
+        log = out / f"{name}.log"
+        found = re.search(r"(\d+) training / ", log.read_text()) if log.is_file() else None
+        steps = found and math.ceil(int(found.group(1)) / summary["config"]["batch_size"])
+        source = f"{name}/metrics.jsonl: median seconds of the epochs after the first"
+        for stage, seconds in _steady(out / name / "metrics.jsonl").items():
+            rows.append((name, f"{stage} steady epoch_s", _fmt(seconds), "", source))
+            if steps:
+                per_step = _fmt(1e6 * seconds / steps)
+                rows.append(
+                    (name, f"{stage} us_per_step", per_step, "", f"{source}, {steps} steps")
+                )
+    if {"seed-float32", "seed-bfloat16"} <= set(accuracy):
+        gap = accuracy["seed-bfloat16"] - accuracy["seed-float32"]
+        source = "seed-*/summary.json: test_accuracy"
+        rows.append(
+            (
+                "seed-bfloat16",
+                "test_accuracy - float32's",
+                _fmt(gap),
+                _target(abs(gap), 0.03),
+                source,
+            )
+        )
+    return rows
+
+
 def table(out: Path) -> Path:
     """Write ``out/device_check.md`` from what the parts left in ``out``."""
     rows = [*status_rows(out), *env_rows(out)]
     for path in sorted(out.glob("bench-*.json")):
         rows += bench_rows(path)
-    rows += tests_rows(out) + sweep_rows(out)
+    rows += tests_rows(out) + sweep_rows(out) + train_rows(out)
     lines = ["| part | figure | value | target | source |", "| --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     path = out / "device_check.md"

@@ -14,6 +14,13 @@
 #                     sae_jax warm, PyTorch on CUDA; P is default (TF32 on both sides)
 #                     first, then highest (full float32) after the tests and the sweep;
 #                     --precision=default|highest runs one
+#   seed-D            experiments/mnist.py --config=seed --epochs=2 --config.dtype=D, D
+#                     float32 then bfloat16 (computed in D on float32 params): test
+#                     accuracy, wall seconds, and the time per step of every stage's
+#                     second epoch; a compilation cache of its own
+#   one-device,       with two devices or more (else a status line "one device"): the
+#   all-devices       seed-float32 run (one epoch) on the first device alone
+#                     (CUDA_VISIBLE_DEVICES=0), then data parallel over all of them
 #   tests             the test suite on the GPU at highest matmul precision
 #                     (JAX_DEFAULT_MATMUL_PRECISION=highest: the tolerances are set for
 #                     float32, not TF32), pytest -n <cores> --dist loadfile, GPU memory
@@ -30,12 +37,14 @@
 # markdown table: every figure, its target, the file and key it came from), status.tsv
 # (each part's exit status, seconds and time), <part>.log, env.json, bench-P.json (the
 # benchmark's --json), tests.xml, tests-cpu-rerun.xml, tests-tf32.xml (JUnit),
-# sweep/sweep.json. Call it with a limit of about 500 s (--budget plus the kill margin).
+# sweep/sweep.json, <run>/summary.json and <run>/metrics.jsonl of each training run. Call
+# it with a limit of about 500 s (--budget plus the kill margin).
 #
 # DEVICE_CHECK_PLATFORM=cpu runs it on the CPU; DEVICE_CHECK_TINY=1 shrinks every part
 # (the tiny benchmark config on 100 examples, one epoch; tests/config/test_schema.py
-# only, without xdist; a tiny sweep of 2 seeds), so that tests/test_device_check.py can
-# run it: about a minute of CPU time.
+# only, without xdist; a tiny sweep of 2 seeds; tiny's training runs on the bundled
+# sample, 2 epochs), so that tests/test_device_check.py can run it: about a minute of
+# CPU time.
 # Exit status: 0 when every part ran and exited 0, 1 when one did not, 2 for a bad flag.
 set -u
 
@@ -110,12 +119,14 @@ NUMERIC=(tests/test_models.py tests/test_losses.py tests/test_corruption.py test
     tests/commands/test_sweep_equals_runs.py tests/test_parallel.py)
 BENCH=(--config=seed "--data_dir=$DATA_DIR" --repeats=1)
 SWEEP=(--config=sda3 --seeds=5 "--data_dir=$DATA_DIR")
+TRAIN=(--config=seed --epochs=2 "--data_dir=$DATA_DIR")
 if [[ $TINY == 1 ]]; then
     WORKERS=0
     TESTS=(tests/config/test_schema.py)
     BENCH=(--config=tiny --train_examples=100 --test_examples=50 --epochs=1 --repeats=1)
     SWEEP=(--config=tiny --seeds=2 --epochs=1 --config.train_examples=200
         --config.test_examples=100)
+    TRAIN=(--config=tiny --epochs=2)
     [[ $PRECISION == both ]] && PRECISIONS=default
 fi
 PYTEST=("$PY" -m pytest -q -n "$WORKERS" --dist loadfile -o "cache_dir=$WORK/pytest")
@@ -126,8 +137,29 @@ bench() {
         "--platform=$PLATFORM" "--precision=$1" "--json=$OUT_DIR/bench-$1.json"
 }
 
+# train NAME VAR=VALUE [FLAGS...]: the training command as a part, into OUT_DIR/NAME,
+# with VAR=VALUE in its environment.
+train() {
+    local name=$1 setting=$2
+    shift 2
+    run_part "$name" 60 env "$setting" "$PY" experiments/mnist.py "${TRAIN[@]}" \
+        "--platform=$PLATFORM" "--workdir=$OUT_DIR/$name" --no_figures \
+        "--compilation_cache=$WORK/train-cache" "$@"
+}
+
 run_part env 30 "$PY" experiments/benchmark_device.py env "$OUT_DIR"
 bench "$FIRST"
+for dtype in float32 bfloat16; do
+    train "seed-$dtype" "DEVICE_CHECK_PART=seed-$dtype" "--config.dtype=$dtype"
+done
+ONLY=$([[ $PLATFORM == cpu ]] && echo cpu)
+DEVICES=$(JAX_PLATFORMS=$ONLY "$PY" -c 'import jax; print(jax.device_count())' 2>/dev/null)
+if ((${DEVICES:-0} >= 2)); then
+    train one-device CUDA_VISIBLE_DEVICES=0 --epochs=1
+    train all-devices DEVICE_CHECK_PART=all-devices --epochs=1
+else
+    printf 'all-devices\tone device\t0\t0\tjax.device_count() = %s\n' "${DEVICES:-?}" >>"$STATUS"
+fi
 run_part tests 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     JAX_DEFAULT_MATMUL_PRECISION=highest "${PYTEST[@]}" "--junitxml=$OUT_DIR/tests.xml" \
     "${TESTS[@]}"

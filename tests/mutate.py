@@ -99,7 +99,12 @@ TESTS = {
     "workdir/figures": ["workdir/test_checkpoint.py", "workdir/test_tensorboard.py"],
     "workdir/summary": ["workdir/test_checkpoint.py", "commands/test_cli.py"],
     "workdir/tensorboard": ["workdir/test_tensorboard.py"],
-    "commands/exits": ["commands/test_faults.py", "commands/test_cli.py", "commands/test_entry.py"],
+    "commands/exits": [
+        "commands/test_exits.py",
+        "commands/test_faults.py",
+        "commands/test_cli.py",
+        "commands/test_entry.py",
+    ],
     "commands/flags": [
         "commands/test_cli.py",
         "commands/test_entry.py",

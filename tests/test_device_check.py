@@ -33,12 +33,18 @@ def test_it_runs_at_a_tiny_size_on_the_cpu(tmp_path):
     proc = _run([], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     status = [line.split("\t")[:2] for line in (tmp_path / "status.tsv").read_text().splitlines()]
-    assert status == [["env", "0"], ["bench-default", "0"], ["tests", "0"], ["sweep", "0"]]
+    assert status == [
+        ["env", "0"], ["bench-default", "0"], ["seed-float32", "0"], ["seed-bfloat16", "0"],
+        ["all-devices", "one device"], ["tests", "0"], ["sweep", "0"],
+    ]  # fmt: skip
     table = (tmp_path / "device_check.md").read_text()
     for row in (
         "| env | jax_backend | cpu |",
         "| tests | failures | 0 | 0 | tests.xml: testsuite@failures |",
         "| sweep | seed 1 test_accuracy |",
+        "| seed-bfloat16 | test_accuracy - float32's |",
+        "| seed-float32 | finetune us_per_step |",
+        "| all-devices | status | not run: one device |",
     ):
         assert row in table, row
     bench = json.loads((tmp_path / "bench-default.json").read_text())
@@ -93,6 +99,17 @@ def test_the_table_of_made_up_gpu_results(tmp_path):
                     "met": True}],
     }  # fmt: skip
     (tmp_path / "bench-default.json").write_text(json.dumps(bench))
+    for dtype, accuracy, seconds in [("float32", 0.98, 3.0), ("bfloat16", 0.94, 1.5)]:
+        run = tmp_path / f"seed-{dtype}"
+        run.mkdir()
+        summary = {"test_accuracy": accuracy, "total_wall_s": 20.0, "devices": 1,
+                   "config": {"batch_size": 160}}  # fmt: skip
+        (run / "summary.json").write_text(json.dumps(summary))
+        epochs = [{"stage": "finetune", "epoch": e, "seconds": s} for e, s in
+                  [(1, 9.0), (2, seconds), (3, seconds + 1), (4, seconds - 1)]]  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in epochs))
+        banner = "seed: 60000 training / 0 validation / 10000 test examples, layers ...\n"
+        (tmp_path / f"seed-{dtype}.log").write_text(banner)
     table = bd.table(tmp_path).read_text()
     for row in (
         "| tests-tf32 | status | not run | exit 0 | status.tsv: pytest |",
@@ -109,6 +126,13 @@ def test_the_table_of_made_up_gpu_results(tmp_path):
         "| tests | tests.test_models::test_a | failure: AssertionError: not close | passed |",
         "| tests-cpu-rerun | tests.test_models::test_a | passes on the CPU: GPU only |",
         "| tests-cpu-rerun | tests.test_cli::test_b | fails on the CPU too |",
+        "| seed-float32 | test_accuracy | 0.98 |  | seed-float32/summary.json: test_accuracy |",
+        # the median of epochs 2 to 4 over 60000 / 160 = 375 steps
+        "| seed-float32 | finetune steady epoch_s | 3 |  |",
+        "| seed-float32 | finetune us_per_step | 8000 |  | seed-float32/metrics.jsonl: median "
+        "seconds of the epochs after the first, 375 steps |",
+        "| seed-bfloat16 | finetune us_per_step | 4000 |",
+        "| seed-bfloat16 | test_accuracy - float32's | -0.04 | <= 0.03 (NOT met) |",
     ):
         assert row in table, row
     assert "| bench-default | header |  |" not in table  # the empty header line

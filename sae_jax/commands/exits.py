@@ -43,8 +43,10 @@ def select(flags: argparse.Namespace) -> None:
 
 # Reads this process's stderr (fd 2) from a pipe and passes it on, unless JAX's
 # distributed runtime aborts the process: then its log lines and stack trace become one
-# line. A separate process, so that it outlives the abort; it ignores SIGINT and SIGTERM
-# (they are meant for the run) and ends when the run's end closes the pipe.
+# line. Whichever comes first, that line or the run's own "error: " line, is the only
+# one: a lost process can make both happen. A separate process, so that it outlives the
+# abort; it ignores SIGINT and SIGTERM (they are meant for the run) and ends when the
+# run's end closes the pipe.
 _STDERR_FILTER = r"""
 import re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,6 +60,9 @@ for line in sys.stdin.buffer:
     if fatal in line:  # JAX's "Terminating process ...": say it once, drop the rest
         status = line.partition(b"absl::Status: ")[2].decode(errors="replace").strip()
         out.write((line_format % (status[:200] or "no reason given") + "\n").encode())
+        held, ended = [], True
+    elif line.startswith(b"error: "):  # the run's own one line came first: the rest is noise
+        out.write(line)
         held, ended = [], True
     elif held or runtime_log.match(line):  # from the runtime's first log line on,
         held.append(line)  # the output waits: a fatal error may follow
@@ -133,7 +138,9 @@ def run_command(body: Callable[[], Any]) -> int:
         # interpreter's shutdown would crash under them (status 139). What the run saved
         # is on disk (the stack has unwound through every save and close).
         leave = True
-    print(f"error: {message}", file=sys.stderr)
+    # One write: a line that the runtime's log threads cannot split.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     if leave:
         # After a lost process, JAX's shutdown at exit would wait for it, then abort
         # with a stack trace; what was saved is already on disk.
