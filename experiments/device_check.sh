@@ -17,7 +17,7 @@
 #   seed-D            experiments/mnist.py --config=seed --epochs=2 --config.dtype=D, D
 #                     float32 then bfloat16 (computed in D on float32 params): test
 #                     accuracy, wall seconds, and the time per step of every stage's
-#                     second epoch; a compilation cache of its own
+#                     second epoch (the first compiles, or reads the default cache)
 #   one-device,       with two devices or more (else a status line "one device"): the
 #   all-devices       seed-float32 run (one epoch) on the first device alone
 #                     (CUDA_VISIBLE_DEVICES=0), then data parallel over all of them
@@ -143,8 +143,7 @@ train() {
     local name=$1 setting=$2
     shift 2
     run_part "$name" 60 env "$setting" "$PY" experiments/mnist.py "${TRAIN[@]}" \
-        "--platform=$PLATFORM" "--workdir=$OUT_DIR/$name" --no_figures \
-        "--compilation_cache=$WORK/train-cache" "$@"
+        "--platform=$PLATFORM" "--workdir=$OUT_DIR/$name" --no_figures "$@"
 }
 
 run_part env 30 "$PY" experiments/benchmark_device.py env "$OUT_DIR"
