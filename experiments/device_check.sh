@@ -43,7 +43,7 @@
 # DEVICE_CHECK_PLATFORM=cpu runs it on the CPU; DEVICE_CHECK_TINY=1 shrinks every part
 # (the tiny benchmark config on 100 examples, one epoch; tests/config/test_schema.py
 # only, without xdist; a tiny sweep of 2 seeds; tiny's training runs on the bundled
-# sample, 2 epochs), so that tests/test_device_check.py can run it: about a minute of
+# sample, every epoch), so that tests/test_device_check.py can run it: about a minute of
 # CPU time.
 # Exit status: 0 when every part ran and exited 0, 1 when one did not, 2 for a bad flag.
 set -u
@@ -126,7 +126,7 @@ if [[ $TINY == 1 ]]; then
     BENCH=(--config=tiny --train_examples=100 --test_examples=50 --epochs=1 --repeats=1)
     SWEEP=(--config=tiny --seeds=2 --epochs=1 --config.train_examples=200
         --config.test_examples=100)
-    TRAIN=(--config=tiny --epochs=2)
+    TRAIN=(--config=tiny)
     [[ $PRECISION == both ]] && PRECISIONS=default
 fi
 PYTEST=("$PY" -m pytest -q -n "$WORKERS" --dist loadfile -o "cache_dir=$WORK/pytest")

@@ -253,13 +253,14 @@ def test_low_precision_inputs_are_computed_in_float32(name, dtype):
     fn, ref, args = DIRECT[name]
     low = [jnp.asarray(a, dtype) for a in args]
     rounded = [np.asarray(a.astype(jnp.float32), np.float64) for a in low]
-    got = jax.jit(fn)(*low)
+    total = jax.grad(lambda *a: jnp.sum(fn(*a)))
+    # One program: the values and gradients at the low dtype, and float32's gradients.
+    both = jax.jit(lambda low, wide: (fn(*low), total(*low), total(*wide)))
+    got, grad, wide = both(low, [jnp.asarray(a, jnp.float32) for a in rounded])
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, ref(*rounded), rtol=2e-5, atol=1e-5)
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(got, ref(*args), rtol=40 * eps, atol=40 * eps)
-    total = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a))))
-    grad, wide = total(*low), total(*[jnp.asarray(a, jnp.float32) for a in rounded])
     assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad, np.float32)))
     np.testing.assert_array_equal(grad, wide.astype(dtype))
 

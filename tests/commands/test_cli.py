@@ -195,22 +195,6 @@ def test_tiny_runs_offline_with_no_data_dir_and_no_pretraining(tmp_path):
     assert saved["_run"] == {"pretrain": False}  # a pretrained run here would be refused
 
 
-@pytest.mark.slow
-def test_tiny_in_bfloat16_is_within_3_points_of_float32(tmp_path):
-    """The quick start with ``--config.dtype=bfloat16``: computed in bfloat16 on float32
-    params, its test accuracy within 0.03 of the float32 run's."""
-    accuracy = {}
-    for dtype in ("float32", "bfloat16"):
-        proc = _run("--config=tiny", f"--config.dtype={dtype}", "--no_figures",
-                    f"--workdir={tmp_path / dtype}")  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        accuracy[dtype] = json.loads((tmp_path / dtype / "summary.json").read_text())[
-            "test_accuracy"
-        ]
-    assert accuracy["float32"] > 0.8  # 0.856 here
-    assert abs(accuracy["bfloat16"] - accuracy["float32"]) <= 0.03, accuracy
-
-
 def test_no_verify_reads_idx_files_that_are_not_canonical_mnist(tmp_path):
     from sae_jax.data import MNIST_FILES, write_idx
 
@@ -407,6 +391,7 @@ def test_compilation_cache_is_filled_and_can_be_turned_off(tmp_path):
         "mnist",
         "--config=tiny",
         "--epochs=1",
+        "--no_pretraining",  # fewer programs: still none may be cached
         "--no_figures",
         f"--workdir={tmp_path / 'b'}",
         "--compilation_cache=off",
