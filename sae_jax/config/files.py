@@ -198,23 +198,25 @@ def apply_overrides(config: Config, overrides: Sequence[tuple[str, str]]) -> Con
         raise ConfigError(f"{flags}: {e}") from None
 
 
-def with_defaults(data: dict[str, Any]) -> dict[str, Any]:
+def with_defaults(data: dict[str, Any], validate: bool = False) -> dict[str, Any]:
     """A config's JSON with the fields added to ``Config`` since it was written at their
-    defaults, its run options (``RUN_KEY``) kept; ``ConfigError`` if it is no config."""
-    config = config_to_json(config_from_json(data))
-    return config | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
+    defaults, its run options (``RUN_KEY``) kept; ``ConfigError`` if it is no config
+    (with ``validate``, also if a value is invalid)."""
+    config = config_from_json(data)
+    if validate:
+        config.validate()
+    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """The JSON of a run's ``config.json``, checked to be a valid config;
     ``CheckpointError`` naming the file if it is not. Fields added to ``Config``
-    since the file was written come back with their defaults."""
+    since the file was written come back with their defaults (``with_defaults``)."""
     data = read_json(path, "run's config")
     try:
-        config = config_from_json(data).validate()
+        return with_defaults(data, validate=True)
     except Exception as e:  # wrong type, missing, unknown or invalid fields
         raise CheckpointError(f"{path}: not a sae_jax config ({type(e).__name__}: {e})") from None
-    return config_to_json(config) | ({RUN_KEY: data[RUN_KEY]} if RUN_KEY in data else {})
 
 
 def config_differences(old: Any, new: Any, path: str = "") -> list[str]:
