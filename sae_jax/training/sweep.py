@@ -41,9 +41,9 @@ def sweep(
     epoch and patience. Metrics and test results are lists with one value per model.
 
     ``mesh`` (default ``"all"``: ``parallel.default_mesh``, over every device of every
-    process when there are several and the batch divides over them, else None) spreads the models
-    over its ``"models"`` axis, each device training its share without talking to
-    the others, and splits every minibatch over its ``"data"`` axis.
+    process when there are several and the batch divides over them, else None)
+    spreads the models over its ``"models"`` axis, each device training its share
+    without talking to the others, and splits every minibatch over its ``"data"`` axis.
 
     Raises:
       ConfigError: for a model whose config does not validate, or a swept name that
